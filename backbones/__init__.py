@@ -1,0 +1,5 @@
+"""Built-in backbones; importing this package registers them."""
+
+from . import openvla
+
+__all__ = ["openvla"]

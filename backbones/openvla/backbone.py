@@ -1,0 +1,221 @@
+"""OpenVLA as a vlacache backbone: load a released checkpoint directory, preprocess, prefill, decode 7 tokens."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from vlacache.backbone import ActionOutput, Backbone, PrefillOutput, PreparedInputs, validate_observation
+from vlacache.flops import DecoderDims
+from vlacache.registry import register_backbone
+from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
+
+from .actions import resolve_unnorm_key, tokens_to_normalized, unnormalize
+from .checkpoint import CheckpointError, load_safetensors_dir, load_state_dict_strict, read_config, save_safetensors_dir
+from .config import OpenVLAConfig
+from .model import OpenVLAModel, rebuild_meta_buffers
+from .tokenizer import copy_tokenizer_files, load_tokenizer
+from .vision import normalize_for_towers
+
+PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
+# Weights the released files carry that the forward never uses (loaded strictly, then ignored).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cache_keyword(forward) -> str:
+    """transformers renamed `past_key_values` to `cache` in 5.24; use whichever this version takes."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+@register_backbone("openvla")
+class OpenVLABackbone(Backbone):
+    """OpenVLA (Prismatic DINOv2+SigLIP + Llama-2) on stock transformers, one 'primary' camera, 7-DoF actions."""
+
+    cameras = ("primary",)
+
+    @dataclass
+    class Config:
+        checkpoint: str | None = None
+        preset: str | None = None
+        unnorm_key: str | None = None
+        dtype: str = "float32"
+        device: str = "auto"
+        attn_implementation: str = "sdpa"
+        seed: int = 0
+
+    def __init__(self, model: OpenVLAModel, tokenizer, unnorm_key: str | None = None) -> None:
+        self.model = model.eval()
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.unnorm_key = resolve_unnorm_key(self.config.norm_stats, unnorm_key)
+        self.space_token = tokenizer.convert_tokens_to_ids("\u2581")
+        self._cache_kw = cache_keyword(model.language_model.forward)
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: "OpenVLABackbone.Config") -> "OpenVLABackbone":
+        if (config.checkpoint is None) == (config.preset is None):
+            raise InputError("backbone config: set exactly one of `checkpoint` (a directory) or `preset` (tiny, cpu-25m)")
+        if config.dtype not in DTYPES:
+            raise InputError(f"backbone dtype '{config.dtype}' is not one of {sorted(DTYPES)}")
+        device, dtype = resolve_device(config.device), DTYPES[config.dtype]
+        if config.preset is not None:
+            from .tiny import build_preset
+
+            return build_preset(config.preset, seed=config.seed, device=device, dtype=dtype,
+                                attn_implementation=config.attn_implementation, unnorm_key=config.unnorm_key)
+        return cls.from_pretrained(config.checkpoint, unnorm_key=config.unnorm_key, device=device, dtype=dtype,
+                                   attn_implementation=config.attn_implementation)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        unnorm_key: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
+    ) -> "OpenVLABackbone":
+        """Load a released OpenVLA HF checkpoint directory unchanged (config.json, safetensors, tokenizer)."""
+        path = Path(path)
+        config = OpenVLAConfig.from_dict(read_config(path))
+        tokenizer = load_tokenizer(path)
+        state = load_safetensors_dir(path)
+        with torch.device("meta"):
+            model = OpenVLAModel(config, attn_implementation)
+        load_state_dict_strict(model, state, assign=True)
+        device = torch.device(device)
+        model = model.to(device=device, dtype=dtype)
+        rebuild_meta_buffers(model, device)
+        return cls(model, tokenizer, unnorm_key)
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write the checkpoint in the released layout: config.json, (sharded) safetensors, tokenizer files."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        save_safetensors_dir(path, state, max_shard_bytes=max_shard_bytes)
+        copy_tokenizer_files(self.tokenizer_dir, path)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return Path(self.tokenizer.name_or_path)
+
+    # -- the four stages ----------------------------------------------------------------------------------
+    @property
+    def decoder(self):
+        return self.model.language_model.model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def prepare(self, obs: Observation) -> PreparedInputs:
+        images, instructions = validate_observation(obs, self.cameras)
+        size = self.model.featurizer_spec.img_size
+        query = resize_images(images["primary"], size)
+        ids = [self.prompt_ids(instruction) for instruction in instructions]
+        if len({len(i) for i in ids}) != 1:
+            raise InputError(
+                "instructions in one batch tokenize to different lengths "
+                f"({sorted({len(i) for i in ids})}); batch observations that share an instruction"
+            )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        num_patches = self.model.vision_backbone.num_patches
+        rows, cols = self.model.vision_backbone.grid
+        length = input_ids.shape[1] + num_patches
+        layout = TokenLayout(
+            length=length,
+            vision={"primary": VisionSpan(1, 1 + num_patches, rows=rows, cols=cols, patch_size=self.model.featurizer_spec.patch_size)},
+            text=Span(1 + num_patches, length),
+            extra={"bos": Span(0, 1)},
+        )
+        pixel_values = normalize_for_towers(query, self.model.featurizer_spec, self.model.fused_spec)
+        return PreparedInputs(
+            batch_size=len(instructions),
+            instructions=instructions,
+            query_images={"primary": query},
+            layout=layout,
+            model_inputs={"pixel_values": pixel_values.to(self.device, self.dtype), "input_ids": input_ids},
+        )
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        ids = self.tokenizer(PROMPT.format(instruction=instruction.lower().strip())).input_ids
+        if ids[-1] != self.space_token:
+            ids.append(self.space_token)
+        return ids
+
+    def embed(self, inputs: PreparedInputs) -> torch.Tensor:
+        return self.model.embed(inputs.model_inputs["pixel_values"], inputs.model_inputs["input_ids"])
+
+    def prefill(self, embeds: torch.Tensor, inputs: PreparedInputs, cache: DynamicCache) -> PrefillOutput:
+        positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+        out = self.model.language_model(
+            inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}
+        )
+        return PrefillOutput(logits=out.logits[:, -1].float())
+
+    def decode(self, prefill: PrefillOutput, inputs: PreparedInputs, cache: DynamicCache) -> ActionOutput:
+        """Greedy decoding of one token per action dimension, at positions L, L+1, ... (not 0)."""
+        length = inputs.layout.length
+        token = prefill.logits.argmax(-1)
+        tokens = [token]
+        embedding = self.model.language_model.get_input_embeddings()
+        for i in range(self.action_dim - 1):
+            positions = torch.full((1, 1), length + i, device=token.device)
+            out = self.model.language_model(
+                inputs_embeds=embedding(token)[:, None], position_ids=positions, use_cache=True, logits_to_keep=1,
+                **{self._cache_kw: cache},
+            )
+            token = out.logits[:, -1].argmax(-1)
+            tokens.append(token)
+        tokens = torch.stack(tokens, dim=1)
+        return ActionOutput(actions=self.tokens_to_actions(tokens.cpu().numpy())[:, None], tokens=tokens)
+
+    def tokens_to_actions(self, tokens: np.ndarray) -> np.ndarray:
+        normalized = tokens_to_normalized(tokens, self.config.text_vocab_size, self.config.n_action_bins)
+        return unnormalize(normalized, self.config.norm_stats[self.unnorm_key]).astype(np.float32)
+
+    @property
+    def action_dim(self) -> int:
+        return len(self.config.norm_stats[self.unnorm_key]["action"]["q01"])
+
+    # -- accounting ---------------------------------------------------------------------------------------
+    def decoder_dims(self) -> DecoderDims:
+        return DecoderDims.from_config(self.model.language_model.config)
+
+    def decode_passes(self) -> int:
+        return self.action_dim - 1
+
+    def vision_flops(self) -> float:
+        total = 0.0
+        n = self.model.vision_backbone.num_patches
+        for spec in (self.model.featurizer_spec, self.model.fused_spec):
+            tokens = n + int(spec.class_token) + spec.reg_tokens
+            d = spec.embed_dim
+            block = 2 * tokens * (4 * d * d + 2 * d * spec.mlp_dim) + 4 * tokens * tokens * d
+            total += (spec.depth - 1) * block + 2 * n * 3 * spec.patch_size**2 * d
+        vd, ld = self.model.vision_backbone.embed_dim, self.decoder_dims().hidden
+        return total + 2 * n * (vd * 4 * vd + 4 * vd * ld + ld * ld)
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic resize of uint8 [B, H, W, 3] to size x size ('resize-naive'), as OpenVLA's processor does."""
+    if images.shape[1] == size and images.shape[2] == size:
+        return images
+    out = [np.asarray(Image.fromarray(image.numpy()).resize((size, size), Image.BICUBIC)) for image in images]
+    return torch.from_numpy(np.stack(out))

@@ -1,0 +1,45 @@
+"""The OpenVLA network with the released key names: vision_backbone, projector, language_model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from .checkpoint import CheckpointError
+from .config import OpenVLAConfig
+from .vision import FusedMLPProjector, FusedVisionBackbone, get_vit_spec
+
+
+class OpenVLAModel(nn.Module):
+    """Fused DINOv2 + SigLIP towers, the GELU MLP projector, and a stock transformers LlamaForCausalLM."""
+
+    def __init__(self, config: OpenVLAConfig, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        self.config = config
+        featurizer, fused = (get_vit_spec(i) for i in config.timm_model_ids)
+        for spec, size in zip((featurizer, fused), config.image_sizes):
+            if spec.img_size != size:
+                raise CheckpointError(f"image_sizes {config.image_sizes} do not match the towers' input size {spec.img_size}")
+        self.featurizer_spec, self.fused_spec = featurizer, fused
+        self.vision_backbone = FusedVisionBackbone(featurizer, fused)
+        llama = config.llama_config(attn_implementation)
+        self.projector = FusedMLPProjector(self.vision_backbone.embed_dim, llama.hidden_size)
+        self.language_model = LlamaForCausalLM(llama)
+
+    def embed(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """[BOS] + projected patch tokens + the rest of the prompt, as decoder input embeddings."""
+        patches = self.projector(self.vision_backbone(pixel_values))
+        text = self.language_model.get_input_embeddings()(input_ids)
+        return torch.cat([text[:, :1], patches.to(text.dtype), text[:, 1:]], dim=1)
+
+
+def rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
+    """After a meta-device build + assign-load, recreate the non-persistent buffers (rotary tables)."""
+    for name, module in list(model.named_modules()):
+        if name.endswith("rotary_emb") and any(b.is_meta for b in module.buffers()):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=module.config, device=device))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"tensors left uninitialised after loading: {left[:10]}")

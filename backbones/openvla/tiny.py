@@ -1,0 +1,66 @@
+"""Random-weight OpenVLA models of the real structure, for tests, CPU benchmarks and the embedded default."""
+
+from __future__ import annotations
+
+import torch
+
+from vlacache.types import InputError
+
+from .config import OpenVLAConfig
+from .model import OpenVLAModel
+from .tokenizer import load_tokenizer, tiny_tokenizer_dir
+
+_TINY_TOWERS = ["vlacache-tiny-dinov2-reg4", "vlacache-tiny-siglip"]
+# The tiny tokenizer has 512 pieces + <PAD>; the model vocabulary is padded to a multiple of 64 like OpenVLA's.
+_TINY_VOCAB = 576
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
+    "cpu-25m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8),
+}
+
+# LIBERO-like statistics so the un-normalised actions have realistic ranges.
+_LIBERO_Q01 = [-0.75, -0.80, -0.94, -0.12, -0.17, -0.21, 0.0]
+_LIBERO_Q99 = [0.94, 0.86, 0.94, 0.13, 0.17, 0.29, 1.0]
+
+
+def preset_config(name: str) -> OpenVLAConfig:
+    """An OpenVLA config.json (original field layout) for a random-weight preset."""
+    if name not in PRESETS:
+        raise InputError(f"unknown OpenVLA preset '{name}'; presets: {', '.join(PRESETS)}")
+    text = dict(model_type="llama", vocab_size=_TINY_VOCAB, pad_token_id=512, max_position_embeddings=2048,
+                rms_norm_eps=1e-6, **PRESETS[name])
+    stats = {"action": {"q01": _LIBERO_Q01, "q99": _LIBERO_Q99, "mask": [True] * 6 + [False],
+                        "mean": [0.0] * 7, "std": [1.0] * 7, "min": _LIBERO_Q01, "max": _LIBERO_Q99}}
+    data = {
+        "model_type": "openvla",
+        "architectures": ["OpenVLAForActionPrediction"],
+        "vision_backbone_id": "dinosiglip-vit-so-224px",
+        "llm_backbone_id": f"vlacache-{name}-llama",
+        "arch_specifier": "no-align+fused-gelu-mlp",
+        "use_fused_vision_backbone": True,
+        "timm_model_ids": list(_TINY_TOWERS),
+        "timm_override_act_layers": [None, None],
+        "image_sizes": [224, 224],
+        "image_resize_strategy": "resize-naive",
+        "n_action_bins": 256,
+        "pad_token_id": 512,
+        "pad_to_multiple_of": 64,
+        "llm_max_length": 2048,
+        "output_projector_states": False,
+        "norm_stats": {"libero_spatial_no_noops": stats},
+        "text_config": text,
+        "torch_dtype": "float32",
+    }
+    return OpenVLAConfig.from_dict(data)
+
+
+def build_preset(name: str, seed: int = 0, device="cpu", dtype=torch.float32, attn_implementation="sdpa", unnorm_key=None):
+    """A random-weight OpenVLABackbone of preset `name`, deterministic for a given seed."""
+    from .backbone import OpenVLABackbone
+
+    config = preset_config(name)
+    torch.manual_seed(seed)
+    model = OpenVLAModel(config, attn_implementation)
+    model = model.to(device=device, dtype=dtype)
+    return OpenVLABackbone(model, load_tokenizer(tiny_tokenizer_dir()), unnorm_key)

@@ -1,0 +1,79 @@
+"""Layer-reuse schedulers: the fraction of the reusable set reused at each decoder layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vlacache.registry import register_strategy
+from vlacache.strategy import LayerScheduler, PlanContext
+
+
+@register_strategy("scheduler", "constant")
+class ConstantScheduler(LayerScheduler):
+    """The same fraction at every layer from start_layer on (layers before it compute everything)."""
+
+    @dataclass
+    class Config:
+        fraction: float = 1.0
+        start_layer: int = 0
+
+    def fractions(self, ctx: PlanContext) -> list[float]:
+        return [self.config.fraction if i >= self.config.start_layer else 0.0 for i in range(ctx.num_layers)]
+
+
+def layer_entropy(ctx: PlanContext) -> torch.Tensor | None:
+    """Mean attention entropy per layer [num_layers] from last step's statistics (None when absent)."""
+    stats = ctx.stats
+    if stats is None or len(stats.entropy) < ctx.num_layers:
+        return None
+    return torch.stack([stats.entropy[i].float().mean().cpu() for i in range(ctx.num_layers)])
+
+
+@register_strategy("scheduler", "entropy-adaptive")
+class EntropyAdaptiveScheduler(LayerScheduler):
+    """The paper's layer-adaptive reuse: R^l = (E^{l-1} - E^l) / E^{l-1} (R^0 = 0) and
+    alpha^l = min(k * sum_{j<=l} R^j, 1), made non-decreasing so the reused sets stay nested."""
+
+    needs_entropy = True
+
+    @dataclass
+    class Config:
+        k: float = 1.0
+
+    def fractions(self, ctx: PlanContext) -> list[float]:
+        entropy = layer_entropy(ctx)
+        if entropy is None:
+            return [0.0] * ctx.num_layers
+        ratio = torch.zeros_like(entropy)
+        ratio[1:] = (entropy[:-1] - entropy[1:]) / entropy[:-1].clamp_min(1e-12)
+        alpha = (self.config.k * ratio.cumsum(0)).clamp(0.0, 1.0)
+        return alpha.tolist()
+
+
+@register_strategy("scheduler", "entropy-minmax")
+class EntropyMinMaxScheduler(LayerScheduler):
+    """The public reference code's variant: score^l = 1 - minmax(E)^l; the fraction is updated only at
+    apply_layers, moving towards the score by `damping` of the gap when the score is higher; layers before
+    the first apply layer compute everything."""
+
+    needs_entropy = True
+
+    @dataclass
+    class Config:
+        apply_layers: list[int] = field(default_factory=lambda: [2, 6, 9, 11])
+        damping: float = 0.55
+
+    def fractions(self, ctx: PlanContext) -> list[float]:
+        entropy = layer_entropy(ctx)
+        if entropy is None:
+            return [0.0] * ctx.num_layers
+        spread = (entropy.max() - entropy.min()).clamp_min(1e-12)
+        score = 1.0 - (entropy - entropy.min()) / spread
+        out, current = [], 0.0
+        for layer in range(ctx.num_layers):
+            if layer in self.config.apply_layers and float(score[layer]) > current:
+                current += self.config.damping * (float(score[layer]) - current)
+            out.append(current)
+        return out

@@ -1,0 +1,83 @@
+"""An independent reference for the cache engine: a plain-torch Llama forward written from the math.
+
+Full compute of every position at every layer, except that after each layer computes its keys/values the rows
+listed as reused at that layer are overwritten with the previous step's keys/values. It shares no code with
+the engine or with transformers' modeling code, only the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rms(x, weight, eps):
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def _theta(config):
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        theta = config.rope_parameters["rope_theta"]
+    return theta
+
+
+def _rope(x, positions, theta):
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    freqs = positions.float()[:, None] * inv[None, :]
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    half = d // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def _attend(q, k, v, q_pos, k_pos, causal):
+    scores = q.float() @ k.float().transpose(-1, -2) / q.shape[-1] ** 0.5
+    if causal:
+        scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def reference_forward(lm, embeds, positions, past=None, reused=None, previous_kv=None, causal=True):
+    """Run the causal LM `lm` (LlamaForCausalLM weights) on `embeds` [B, n, D] at `positions` [n].
+
+    past: per-layer (k, v) of earlier positions to attend to (decode). reused: per-layer LongTensor [B, m]
+    positions whose k/v are overwritten by previous_kv[l]. Returns logits [B, n, V], per-layer (k, v), hidden.
+    """
+    cfg = lm.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = cfg.hidden_size // heads
+    theta = _theta(cfg)
+    x = embeds
+    batch, n, _ = x.shape
+    kvs = []
+    for index, layer in enumerate(lm.model.layers):
+        attn = layer.self_attn
+        h = _rms(x, layer.input_layernorm.weight, cfg.rms_norm_eps)
+        q = (h @ attn.q_proj.weight.T).view(batch, n, heads, d).transpose(1, 2)
+        k = (h @ attn.k_proj.weight.T).view(batch, n, kv_heads, d).transpose(1, 2)
+        v = (h @ attn.v_proj.weight.T).view(batch, n, kv_heads, d).transpose(1, 2)
+        q, k = _rope(q, positions, theta), _rope(k, positions, theta)
+        if reused is not None and reused[index].shape[1]:
+            k, v = k.clone(), v.clone()
+            pk, pv = previous_kv[index]
+            for b in range(batch):
+                rows = reused[index][b]
+                k[b, :, rows] = pk[b, :, rows]
+                v[b, :, rows] = pv[b, :, rows]
+        if past is not None:
+            k = torch.cat([past[index][0], k], 2)
+            v = torch.cat([past[index][1], v], 2)
+        kvs.append((k, v))
+        rep = heads // kv_heads
+        kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        k_pos = torch.arange(k.shape[2])
+        out = _attend(q, kk, vv, positions, k_pos, causal).transpose(1, 2).reshape(batch, n, heads * d)
+        x = x + out @ attn.o_proj.weight.T
+        h = _rms(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
+        mlp = layer.mlp
+        x = x + (torch.nn.functional.silu(h @ mlp.gate_proj.weight.T) * (h @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+    x = _rms(x, lm.model.norm.weight, cfg.rms_norm_eps)
+    return x @ lm.lm_head.weight.T, kvs, x

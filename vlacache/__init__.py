@@ -1,0 +1,23 @@
+"""vlacache: training-free adaptive token caching (VLA-Cache) for vision-language-action policies."""
+
+from .backbone import Backbone
+from .config import ConfigError
+from .engine import CacheEngine, StatsRequest
+from .env import Env
+from .policy import CachePolicy, PolicyConfig
+from .registry import BACKBONES, ENVS, STRATEGIES, Registry, register_backbone, register_env, register_strategy
+from .runtime import CachedVLA, StepResult, attach
+from .strategy import Candidates, LayerScheduler, PlanContext, RelevanceFilter, StepGate, TokenSelector
+from .types import AttentionStats, InputError, Observation, ReusePlan, StepStats, TokenLayout
+
+# Built-ins register on import, after the core they depend on.
+from . import strategies, backbones, envs  # noqa: E402  isort: skip
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionStats", "BACKBONES", "Backbone", "CacheEngine", "CachePolicy", "CachedVLA", "Candidates", "ConfigError",
+    "ENVS", "Env", "InputError", "LayerScheduler", "Observation", "PlanContext", "PolicyConfig", "Registry",
+    "RelevanceFilter", "ReusePlan", "STRATEGIES", "StatsRequest", "StepGate", "StepResult", "StepStats",
+    "TokenLayout", "TokenSelector", "attach", "register_backbone", "register_env", "register_strategy",
+]

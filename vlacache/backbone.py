@@ -1,0 +1,150 @@
+"""What a backbone provides to the rest of vlacache, and the input checks every backbone shares."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from .flops import DecoderDims
+from .types import InputError, Observation, TokenLayout
+
+
+@dataclass
+class PreparedInputs:
+    """One step's inputs after preprocessing: exact model-input images per camera, layout and model tensors."""
+
+    batch_size: int
+    instructions: tuple[str, ...]
+    query_images: dict[str, torch.Tensor]
+    layout: TokenLayout
+    model_inputs: dict[str, Any] = field(default_factory=dict)
+
+    def episode_key(self) -> tuple:
+        """Changes of any of these reset the cache engine automatically."""
+        shapes = tuple((name, tuple(image.shape)) for name, image in sorted(self.query_images.items()))
+        return (self.instructions, self.batch_size, shapes, self.layout.length)
+
+
+@dataclass
+class PrefillOutput:
+    """Prefill result: logits of the last position [B, V] and anything the decoder needs to go on."""
+
+    logits: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ActionOutput:
+    """Decoded actions [B, chunk, action_dim] (un-normalised) and the raw action tokens if any."""
+
+    actions: np.ndarray
+    tokens: torch.Tensor | None = None
+
+
+class Backbone(ABC):
+    """A VLA model on stock transformers. The four stages below are timed separately by the runtime."""
+
+    cameras: tuple[str, ...] = ("primary",)
+
+    @property
+    @abstractmethod
+    def decoder(self) -> nn.Module:
+        """The stock decoder model whose `.layers` the cache engine hooks (e.g. a LlamaModel)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+    @abstractmethod
+    def prepare(self, obs: Observation) -> PreparedInputs:
+        """Validate and preprocess an observation (images, prompt, layout)."""
+
+    @abstractmethod
+    def embed(self, inputs: PreparedInputs) -> torch.Tensor:
+        """Vision towers + projector + text embeddings -> decoder input embeddings [B, L, D]."""
+
+    @abstractmethod
+    def prefill(self, embeds: torch.Tensor, inputs: PreparedInputs, cache: DynamicCache) -> PrefillOutput:
+        """One decoder pass over the whole prompt, filling `cache`."""
+
+    @abstractmethod
+    def decode(self, prefill: PrefillOutput, inputs: PreparedInputs, cache: DynamicCache) -> ActionOutput:
+        """Everything after the prefill: decode steps and the action head."""
+
+    @abstractmethod
+    def decoder_dims(self) -> DecoderDims:
+        """Sizes for FLOPs accounting."""
+
+    def vision_flops(self) -> float:
+        return 0.0
+
+    def decode_passes(self) -> int:
+        """Decoder forward passes after the prefill (for FLOPs)."""
+        return 0
+
+    def new_cache(self) -> DynamicCache:
+        try:
+            return DynamicCache(config=self.decoder.config)
+        except TypeError:
+            return DynamicCache()
+
+
+def _as_uint8_images(name: str, image: Any) -> torch.Tensor:
+    if isinstance(image, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(image))
+    elif isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+    else:
+        raise InputError(f"camera '{name}': expected a numpy array or torch tensor, got {type(image).__name__}")
+    if tensor.dim() == 3:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 4:
+        raise InputError(f"camera '{name}': expected an image [H, W, 3] or a batch [B, H, W, 3], got shape {tuple(tensor.shape)}")
+    if tensor.shape[-1] != 3:
+        hint = " (it looks channels-first: transpose to [H, W, 3])" if tensor.shape[1] == 3 else ""
+        raise InputError(f"camera '{name}': expected 3 colour channels last, got shape {tuple(tensor.shape)}{hint}")
+    if tensor.shape[1] < 2 or tensor.shape[2] < 2:
+        raise InputError(f"camera '{name}': image of size {tuple(tensor.shape[1:3])} is too small")
+    if tensor.dtype == torch.uint8:
+        return tensor
+    if not tensor.is_floating_point():
+        raise InputError(f"camera '{name}': dtype {tensor.dtype} is not supported; pass uint8 [0, 255] or float [0, 1]")
+    if not bool(torch.isfinite(tensor).all()):
+        raise InputError(f"camera '{name}': image contains NaN or inf pixels")
+    if float(tensor.min()) < 0.0 or float(tensor.max()) > 1.0:
+        raise InputError(
+            f"camera '{name}': float images must lie in [0, 1] (got [{float(tensor.min()):.3g}, {float(tensor.max()):.3g}]); "
+            "pass uint8 for [0, 255] data"
+        )
+    return (tensor * 255.0).round().to(torch.uint8)
+
+
+def validate_observation(obs: Observation, cameras: Sequence[str]) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """Check an observation against the cameras a backbone needs; return uint8 images [B, H, W, 3] and instructions."""
+    if not isinstance(obs, Observation):
+        raise InputError(f"expected a vlacache Observation, got {type(obs).__name__}")
+    missing = [c for c in cameras if c not in obs.images]
+    if missing:
+        raise InputError(
+            f"observation lacks camera(s) {missing}; this backbone needs {list(cameras)}, got {sorted(obs.images)}"
+        )
+    images = {c: _as_uint8_images(c, obs.images[c]) for c in cameras}
+    batch = {c: int(i.shape[0]) for c, i in images.items()}
+    if len(set(batch.values())) != 1:
+        raise InputError(f"cameras have different batch sizes: {batch}")
+    size = next(iter(batch.values()))
+    instruction = obs.instruction
+    instructions = (instruction,) * size if isinstance(instruction, str) else tuple(instruction)
+    if not all(isinstance(i, str) for i in instructions):
+        raise InputError("instruction must be a string or a list of strings")
+    if len(instructions) != size:
+        raise InputError(f"{len(instructions)} instructions for a batch of {size} images; pass one per image or a single string")
+    if any(not i.strip() for i in instructions):
+        raise InputError("instruction is empty; pass the task in words, e.g. 'pick up the black bowl'")
+    return images, instructions

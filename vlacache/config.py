@@ -1,0 +1,89 @@
+"""Typed configuration: omegaconf YAML over dataclasses, with errors that list the valid keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the bad key or value and the valid ones."""
+
+
+def to_plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def check_keys(given: Mapping[str, Any], valid: list[str], where: str) -> None:
+    for key in given:
+        if key not in valid:
+            near = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(f"unknown key '{key}' in {where}{hint}. Valid keys: {', '.join(valid) or '(none)'}")
+
+
+def typed(schema: type, values: Mapping[str, Any] | None, where: str):
+    """Build dataclass `schema` from `values`, failing loudly on unknown keys or wrong types."""
+    values = dict(to_plain(values) or {})
+    fields = [f.name for f in dataclasses.fields(schema)]
+    check_keys(values, fields, where)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"bad value in {where}: {error.msg if hasattr(error, 'msg') else error}") from None
+
+
+def packaged_configs() -> Path:
+    """The folder holding the shipped YAML configs (the repo's configs/)."""
+    return Path(str(resources.files("vlacache.configs")))
+
+
+def resolve_config_path(name_or_path: str | Path, group: str) -> Path:
+    """A YAML path as given, or the name of a shipped config in `group` (e.g. 'vla_cache' in policy/)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            shipped = packaged_configs() / path
+            if shipped.exists():
+                return shipped
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    shipped = packaged_configs() / group / f"{name_or_path}.yaml"
+    if not shipped.exists():
+        names = sorted(p.stem for p in (packaged_configs() / group).glob("*.yaml"))
+        raise ConfigError(f"no shipped {group} config named '{name_or_path}'. Available: {', '.join(names)}")
+    return shipped
+
+
+def load_yaml(path: Path) -> DictConfig:
+    try:
+        config = OmegaConf.load(path)
+    except Exception as error:  # yaml errors come in many types
+        raise ConfigError(f"cannot parse {path}: {error}") from None
+    if not isinstance(config, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return config
+
+
+def apply_overrides(config: DictConfig, overrides: list[str]) -> DictConfig:
+    """Apply command-line `key.sub=value` overrides; a key that does not exist is an error."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. backbone.device=cpu)")
+        key, _ = item.split("=", 1)
+        head = key.split(".")[0]
+        if head not in config:
+            check_keys({head: None}, list(config.keys()), "the config's top level")
+    try:
+        return OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"cannot apply overrides {overrides}: {error}") from None

@@ -1,0 +1,356 @@
+"""The cache engine: VLA-Cache applied to a stock transformers decoder through forward hooks.
+
+Per step: a `ReuseCache` splices last step's K/V into reused positions; a pre-hook on every decoder layer drops
+the rows reused at that layer and gathers the matching rotary embeddings, position ids and mask rows; a hook
+on each probed attention block recomputes a few query rows of attention (the probe); a hook on the decoder
+scatters the final hidden states back to full length and ends the prefill. No modeling code is copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from .probe import attention_rows, summarize
+from .reuse_cache import ReuseCache
+from .types import AttentionStats, ReusePlan, TokenLayout
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """Which attention statistics the probe records: layers (None = all) and query rows ('text' or 'last')."""
+
+    layers: tuple[int, ...] | None = None
+    query: str = "text"
+
+
+@dataclass
+class StepRecord:
+    """What the engine reports about one step."""
+
+    reused_per_layer: list[int]
+    tokens_per_layer: list[int]
+    stats: AttentionStats | None
+
+
+@dataclass
+class EpisodeState:
+    """Everything the engine remembers between control steps of one episode."""
+
+    key: tuple | None = None
+    step: int = 0
+    previous_images: dict[str, torch.Tensor] | None = None
+    prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    final_hidden: torch.Tensor | None = None
+    stats: AttentionStats | None = None
+
+
+@dataclass
+class _ActiveStep:
+    cache: ReuseCache
+    layout: TokenLayout
+    batch_size: int
+    counts: list[int]
+    kept: list[torch.Tensor | None]
+    select: list[torch.Tensor | None]
+    query_positions: torch.Tensor | None
+    probe_layers: frozenset[int]
+    in_prefill: bool = True
+    memo: dict = field(default_factory=dict)
+    to_keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    entropy: dict[int, torch.Tensor] = field(default_factory=dict)
+    final_hidden: torch.Tensor | None = None
+
+
+def decoder_layers(decoder: nn.Module) -> nn.ModuleList:
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(
+            f"{type(decoder).__name__} has no `layers` ModuleList; pass the decoder model itself "
+            "(e.g. LlamaForCausalLM(...).model), not the causal-LM wrapper"
+        )
+    return layers
+
+
+class CacheEngine:
+    """Attaches VLA-Cache to a stock decoder (e.g. `LlamaModel`) and owns the per-episode cache state.
+
+    Use as a context manager or call `attach()` / `detach()`. Each control step: `begin_step(plan, layout)`
+    returns the cache to pass to the model, run prefill (+ decode), then `end_step(images)`.
+    """
+
+    def __init__(self, decoder: nn.Module) -> None:
+        self.decoder = decoder
+        self.layers = decoder_layers(decoder)
+        attn = getattr(decoder.config, "_attn_implementation", None) or "eager"
+        if attn not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"attention implementation '{attn}' is not supported by the cache engine; load the model with "
+                f"attn_implementation='sdpa' (recommended) or 'eager'"
+            )
+        self._additive_mask = attn == "eager"
+        self._handles: list[Any] = []
+        self._step: _ActiveStep | None = None
+        self.episode = EpisodeState()
+
+    # -- attachment ---------------------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> "CacheEngine":
+        if self.attached:
+            return self
+        for index, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(partial(self._before_layer, index), with_kwargs=True))
+            self._handles.append(
+                layer.self_attn.register_forward_hook(partial(self._after_attention, index), with_kwargs=True)
+            )
+        self._handles.append(self.decoder.register_forward_hook(self._after_decoder))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._step = None
+
+    def __enter__(self) -> "CacheEngine":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # -- episode state ------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything from earlier steps: the next step is a full forward."""
+        self.episode = EpisodeState()
+        self._step = None
+
+    def sync_episode(self, key: tuple) -> bool:
+        """Reset automatically when the episode key (instruction, batch size, image sizes, ...) changes."""
+        if self.episode.key is not None and self.episode.key != key:
+            self.reset()
+            self.episode.key = key
+            return True
+        fresh = self.episode.key is None
+        self.episode.key = key
+        return fresh
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    # -- one step -----------------------------------------------------------------------------------------
+    def new_cache(self) -> ReuseCache:
+        try:
+            return ReuseCache(config=self.decoder.config)
+        except TypeError:
+            return ReuseCache()
+
+    def begin_step(
+        self, plan: ReusePlan | None, layout: TokenLayout, batch_size: int, request: StatsRequest | None = None
+    ) -> ReuseCache:
+        """Prepare the hooks for one prefill and return the cache the model must be called with."""
+        if not self.attached:
+            raise RuntimeError("CacheEngine.begin_step() needs the engine attached: call attach() first")
+        plan = plan if plan is not None else ReusePlan.empty(batch_size, self.num_layers)
+        plan.validate(batch_size, self.num_layers, layout.length)
+        if not plan.is_empty:
+            self._check_reusable(layout, batch_size)
+        cache = self.new_cache()
+        kept, select = self._row_maps(plan, layout.length, batch_size)
+        for layer, rows in enumerate(kept):
+            if rows is not None:
+                k, v = self.episode.prompt_kv[layer]
+                cache.splice[layer] = (k, v, rows.to(k.device))
+        probe_layers = frozenset()
+        query_positions = None
+        if request is not None:
+            probe_layers = frozenset(range(self.num_layers) if request.layers is None else request.layers)
+            bad = sorted(i for i in probe_layers if not 0 <= i < self.num_layers)
+            if bad:
+                raise ValueError(f"attention statistics requested for layers {bad}, but the decoder has layers 0..{self.num_layers - 1}")
+            span = layout.text if request.query == "text" else None
+            positions = span.positions() if span is not None else torch.tensor([layout.length - 1])
+            query_positions = positions.expand(batch_size, -1)
+        self._step = _ActiveStep(
+            cache=cache,
+            layout=layout,
+            batch_size=batch_size,
+            counts=plan.counts,
+            kept=kept,
+            select=select,
+            query_positions=query_positions,
+            probe_layers=probe_layers,
+        )
+        return cache
+
+    def end_step(self, images: dict[str, torch.Tensor] | None = None) -> StepRecord:
+        """Close the step: keep its K/V, final hidden states, attention statistics and query images."""
+        step = self._step
+        if step is None or step.in_prefill:
+            raise RuntimeError("end_step() without a finished prefill: call begin_step() and run the model first")
+        length = step.layout.length
+        self.episode.prompt_kv = {
+            layer: (k[:, :, :length], v[:, :, :length]) for layer, (k, v) in step.cache.prefill_kv.items()
+        }
+        self.episode.final_hidden = step.final_hidden
+        self.episode.stats = (
+            AttentionStats(step.to_keys, step.entropy, query="text") if step.probe_layers else None
+        )
+        if images is not None:
+            self.episode.previous_images = {name: image.detach().clone() for name, image in images.items()}
+        self.episode.step += 1
+        self._step = None
+        return StepRecord(
+            reused_per_layer=step.counts,
+            tokens_per_layer=[length - c for c in step.counts],
+            stats=self.episode.stats,
+        )
+
+    # -- internals ----------------------------------------------------------------------------------------
+    def _check_reusable(self, layout: TokenLayout, batch_size: int) -> None:
+        kv = self.episode.prompt_kv
+        if len(kv) != self.num_layers or self.episode.final_hidden is None:
+            raise RuntimeError("a reuse plan needs a previous step in this episode; the first step must be full")
+        k = kv[0][0]
+        if k.shape[0] != batch_size or k.shape[2] != layout.length:
+            raise RuntimeError(
+                f"previous step had batch {k.shape[0]} x {k.shape[2]} tokens, this one {batch_size} x {layout.length}; "
+                "reset() the engine between episodes"
+            )
+
+    @staticmethod
+    def _row_maps(plan: ReusePlan, length: int, batch_size: int):
+        """Per layer: kept positions [B, K_l] (None: nothing reused) and the rows of the previous layer to keep."""
+        kept: list[torch.Tensor | None] = []
+        select: list[torch.Tensor | None] = []
+        previous: torch.Tensor | None = None
+        previous_count = 0
+        for reused in plan.reused:
+            count = reused.shape[1]
+            if count == 0:
+                kept.append(None)
+                select.append(None)
+                continue
+            if count == previous_count:
+                kept.append(previous)
+                select.append(None)
+                continue
+            reused = reused.cpu()
+            keep = torch.ones(batch_size, length, dtype=torch.bool)
+            keep.scatter_(1, reused, False)
+            rows = torch.arange(length).expand(batch_size, length)[keep].view(batch_size, length - count)
+            select.append(rows if previous is None else torch.searchsorted(previous, rows))
+            kept.append(rows)
+            previous, previous_count = rows, count
+        return kept, select
+
+    def _rows_of(self, tensor: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
+        """Gather `rows` [B, K] along `dim` of a tensor whose batch dim may be 1 (broadcast)."""
+        batch = rows.shape[0]
+        tensor = tensor.expand(batch, *tensor.shape[1:])
+        shape = [1] * tensor.dim()
+        shape[0], shape[dim] = batch, rows.shape[1]
+        index = rows.to(tensor.device).view(shape).expand(*[rows.shape[1] if d == dim else s for d, s in enumerate(tensor.shape)])
+        return tensor.gather(dim, index)
+
+    def _mask_rows(self, layer: nn.Module, mask: torch.Tensor | None, rows: torch.Tensor, length: int, dtype) -> torch.Tensor:
+        """The attention-mask rows of query positions `rows` [B, K] against all `length` keys: [B, 1, K, L]."""
+        if mask is not None:
+            return self._rows_of(mask, rows, dim=2)
+        if getattr(layer.self_attn, "is_causal", True):
+            allowed = torch.arange(length, device=rows.device)[None, None, :] <= rows[:, :, None]
+        else:
+            allowed = torch.ones(rows.shape[0], rows.shape[1], length, dtype=torch.bool, device=rows.device)
+        allowed = allowed[:, None]
+        if self._additive_mask:
+            return torch.zeros((), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).to(dtype)
+        return allowed
+
+    def _before_layer(self, index: int, layer: nn.Module, args: tuple, kwargs: dict):
+        step = self._step
+        if step is None or not step.in_prefill or step.kept[index] is None:
+            return None
+        rows = step.kept[index]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        device = hidden.device
+        rows = rows.to(device)
+        if step.select[index] is not None:
+            select = step.select[index].to(device)
+            hidden = hidden.gather(1, select[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        count = step.counts[index]
+        cos, sin = kwargs["position_embeddings"]
+        memo_key = ("rope", count)
+        if memo_key not in step.memo:
+            step.memo[memo_key] = (self._rows_of(cos, rows, 1), self._rows_of(sin, rows, 1))
+        kwargs["position_embeddings"] = step.memo[memo_key]
+        mask = kwargs.get("attention_mask")
+        mask_key = ("mask", count, id(mask))
+        if mask_key not in step.memo:
+            step.memo[mask_key] = self._mask_rows(layer, mask, rows, step.layout.length, hidden.dtype)
+        kwargs["attention_mask"] = step.memo[mask_key]
+        for name in ("position_ids", "cache_position"):
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                kwargs[name] = self._rows_of(value, rows, 1)
+            elif isinstance(value, torch.Tensor) and value.dim() == 1:
+                kwargs[name] = value[rows[0]]
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _after_attention(self, index: int, attn: nn.Module, args: tuple, kwargs: dict, output: Any):
+        step = self._step
+        if step is None or not step.in_prefill or index not in step.probe_layers:
+            return None
+        normed = args[0] if args else kwargs["hidden_states"]
+        rows = step.kept[index]
+        queries = step.query_positions.to(normed.device).contiguous()
+        local = queries if rows is None else torch.searchsorted(rows.to(normed.device), queries)
+        cos, sin = kwargs["position_embeddings"]
+        mask = kwargs.get("attention_mask")
+        layer = self.layers[index]
+        if mask is None:
+            mask_rows = self._mask_rows(layer, None, queries, step.layout.length, normed.dtype)
+        else:
+            mask_rows = self._rows_of(mask, local, dim=2)
+        keys = step.cache.prefill_kv[index][0]
+        probs = attention_rows(
+            attn,
+            self._rows_of(normed, local, 1),
+            self._rows_of(cos, local, 1),
+            self._rows_of(sin, local, 1),
+            keys,
+            mask_rows,
+        )
+        step.to_keys[index], step.entropy[index] = summarize(probs)
+        return None
+
+    def _after_decoder(self, decoder: nn.Module, args: tuple, output: Any):
+        step = self._step
+        if step is None or not step.in_prefill:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        rows = step.kept[-1]
+        if rows is not None:
+            previous = self.episode.final_hidden.to(hidden.device, hidden.dtype)
+            index = rows.to(hidden.device)[:, :, None].expand(-1, -1, hidden.shape[-1])
+            hidden = previous.scatter(1, index, hidden)
+            if isinstance(output, tuple):
+                output = (hidden, *output[1:])
+            else:
+                output.last_hidden_state = hidden
+        step.final_hidden = hidden.detach()
+        step.in_prefill = False
+        step.cache.recording = False
+        return output

@@ -1,0 +1,147 @@
+"""A cache policy: selector + relevance filter + layer scheduler + gate, composed into a ReusePlan per step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .config import ConfigError, check_keys, load_yaml, resolve_config_path, to_plain, typed
+from .engine import StatsRequest
+from .registry import STRATEGIES
+from .strategy import Candidates, LayerScheduler, PlanContext, RelevanceFilter, StepGate, TokenSelector
+from .types import ReusePlan
+
+REUSE_ORDERS = ("similarity", "index")
+
+
+@dataclass
+class PolicyConfig:
+    """A cache policy by registry names: each component is {name: ..., <its parameters>}."""
+
+    label: str = "policy"
+    selector: dict = field(default_factory=lambda: {"name": "none"})
+    relevance: dict = field(default_factory=lambda: {"name": "none"})
+    scheduler: dict = field(default_factory=lambda: {"name": "constant"})
+    gate: dict = field(default_factory=lambda: {"name": "full-first-step"})
+    reuse_order: str = "similarity"
+
+
+def build_strategy(kind: str, spec: Mapping[str, Any] | str):
+    """Instantiate a registered strategy from {name: ..., params...} (or just its name)."""
+    spec = {"name": spec} if isinstance(spec, str) else dict(to_plain(spec))
+    if "name" not in spec:
+        raise ConfigError(f"the {kind} config needs a 'name'. Registered: {', '.join(STRATEGIES[kind].names())}")
+    name = spec.pop("name")
+    cls = STRATEGIES[kind].get(name)
+    return cls(typed(cls.Config, spec, f"{kind} '{name}'"))
+
+
+class CachePolicy:
+    """Decides, for each step, which visual tokens reuse last step's K/V at which decoder layer."""
+
+    def __init__(
+        self,
+        selector: TokenSelector,
+        relevance: RelevanceFilter,
+        scheduler: LayerScheduler,
+        gate: StepGate,
+        reuse_order: str = "similarity",
+        label: str = "policy",
+    ) -> None:
+        if reuse_order not in REUSE_ORDERS:
+            raise ConfigError(f"reuse_order must be one of {REUSE_ORDERS}, got '{reuse_order}'")
+        self.selector, self.relevance, self.scheduler, self.gate = selector, relevance, scheduler, gate
+        self.reuse_order = reuse_order
+        self.label = label
+
+    @classmethod
+    def from_config(cls, config: PolicyConfig | Mapping[str, Any] | str | Path) -> "CachePolicy":
+        """From a PolicyConfig, a mapping, a YAML path, or the name of a shipped policy (configs/policy/)."""
+        if isinstance(config, (str, Path)):
+            config = load_yaml(resolve_config_path(config, "policy"))
+        if not isinstance(config, PolicyConfig):
+            config = dict(to_plain(config))
+            check_keys(config, list(PolicyConfig.__dataclass_fields__), "the policy config")
+            config = PolicyConfig(**config)
+        return cls(
+            build_strategy("selector", config.selector),
+            build_strategy("relevance", config.relevance),
+            build_strategy("scheduler", config.scheduler),
+            build_strategy("gate", config.gate),
+            reuse_order=config.reuse_order,
+            label=config.label,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """False for the no-cache policy (selector 'none'): run the model untouched."""
+        return getattr(self.selector, "selects_nothing", False) is False
+
+    def stats_request(self, num_layers: int) -> StatsRequest | None:
+        layers = set(self.relevance.required_layers(num_layers))
+        if self.scheduler.needs_entropy:
+            layers |= set(range(num_layers))
+        if not layers:
+            return None
+        return StatsRequest(layers=tuple(sorted(layers)), query=self.relevance.query)
+
+    def plan(self, ctx: PlanContext) -> ReusePlan:
+        empty = ReusePlan.empty(ctx.batch_size, ctx.num_layers)
+        if ctx.previous is None:
+            empty.info["reason"] = "no previous query frame"
+            return empty
+        if not self.gate.allow(ctx):
+            empty.info["reason"] = "gate vetoed reuse"
+            return empty
+        static = self.selector.select(ctx)
+        candidates = self.relevance.filter(ctx, static)
+        fractions = self._monotone(self.scheduler.fractions(ctx), ctx.num_layers)
+        ordered = {camera: self._order(c) for camera, c in candidates.items()}
+        reused = []
+        for fraction in fractions:
+            parts = [
+                ordered[camera][:, : math.floor(fraction * ordered[camera].shape[1] + 1e-9)] + ctx.layout.vision[camera].start
+                for camera in ordered
+            ]
+            positions = torch.cat(parts, dim=1) if parts else empty.reused[0]
+            reused.append(torch.sort(positions, dim=1).values)
+        plan = ReusePlan(reused)
+        plan.info.update(
+            static={c: s.mask for c, s in static.items()},
+            candidates={c: s.mask for c, s in candidates.items()},
+            fractions=fractions,
+        )
+        return plan
+
+    def _order(self, candidates: Candidates) -> torch.Tensor:
+        """Candidate patch indices [B, n], most reusable first; n is the smallest count in the batch."""
+        mask = candidates.mask
+        count = int(mask.sum(dim=1).min()) if mask.numel() else 0
+        if self.reuse_order == "similarity":
+            key = candidates.score.float().masked_fill(~mask, float("-inf"))
+        else:
+            key = (-torch.arange(mask.shape[1], dtype=torch.float32)).expand_as(mask).masked_fill(~mask, float("-inf"))
+        order = torch.sort(key, dim=1, descending=True, stable=True).indices
+        return order[:, :count]
+
+    @staticmethod
+    def _monotone(fractions: list[float], num_layers: int) -> list[float]:
+        if len(fractions) != num_layers:
+            raise ValueError(f"scheduler returned {len(fractions)} fractions for {num_layers} layers")
+        out, running = [], 0.0
+        for f in fractions:
+            if not math.isfinite(f):
+                f = 0.0
+            running = max(running, min(max(f, 0.0), 1.0))
+            out.append(running)
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"CachePolicy({self.label!r}, selector={self.selector}, relevance={self.relevance}, "
+            f"scheduler={self.scheduler}, gate={self.gate}, reuse_order={self.reuse_order!r})"
+        )

@@ -1,0 +1,147 @@
+"""CachedVLA: a backbone with a cache policy attached, predicting actions step by step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .backbone import Backbone
+from .engine import CacheEngine
+from .flops import decode_flops, prefill_flops
+from .policy import CachePolicy, PolicyConfig
+from .strategy import PlanContext
+from .timing import StepTimer
+from .types import Observation, ReusePlan, StepStats
+
+
+@dataclass
+class StepResult:
+    """One control step: actions [B, chunk, dim], last-position prefill logits, the plan used and its numbers."""
+
+    actions: np.ndarray
+    logits: torch.Tensor
+    plan: ReusePlan
+    stats: StepStats
+    tokens: torch.Tensor | None = None
+
+
+class CachedVLA:
+    """Runs a backbone step by step with VLA-Cache; `policy=None` (or the no-cache policy) runs it untouched.
+
+    The engine's per-episode state resets on `reset()` and automatically when the instruction, batch size or
+    image size changes. Use as a context manager to detach the hooks at the end.
+    """
+
+    def __init__(self, backbone: Backbone, policy: CachePolicy | None = None, sync_timing: bool = True) -> None:
+        self.backbone = backbone
+        self.policy = policy
+        self.sync_timing = sync_timing
+        self.engine = CacheEngine(backbone.decoder)
+        if self.caching:
+            self.engine.attach()
+
+    @property
+    def caching(self) -> bool:
+        return self.policy is not None and self.policy.enabled
+
+    def reset(self) -> None:
+        self.engine.reset()
+
+    def detach(self) -> None:
+        self.engine.detach()
+
+    def __enter__(self) -> "CachedVLA":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    @torch.inference_mode()
+    def predict(self, obs: Observation, plan: ReusePlan | None = None) -> StepResult:
+        """Predict actions for one observation. `plan` overrides the policy's plan (for tests and benchmarks)."""
+        backbone, engine = self.backbone, self.engine
+        timer = StepTimer(backbone.device, sync=self.sync_timing)
+        timer.start()
+        inputs = backbone.prepare(obs)
+        layout, batch = inputs.layout, inputs.batch_size
+        num_layers = engine.num_layers
+        fresh = engine.sync_episode(inputs.episode_key())
+        with timer.section("vision"):
+            embeds = backbone.embed(inputs)
+        with timer.section("select"):
+            if self.caching or plan is not None:
+                if not engine.attached:
+                    engine.attach()
+                if plan is None:
+                    ctx = PlanContext(
+                        step=engine.episode.step,
+                        batch_size=batch,
+                        num_layers=num_layers,
+                        layout=layout,
+                        current=inputs.query_images,
+                        previous=engine.episode.previous_images,
+                        stats=engine.episode.stats,
+                    )
+                    plan = self.policy.plan(ctx)
+                request = self.policy.stats_request(num_layers) if self.policy is not None else None
+                cache = engine.begin_step(plan, layout, batch, request)
+            else:
+                plan = ReusePlan.empty(batch, num_layers)
+                cache = backbone.new_cache()
+        with timer.section("prefill"):
+            prefill = backbone.prefill(embeds, inputs, cache)
+        with timer.section("decode"):
+            decoded = backbone.decode(prefill, inputs, cache)
+        if engine.attached and engine._step is not None:
+            record = engine.end_step(inputs.query_images)
+            step_index = engine.episode.step - 1
+        else:
+            step_index = engine.episode.step
+            engine.episode.step += 1
+        wall, device_ms = timer.stop()
+        return StepResult(
+            actions=decoded.actions,
+            logits=prefill.logits,
+            plan=plan,
+            tokens=decoded.tokens,
+            stats=self._stats(step_index, plan, layout.length, layout.num_visual, timer.ms, wall, device_ms, fresh),
+        )
+
+    def _stats(self, step, plan, length, num_visual, ms, wall, device_ms, fresh) -> StepStats:
+        dims = self.backbone.decoder_dims()
+        reused = plan.counts
+        tokens = [length - c for c in reused]
+        flops = {
+            "vision": self.backbone.vision_flops(),
+            "prefill": prefill_flops(dims, tokens, length),
+            "decode": decode_flops(dims, self.backbone.decode_passes(), length),
+        }
+        flops["total"] = sum(flops.values())
+        latency = {k: ms.get(k, 0.0) for k in ("vision", "select", "prefill", "decode")}
+        latency["total"] = wall
+        ratio = sum(reused) / (len(reused) * num_visual) if num_visual and reused else 0.0
+        return StepStats(
+            step=step,
+            reused_per_layer=reused,
+            tokens_per_layer=tokens,
+            num_visual=num_visual,
+            reuse_ratio=ratio,
+            flops=flops,
+            latency_ms=latency,
+            device_ms=device_ms,
+            episode_reset=fresh,
+        )
+
+
+def attach(
+    backbone: Backbone, policy: CachePolicy | PolicyConfig | Mapping[str, Any] | str | Path | None = "vla_cache"
+) -> CachedVLA:
+    """Attach VLA-Cache to a backbone in one call; `policy` is a CachePolicy, a config, a YAML path or the
+    name of a shipped policy ('no_cache', 'static_reuse', 'static_reuse_filter', 'vla_cache', 'reference_code')."""
+    if policy is not None and not isinstance(policy, CachePolicy):
+        policy = CachePolicy.from_config(policy)
+    return CachedVLA(backbone, policy)

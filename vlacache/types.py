@@ -1,0 +1,163 @@
+"""The data that flows through one control step: observation, token layout, reuse plan, statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+
+class InputError(ValueError):
+    """Bad user input (images, instruction, batch); the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class Observation:
+    """What the robot sees at one control step.
+
+    images: camera name -> uint8 array [H, W, 3] (or [B, H, W, 3] for a batch); float arrays in [0, 1] are
+    accepted too. instruction: one string, or one per batch element. proprio: optional state vector(s).
+    """
+
+    images: Mapping[str, np.ndarray | torch.Tensor]
+    instruction: str | Sequence[str]
+    proprio: np.ndarray | torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Span:
+    """A half-open range of sequence positions [start, stop)."""
+
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def positions(self) -> torch.Tensor:
+        return torch.arange(self.start, self.stop)
+
+
+@dataclass(frozen=True)
+class VisionSpan(Span):
+    """The patch tokens of one camera: row-major over a (rows, cols) grid of patch_size-pixel patches."""
+
+    rows: int = 0
+    cols: int = 0
+    patch_size: int = 0
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where everything sits in the decoder's input sequence. Built by the backbone; nothing is hard-coded."""
+
+    length: int
+    vision: Mapping[str, VisionSpan]
+    text: Span
+    extra: Mapping[str, Span] = field(default_factory=dict)
+
+    @property
+    def num_visual(self) -> int:
+        return sum(len(s) for s in self.vision.values())
+
+    def patch_grid(self, camera: str, positions: torch.Tensor) -> torch.Tensor:
+        """Boolean [B, rows, cols] map of which patches of `camera` are among `positions` [B, n]."""
+        span = self.vision[camera]
+        grid = torch.zeros(positions.shape[0], len(span), dtype=torch.bool)
+        local = positions.cpu() - span.start
+        inside = (local >= 0) & (local < len(span))
+        for b in range(positions.shape[0]):
+            grid[b, local[b][inside[b]]] = True
+        return grid.view(-1, span.rows, span.cols)
+
+
+@dataclass
+class ReusePlan:
+    """Which sequence positions reuse last step's K/V at each decoder layer.
+
+    reused[l] is a LongTensor [B, n_l] of sorted positions; the sets are nested (reused[l-1] is a subset of
+    reused[l]) because a token whose hidden state was not computed at layer l cannot be computed later.
+    """
+
+    reused: list[torch.Tensor]
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, batch_size: int, num_layers: int, device: torch.device | str = "cpu") -> "ReusePlan":
+        none = torch.empty(batch_size, 0, dtype=torch.long, device=device)
+        return cls([none] * num_layers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.reused)
+
+    @property
+    def counts(self) -> list[int]:
+        return [int(r.shape[1]) for r in self.reused]
+
+    @property
+    def is_empty(self) -> bool:
+        return all(c == 0 for c in self.counts)
+
+    def validate(self, batch_size: int, num_layers: int, seq_len: int) -> None:
+        """Raise ValueError unless the plan fits the model and sequence and its sets are nested."""
+        if self.num_layers != num_layers:
+            raise ValueError(f"ReusePlan has {self.num_layers} layers but the decoder has {num_layers}")
+        previous = None
+        for layer, r in enumerate(self.reused):
+            if r.dim() != 2 or r.shape[0] != batch_size:
+                raise ValueError(f"ReusePlan layer {layer}: expected [batch={batch_size}, n] positions, got {tuple(r.shape)}")
+            if r.numel() and (int(r.min()) < 0 or int(r.max()) >= seq_len):
+                raise ValueError(f"ReusePlan layer {layer}: positions must lie in [0, {seq_len})")
+            if r.shape[1] > 1 and not bool((r[:, 1:] > r[:, :-1]).all()):
+                raise ValueError(f"ReusePlan layer {layer}: positions must be sorted and unique")
+            if previous is not None and previous.shape[1]:
+                if r.shape[1] < previous.shape[1] or not bool(torch.isin(previous, r).all()):
+                    raise ValueError(
+                        f"ReusePlan is not nested at layer {layer}: every position reused at layer {layer - 1} "
+                        "must stay reused at deeper layers"
+                    )
+            previous = r
+
+
+@dataclass
+class AttentionStats:
+    """Attention statistics of one step, recomputed for a few query rows (the probe), used by the next step.
+
+    to_keys[layer]: [B, L] attention over key positions, averaged over heads and query rows.
+    entropy[layer]: [B] attention entropy (nats), averaged over heads and query rows.
+    """
+
+    to_keys: dict[int, torch.Tensor]
+    entropy: dict[int, torch.Tensor]
+    query: str = "text"
+
+
+@dataclass
+class StepStats:
+    """Honest numbers for one control step."""
+
+    step: int
+    reused_per_layer: list[int]
+    tokens_per_layer: list[int]
+    num_visual: int
+    reuse_ratio: float
+    flops: dict[str, float]
+    latency_ms: dict[str, float]
+    device_ms: float | None = None
+    episode_reset: bool = False
+
+    def as_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "reused_per_layer": self.reused_per_layer,
+            "tokens_per_layer": self.tokens_per_layer,
+            "num_visual": self.num_visual,
+            "reuse_ratio": self.reuse_ratio,
+            "flops": self.flops,
+            "latency_ms": self.latency_ms,
+            "device_ms": self.device_ms,
+            "episode_reset": self.episode_reset,
+        }
