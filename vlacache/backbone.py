@@ -24,11 +24,14 @@ class PreparedInputs:
     query_images: dict[str, torch.Tensor]
     layout: TokenLayout
     model_inputs: dict[str, Any] = field(default_factory=dict)
+    source_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def episode_key(self) -> tuple:
-        """Changes of any of these reset the cache engine automatically."""
+        """Changes of any of these (instruction, batch size, camera image sizes before and after
+        preprocessing, prompt length) reset the cache engine automatically."""
         shapes = tuple((name, tuple(image.shape)) for name, image in sorted(self.query_images.items()))
-        return (self.instructions, self.batch_size, shapes, self.layout.length)
+        sources = tuple(sorted(self.source_sizes.items()))
+        return (self.instructions, self.batch_size, shapes, sources, self.layout.length)
 
 
 @dataclass

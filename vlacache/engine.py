@@ -144,6 +144,10 @@ class CacheEngine:
         return fresh
 
     @property
+    def in_step(self) -> bool:
+        return self._step is not None
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers)
 

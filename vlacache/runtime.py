@@ -73,10 +73,12 @@ class CachedVLA:
         with timer.section("vision"):
             embeds = backbone.embed(inputs)
         with timer.section("select"):
-            if self.caching or plan is not None:
+            if self.caching or plan is not None or engine.attached:
                 if not engine.attached:
                     engine.attach()
-                if plan is None:
+                if plan is None and self.policy is None:
+                    plan = ReusePlan.empty(batch, num_layers)
+                elif plan is None:
                     ctx = PlanContext(
                         step=engine.episode.step,
                         batch_size=batch,
@@ -96,7 +98,7 @@ class CachedVLA:
             prefill = backbone.prefill(embeds, inputs, cache)
         with timer.section("decode"):
             decoded = backbone.decode(prefill, inputs, cache)
-        if engine.attached and engine._step is not None:
+        if engine.in_step:
             record = engine.end_step(inputs.query_images)
             step_index = engine.episode.step - 1
         else:

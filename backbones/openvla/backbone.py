@@ -20,7 +20,7 @@ from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpa
 from .actions import resolve_unnorm_key, tokens_to_normalized, unnormalize
 from .checkpoint import CheckpointError, load_safetensors_dir, load_state_dict_strict, read_config, save_safetensors_dir
 from .config import OpenVLAConfig
-from .model import OpenVLAModel, rebuild_meta_buffers
+from .model import OpenVLAModel, place_model
 from .tokenizer import copy_tokenizer_files, load_tokenizer
 from .vision import normalize_for_towers
 
@@ -97,10 +97,7 @@ class OpenVLABackbone(Backbone):
         with torch.device("meta"):
             model = OpenVLAModel(config, attn_implementation)
         load_state_dict_strict(model, state, assign=True)
-        device = torch.device(device)
-        model = model.to(device=device, dtype=dtype)
-        rebuild_meta_buffers(model, device)
-        return cls(model, tokenizer, unnorm_key)
+        return cls(place_model(model, torch.device(device), dtype), tokenizer, unnorm_key)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write the checkpoint in the released layout: config.json, (sharded) safetensors, tokenizer files."""
@@ -151,6 +148,7 @@ class OpenVLABackbone(Backbone):
             query_images={"primary": query},
             layout=layout,
             model_inputs={"pixel_values": pixel_values.to(self.device, self.dtype), "input_ids": input_ids},
+            source_sizes={name: tuple(image.shape[1:3]) for name, image in images.items()},
         )
 
     def prompt_ids(self, instruction: str) -> list[int]:

@@ -71,8 +71,10 @@ def read_config(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    # clone(): tensors read from a file can sit at unaligned addresses, which sends CPU matmuls down other
+    # kernels and changes results in the last bit; a fresh allocation is aligned.
     with safe_open(str(path), framework="pt", device="cpu") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
+        return {key: handle.get_tensor(key).clone() for key in handle.keys()}
 
 
 def load_safetensors_dir(ckpt_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

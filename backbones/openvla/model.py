@@ -34,12 +34,21 @@ class OpenVLAModel(nn.Module):
         return torch.cat([text[:, :1], patches.to(text.dtype), text[:, 1:]], dim=1)
 
 
-def rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
-    """After a meta-device build + assign-load, recreate the non-persistent buffers (rotary tables)."""
+def _rebuild_rotary(model: nn.Module, device: torch.device) -> None:
     for name, module in list(model.named_modules()):
-        if name.endswith("rotary_emb") and any(b.is_meta for b in module.buffers()):
+        if name.endswith("rotary_emb"):
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=module.config, device=device))
+            with torch.device(device):
+                setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=module.config))
+
+
+def place_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move to device/dtype. Rotary tables are rebuilt: after a meta-device build + assign-load they were never
+    materialised (they are not in checkpoints), and a dtype cast must not round them to bf16."""
+    _rebuild_rotary(model, torch.device("cpu"))
+    model = model.to(device=device, dtype=dtype)
+    _rebuild_rotary(model, device)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"tensors left uninitialised after loading: {left[:10]}")
+    return model

@@ -7,7 +7,7 @@ import torch
 from vlacache.types import InputError
 
 from .config import OpenVLAConfig
-from .model import OpenVLAModel
+from .model import OpenVLAModel, place_model
 from .tokenizer import load_tokenizer, tiny_tokenizer_dir
 
 _TINY_TOWERS = ["vlacache-tiny-dinov2-reg4", "vlacache-tiny-siglip"]
@@ -62,5 +62,5 @@ def build_preset(name: str, seed: int = 0, device="cpu", dtype=torch.float32, at
     config = preset_config(name)
     torch.manual_seed(seed)
     model = OpenVLAModel(config, attn_implementation)
-    model = model.to(device=device, dtype=dtype)
+    model = place_model(model, torch.device(device), dtype)
     return OpenVLABackbone(model, load_tokenizer(tiny_tokenizer_dir()), unnorm_key)

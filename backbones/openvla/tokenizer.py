@@ -6,7 +6,9 @@ import os
 import shutil
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from .checkpoint import CheckpointError
 
@@ -64,7 +66,12 @@ def load_tokenizer(ckpt_dir: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
                 f"{ckpt_dir} has only tokenizer.model, and converting it requires protobuf; "
                 "run `pip install protobuf`"
             ) from err
-    return AutoTokenizer.from_pretrained(str(ckpt_dir), local_files_only=True)
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoTokenizer warns that config.json's model_type 'openvla' is unknown
+    try:
+        return AutoTokenizer.from_pretrained(str(ckpt_dir), local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def tiny_tokenizer_dir() -> Path:

@@ -1,0 +1,36 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from vlacache.backbones.openvla import build_preset
+
+    return build_preset("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def frames():
+    from vlacache.envs.replay import ReplayEnv
+
+    env = ReplayEnv()
+    out = [env.reset()]
+    for _ in range(5):
+        out.append(env.step(None)[0])
+    return out
+
+
+def tiny_llama(attn="sdpa", layers=4, kv_heads=2, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, attn_implementation=attn,
+                      initializer_range=0.2)
+    return LlamaForCausalLM(cfg).eval()

@@ -1,0 +1,44 @@
+"""Configs: shipped YAML loads, typos fail with the valid names listed (issue 3, items 5 and 9)."""
+
+import pytest
+
+from vlacache import CachePolicy
+from vlacache.config import ConfigError, packaged_configs
+from vlacache.experiment import BenchConfig, ExperimentConfig, load_config
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (packaged_configs() / "policy").glob("*.yaml")))
+def test_every_shipped_policy_builds(name):
+    policy = CachePolicy.from_config(name)
+    assert policy.label
+
+
+def test_paper_ablation_rows_are_shipped():
+    names = {p.stem for p in (packaged_configs() / "policy").glob("*.yaml")}
+    assert {"no_cache", "static_reuse", "static_reuse_filter", "vla_cache", "reference_code"} <= names
+    assert not CachePolicy.from_config("no_cache").enabled
+    assert CachePolicy.from_config("vla_cache").scheduler.needs_entropy
+
+
+def test_experiment_and_bench_configs_load_with_overrides():
+    config = load_config(ExperimentConfig, "default", "experiment", ["max_steps=3", "backbone.seed=4"])
+    assert config.max_steps == 3 and config.backbone["seed"] == 4
+    bench = load_config(BenchConfig, "cpu", "bench")
+    assert bench.policy["scheduler"]["fraction"] == 0.5
+
+
+def test_config_typos_fail_loudly(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'policies'"):
+        load_config(ExperimentConfig, "default", "experiment", ["policys=[a]"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nepisods: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'episods'.*Valid keys"):
+        load_config(ExperimentConfig, str(bad), "experiment")
+    with pytest.raises(ConfigError, match="Available: .*default"):
+        load_config(ExperimentConfig, "nonexistent", "experiment")
+    with pytest.raises(ConfigError, match="episodes"):
+        load_config(ExperimentConfig, "default", "experiment", ["episodes=many"])
+    with pytest.raises(ConfigError, match="Valid keys: label, selector"):
+        CachePolicy.from_config({"selecter": {"name": "none"}})
+    with pytest.raises(ConfigError, match="reuse_order"):
+        CachePolicy.from_config({"reuse_order": "random"})

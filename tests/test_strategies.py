@@ -1,0 +1,145 @@
+"""Built-in strategies, policy composition and the register_strategy extension point (issue 3, item 4)."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+import vlacache
+from vlacache import AttentionStats, CachePolicy, Candidates, PlanContext, ReusePlan, TokenSelector, register_strategy
+from vlacache.config import ConfigError
+from vlacache.policy import build_strategy
+from vlacache.registry import RegistryError
+from vlacache.types import Span, TokenLayout, VisionSpan
+
+LAYOUT = TokenLayout(length=1 + 16 + 5, vision={"primary": VisionSpan(1, 17, rows=4, cols=4, patch_size=14)}, text=Span(17, 22))
+
+
+def ctx(current, previous, stats=None, step=1, layers=4):
+    return PlanContext(step=step, batch_size=current["primary"].shape[0], num_layers=layers, layout=LAYOUT,
+                       current=current, previous=previous, stats=stats)
+
+
+def scene(seed=0, batch=1):
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(0, 255, size=(batch, 56, 56, 3), dtype=np.uint8))
+
+
+def test_pixel_cosine_grid_alignment_and_topk():
+    a = scene()
+    b = a.clone()
+    b[0, 14:28, 28:42] = 255 - b[0, 14:28, 28:42]  # patch row 1, col 2 -> index 6
+    sel = build_strategy("selector", {"name": "pixel-cosine", "tau": 0.996, "top_k": None})
+    out = sel.select(ctx({"primary": b}, {"primary": a}))["primary"]
+    assert out.mask.shape == (1, 16)
+    assert not out.mask[0, 6] and out.mask.sum() == 15
+    assert out.score[0, 6] < 0.996 and torch.allclose(out.score[0, torch.arange(16) != 6], torch.ones(15))
+    capped = build_strategy("selector", {"name": "pixel-cosine", "top_k": 4}).select(ctx({"primary": b}, {"primary": a}))
+    assert capped["primary"].mask.sum() == 4
+
+
+def test_pixel_cosine_black_patches_are_static_and_sizes_checked():
+    black = torch.zeros(1, 56, 56, 3, dtype=torch.uint8)
+    out = build_strategy("selector", "pixel-cosine").select(ctx({"primary": black}, {"primary": black}))
+    assert out["primary"].mask.all()
+    with pytest.raises(ValueError, match="patch grid"):
+        build_strategy("selector", "pixel-cosine").select(ctx({"primary": scene()[:, :50]}, {"primary": scene()[:, :50]}))
+
+
+def stats_with(attention_row, entropy=(4.0, 3.0, 2.0, 2.0)):
+    to_keys = {i: attention_row.clone() for i in range(4)}
+    return AttentionStats(to_keys=to_keys, entropy={i: torch.tensor([e]) for i, e in enumerate(entropy)})
+
+
+def test_attention_filter_threshold_and_topk():
+    row = torch.zeros(1, LAYOUT.length)
+    row[0, 1 + 3] = 1.0  # patch 3 most attended
+    row[0, 1 + 7] = 0.6
+    row[0, 1 + 9] = 0.4
+    cands = {"primary": Candidates(torch.ones(1, 16, dtype=torch.bool), torch.ones(1, 16))}
+    threshold = build_strategy("relevance", {"name": "attention", "tau": 0.5})
+    out = threshold.filter(ctx({"primary": scene()}, None, stats_with(row)), cands)["primary"].mask
+    assert not out[0, 3] and not out[0, 7] and out[0, 9] and out.sum() == 14
+    topk = build_strategy("relevance", {"name": "attention", "mode": "topk", "top_k": 1, "layers": [2]})
+    assert topk.required_layers(4) == (2,)
+    out = topk.filter(ctx({"primary": scene()}, None, stats_with(row)), cands)["primary"].mask
+    assert not out[0, 3] and out.sum() == 15
+    no_stats = threshold.filter(ctx({"primary": scene()}, None, None), cands)["primary"].mask
+    assert no_stats.sum() == 0  # without statistics nothing is known to be safe
+
+
+def test_entropy_adaptive_follows_the_paper_formula():
+    sched = build_strategy("scheduler", {"name": "entropy-adaptive", "k": 1.5})
+    fractions = sched.fractions(ctx({"primary": scene()}, None, stats_with(torch.zeros(1, 22))))
+    r = [0.0, 0.25, 1 / 3, 0.0]
+    expected = [min(1.5 * sum(r[: i + 1]), 1.0) for i in range(4)]
+    assert fractions == pytest.approx(expected)
+    rising = sched.fractions(ctx({"primary": scene()}, None, stats_with(torch.zeros(1, 22), (2, 3, 4, 5))))
+    assert rising == [0.0] * 4
+
+
+def test_entropy_minmax_reference_variant():
+    sched = build_strategy("scheduler", {"name": "entropy-minmax", "apply_layers": [1, 3], "damping": 0.5})
+    fractions = sched.fractions(ctx({"primary": scene()}, None, stats_with(torch.zeros(1, 22), (4.0, 2.0, 3.0, 2.0))))
+    assert fractions == pytest.approx([0.0, 0.5, 0.5, 0.75])
+
+
+def test_gates():
+    c0, c3 = ctx({"primary": scene()}, None, step=0), ctx({"primary": scene()}, None, step=3)
+    assert not build_strategy("gate", "full-first-step").allow(c0)
+    assert build_strategy("gate", "full-first-step").allow(c3)
+    assert build_strategy("gate", "always").allow(c0)
+    refresh = build_strategy("gate", {"name": "periodic-refresh", "every": 3})
+    assert not refresh.allow(c3) and refresh.allow(c0.__class__(**{**c3.__dict__, "step": 4}))
+
+
+def test_policy_plan_is_nested_ordered_by_similarity_and_batched():
+    a = scene(batch=2)
+    b = a.clone()
+    b[0, :14, :14] = 0  # batch 0: patch 0 changes
+    b[1, 42:, 42:] = 0  # batch 1: patch 15 changes
+    policy = CachePolicy.from_config({
+        "selector": {"name": "pixel-cosine", "tau": 0.9, "top_k": None},
+        "scheduler": {"name": "constant", "fraction": 0.5, "start_layer": 2},
+    })
+    plan = policy.plan(ctx({"primary": b}, {"primary": a}))
+    plan.validate(2, 4, LAYOUT.length)
+    assert plan.counts == [0, 0, 7, 7]
+    assert 1 + 0 not in plan.reused[3][0].tolist() and 1 + 15 not in plan.reused[3][1].tolist()
+
+
+def test_empty_reusable_set_is_a_normal_step(tiny, frames):
+    noise = np.random.default_rng(0).integers(0, 255, size=(256, 256, 3), dtype=np.uint8)
+    with vlacache.attach(tiny, "static_reuse") as vla:
+        vla.predict(frames[0])
+        step = vla.predict(vlacache.Observation({"primary": noise}, frames[0].instruction))
+    assert step.stats.reused_per_layer == [0] * 4 and step.actions.shape == (1, 1, 7)
+
+
+def test_register_strategy_extension_and_errors():
+    @register_strategy("selector", "test-lower-half")
+    class LowerHalf(TokenSelector):
+        """Every patch in the lower half of the image is a candidate."""
+
+        @dataclass
+        class Config:
+            score: float = 1.0
+
+        def select(self, c):
+            span = c.layout.vision["primary"]
+            mask = torch.zeros(c.batch_size, len(span), dtype=torch.bool)
+            mask[:, len(span) // 2 :] = True
+            return {"primary": Candidates(mask, torch.full(mask.shape, self.config.score))}
+
+    policy = CachePolicy.from_config({"selector": {"name": "test-lower-half", "score": 2.0}})
+    plan = policy.plan(ctx({"primary": scene()}, {"primary": scene()}))
+    assert plan.counts == [8, 8, 8, 8] and int(plan.reused[0].min()) == 1 + 8
+    with pytest.raises(RegistryError, match="already registered"):
+        register_strategy("selector", "test-lower-half")(type("Other", (TokenSelector,), {}))
+    with pytest.raises(RegistryError, match="pixel-cosine"):
+        CachePolicy.from_config({"selector": {"name": "pixel-cosin"}})
+    with pytest.raises(ConfigError, match="Valid keys: tau, top_k"):
+        CachePolicy.from_config({"selector": {"name": "pixel-cosine", "tua": 0.9}})
+    with pytest.raises(RegistryError, match="Valid kinds"):
+        register_strategy("selektor", "x")

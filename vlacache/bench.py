@@ -1,0 +1,132 @@
+"""`vlacache bench`: baseline vs cached inference over one frame sequence, measured in the same run."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from typing import Any
+
+import torch
+import transformers
+from tqdm import tqdm
+
+from .experiment import BenchConfig, build_backbone, build_env, build_policy
+from .runtime import CachedVLA, StepResult
+from .types import Observation, ReusePlan
+
+PARTS = ("vision", "select", "prefill", "decode", "total")
+
+
+def collect_frames(env, max_steps: int | None) -> list[Observation]:
+    """The observation sequence of one episode, replayed with zero actions."""
+    frames = [env.reset()]
+    done = False
+    while not done and (max_steps is None or len(frames) < max_steps):
+        obs, _, done, _ = env.step(None)
+        frames.append(obs)
+    return frames
+
+
+def _max_diff(a: StepResult, b: StepResult) -> float:
+    logits = (a.logits - b.logits).abs().max().item()
+    actions = float(abs(a.actions - b.actions).max())
+    return max(logits, actions)
+
+
+def self_checks(backbone, frames: list[Observation]) -> dict[str, float]:
+    """Exactness on this model: zero reuse vs no cache, and identical frames with everything reused."""
+    layers = len(backbone.decoder.layers)
+    baseline = CachedVLA(backbone, None)
+    probe = CachedVLA(backbone, None)
+    probe.engine.attach()
+    try:
+        zero = 0.0
+        for obs in frames[:2]:
+            zero = max(zero, _max_diff(baseline.predict(obs), probe.predict(obs, plan=ReusePlan.empty(1, layers))))
+        probe.reset()
+        first = frames[0]
+        probe.predict(first)
+        layout = backbone.prepare(first).layout
+        everything = torch.cat([span.positions() for span in layout.vision.values()])[None]
+        reused = probe.predict(first, plan=ReusePlan([everything] * layers))
+        identical = _max_diff(baseline.predict(first), reused)
+    finally:
+        probe.detach()
+    return {"zero_reuse_max_abs_diff": zero, "identical_frame_max_abs_diff": identical}
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    backbone = build_backbone(config.backbone)
+    policy = build_policy(config.policy)
+    frames = collect_frames(build_env(config.env), config.max_steps)
+    checks = self_checks(backbone, frames)
+    runners = {"baseline": CachedVLA(backbone, None), "cached": CachedVLA(backbone, policy)}
+    per_step: dict[str, list[list[StepResult]]] = {name: [[] for _ in frames] for name in runners}
+    total = (config.warmup + config.repeats) * len(runners) * len(frames)
+    bar = tqdm(total=total, desc="bench", disable=not progress, unit="step")
+    for repeat in range(config.warmup + config.repeats):
+        for name, runner in runners.items():
+            runner.reset()
+            for t, obs in enumerate(frames):
+                result = runner.predict(obs)
+                if repeat >= config.warmup:
+                    per_step[name][t].append(result)
+                bar.update()
+    bar.close()
+    runners["cached"].detach()
+    steps = []
+    for t in range(len(frames)):
+        base, cached = per_step["baseline"][t], per_step["cached"][t]
+        stats = cached[-1].stats
+        steps.append({
+            "step": t,
+            "tokens_per_layer": stats.tokens_per_layer,
+            "reused_per_layer": stats.reused_per_layer,
+            "reuse_ratio": stats.reuse_ratio,
+            "flops_baseline": base[-1].stats.flops,
+            "flops_cached": stats.flops,
+            "latency_baseline_ms": {p: _median([r.stats.latency_ms[p] for r in base]) for p in PARTS},
+            "latency_cached_ms": {p: _median([r.stats.latency_ms[p] for r in cached]) for p in PARTS},
+            "device_ms_baseline": _median([r.stats.device_ms for r in base]) if base[-1].stats.device_ms is not None else None,
+            "device_ms_cached": _median([r.stats.device_ms for r in cached]) if stats.device_ms is not None else None,
+            "action_max_abs_diff": float(abs(base[-1].actions - cached[-1].actions).max()),
+        })
+    reuse_steps = [s for s in steps if s["reuse_ratio"] > 0] or steps
+    summary = {"reuse_steps": len([s for s in steps if s["reuse_ratio"] > 0]), "mean_reuse_ratio": statistics.mean(s["reuse_ratio"] for s in steps)}
+    for part in PARTS:
+        b = _median([s["latency_baseline_ms"][part] for s in reuse_steps])
+        c = _median([s["latency_cached_ms"][part] for s in reuse_steps])
+        summary[f"{part}_ms_baseline"], summary[f"{part}_ms_cached"] = b, c
+        summary[f"{part}_speedup"] = b / c if c > 0 else float("nan")
+    fb = statistics.mean(s["flops_baseline"]["total"] for s in steps)
+    fc = statistics.mean(s["flops_cached"]["total"] for s in steps)
+    summary.update(flops_baseline=fb, flops_cached=fc, flops_ratio=fc / fb)
+    return {
+        "config": config.__dict__,
+        "policy": repr(policy),
+        "machine": machine_info(backbone.device),
+        "zero_reuse_max_abs_diff": checks["zero_reuse_max_abs_diff"],
+        "identical_frame_max_abs_diff": checks["identical_frame_max_abs_diff"],
+        "flops_baseline": fb,
+        "flops_cached": fc,
+        "summary": summary,
+        "steps": steps,
+    }
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info = {
+        "device": str(device),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

@@ -1,0 +1,98 @@
+"""The `vlacache` command: list, bench, run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+from .types import InputError
+
+EXIT_BAD_INPUT = 2
+
+
+def _list(args) -> int:
+    from .registry import BACKBONES, ENVS, STRATEGIES
+
+    def show(title, registry):
+        names = registry.names(args.pattern)
+        print(f"{title}:")
+        for name in names:
+            doc = (registry.get(name).__doc__ or "").strip().splitlines()
+            print(f"  {name:<20} {doc[0] if doc else ''}")
+
+    show("backbones", BACKBONES)
+    for kind, registry in STRATEGIES.items():
+        show(f"strategies ({kind})", registry)
+    show("envs", ENVS)
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import run_bench
+    from .experiment import BenchConfig, load_config
+
+    config = load_config(BenchConfig, args.config, "bench", args.overrides)
+    report = run_bench(config, progress=not args.quiet)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    s = report["summary"]
+    print(
+        f"zero-reuse max|diff| {report['zero_reuse_max_abs_diff']:.3g}  identical-frame max|diff| "
+        f"{report['identical_frame_max_abs_diff']:.3g}  mean reuse {s['mean_reuse_ratio']:.1%}\n"
+        f"prefill {s['prefill_ms_baseline']:.2f} -> {s['prefill_ms_cached']:.2f} ms ({s['prefill_speedup']:.2f}x)  "
+        f"total {s['total_ms_baseline']:.2f} -> {s['total_ms_cached']:.2f} ms ({s['total_speedup']:.2f}x)  "
+        f"FLOPs x{s['flops_ratio']:.3f}\nwrote {out}"
+    )
+    return 0
+
+
+def _run(args) -> int:
+    from .experiment import ExperimentConfig, load_config
+    from .run import print_summary, run_experiment
+
+    config = load_config(ExperimentConfig, args.config or "default", "experiment", args.overrides)
+    rows = run_experiment(config, progress=not args.quiet)
+    print_summary(rows)
+    print(f"results: {Path(config.output_dir) / 'results.json'}, {Path(config.output_dir) / 'summary.md'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlacache", description="VLA-Cache: adaptive token caching for VLA policies")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="list registered backbones, strategies and envs")
+    p.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'entropy*'")
+    p.set_defaults(func=_list)
+    p = sub.add_parser("bench", help="baseline vs cached inference over a frame sequence -> JSON")
+    p.add_argument("config", help="bench YAML path or shipped name (configs/bench/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. backbone.device=cuda")
+    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_bench)
+    p = sub.add_parser("run", help="run an experiment (default: tiny OpenVLA on the embedded demo frames)")
+    p.add_argument("config", nargs="?", default=None, help="experiment YAML path or shipped name (configs/experiment/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=4")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run" and args.config and "=" in args.config:
+        args.overrides.insert(0, args.config)
+        args.config = None
+    try:
+        return args.func(args)
+    except (ConfigError, InputError, KeyError, FileNotFoundError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"vlacache: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

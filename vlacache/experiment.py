@@ -1,0 +1,75 @@
+"""Experiment and benchmark configs, and building their components from registry names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from .backbone import Backbone
+from .config import ConfigError, apply_overrides, check_keys, load_yaml, resolve_config_path, to_plain, typed
+from .env import Env
+from .policy import CachePolicy
+from .registry import BACKBONES, ENVS
+
+
+@dataclass
+class ExperimentConfig:
+    """`vlacache run`: one backbone, several cache policies, one env, a number of episodes."""
+
+    name: str = "default"
+    backbone: dict = field(default_factory=lambda: {"name": "openvla", "preset": "tiny"})
+    env: dict = field(default_factory=lambda: {"name": "replay"})
+    policies: list = field(default_factory=lambda: ["no_cache", "vla_cache"])
+    episodes: int = 1
+    max_steps: int | None = None
+    output_dir: str = "runs/${name}"
+
+
+@dataclass
+class BenchConfig:
+    """`vlacache bench`: baseline vs one cache policy over a frame sequence, with correctness self-checks."""
+
+    name: str = "bench"
+    backbone: dict = field(default_factory=lambda: {"name": "openvla", "preset": "tiny"})
+    env: dict = field(default_factory=lambda: {"name": "replay"})
+    policy: Any = "vla_cache"
+    max_steps: int | None = None
+    warmup: int = 1
+    repeats: int = 3
+
+
+def load_config(schema: type, source: str | Path | None, group: str, overrides: list[str] | None = None):
+    """Read YAML (a path or a shipped name in configs/<group>/), apply key=value overrides, type-check."""
+    base = OmegaConf.structured(schema)
+    if source is not None:
+        raw = load_yaml(resolve_config_path(source, group))
+        check_keys(raw, list(schema.__dataclass_fields__), str(source))
+        base = OmegaConf.merge(base, raw)
+    base = apply_overrides(base, overrides or [])
+    return typed(schema, OmegaConf.to_container(base, resolve=True), f"the {group} config")
+
+
+def _component(registry, spec: Mapping[str, Any] | str, kind: str):
+    spec = {"name": spec} if isinstance(spec, str) else dict(to_plain(spec))
+    if "name" not in spec:
+        raise ConfigError(f"the {kind} config needs a 'name'. Registered: {', '.join(registry.names())}")
+    name = spec.pop("name")
+    cls = registry.get(name)
+    return cls, typed(cls.Config, spec, f"{kind} '{name}'")
+
+
+def build_backbone(spec: Mapping[str, Any] | str) -> Backbone:
+    cls, config = _component(BACKBONES, spec, "backbone")
+    return cls.from_config(config)
+
+
+def build_env(spec: Mapping[str, Any] | str) -> Env:
+    cls, config = _component(ENVS, spec, "env")
+    return cls(config)
+
+
+def build_policy(spec: Any) -> CachePolicy:
+    return CachePolicy.from_config(spec if not isinstance(spec, DictConfig) else to_plain(spec))
