@@ -48,7 +48,7 @@ def save_recording(path: str | Path, frames: dict[str, np.ndarray], instruction:
 
 @register_env("replay")
 class ReplayEnv(Env):
-    """Plays a recorded frame sequence back; done after the last frame. `path=None` uses the embedded demo."""
+    """Plays a recorded frame sequence back, ignoring actions. `path=None` uses the embedded demo."""
 
     @dataclass
     class Config:
@@ -71,5 +71,6 @@ class ReplayEnv(Env):
         return self.observation(0)
 
     def step(self, action: np.ndarray) -> tuple[Observation, float, bool, dict[str, Any]]:
-        self.t = min(self.t + 1, self.length - 1)
-        return self.observation(self.t), 0.0, self.t >= self.length - 1, {}
+        """The next frame; done once the last frame has been acted on (every frame gets a policy query)."""
+        self.t += 1
+        return self.observation(min(self.t, self.length - 1)), 0.0, self.t >= self.length, {}

@@ -21,8 +21,10 @@ def collect_frames(env, max_steps: int | None) -> list[Observation]:
     """The observation sequence of one episode, replayed with zero actions."""
     frames = [env.reset()]
     done = False
-    while not done and (max_steps is None or len(frames) < max_steps):
+    while max_steps is None or len(frames) < max_steps:
         obs, _, done, _ = env.step(None)
+        if done:
+            break
         frames.append(obs)
     return frames
 

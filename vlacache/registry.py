@@ -25,7 +25,7 @@ class Registry(Generic[T]):
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
-            if name in self._entries and self._entries[name] is not obj:
+            if name in self._entries and not _same_definition(self._entries[name], obj):
                 raise RegistryError(
                     f"{self.kind} '{name}' is already registered by {self._entries[name]!r}; "
                     f"pick another name for {obj!r}"
@@ -59,6 +59,14 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _same_definition(old: object, new: object) -> bool:
+    """The same object, or the same class defined again (a re-run notebook cell or a reloaded module)."""
+    return old is new or (
+        getattr(old, "__module__", None) == getattr(new, "__module__", object())
+        and getattr(old, "__qualname__", None) == getattr(new, "__qualname__", object())
+    )
 
 
 STRATEGY_KINDS = ("selector", "relevance", "scheduler", "gate")
