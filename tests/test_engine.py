@@ -222,3 +222,22 @@ def test_plan_that_is_not_nested_is_rejected():
         engine.end_step()
         with pytest.raises(ValueError, match="not nested"):
             engine.begin_step(bad, LAYOUT, 1)
+
+
+def test_a_step_that_raised_mid_prefill_resets_the_episode(tiny, frames):
+    with attach_static(tiny) as vla:
+        vla.predict(frames[0])
+        original = tiny.prefill
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("simulated failure inside the model")
+
+        tiny.prefill = broken
+        try:
+            with pytest.raises(RuntimeError, match="simulated"):
+                vla.predict(frames[1])
+        finally:
+            tiny.prefill = original
+        step = vla.predict(frames[2])
+    assert step.stats.episode_reset and sum(step.stats.reused_per_layer) == 0
+    assert torch.equal(step.logits, CachedVLA(tiny, None).predict(frames[2]).logits)

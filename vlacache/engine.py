@@ -164,6 +164,12 @@ class CacheEngine:
         """Prepare the hooks for one prefill and return the cache the model must be called with."""
         if not self.attached:
             raise RuntimeError("CacheEngine.begin_step() needs the engine attached: call attach() first")
+        if self._step is not None:  # the previous step never finished (an exception mid-step): distrust its state
+            key = self.episode.key
+            self.reset()
+            self.episode.key = key
+            if plan is not None and not plan.is_empty:
+                raise RuntimeError("the previous step did not finish, so its K/V cannot be reused; this step must be full")
         plan = plan if plan is not None else ReusePlan.empty(batch_size, self.num_layers)
         plan.validate(batch_size, self.num_layers, layout.length)
         if not plan.is_empty:

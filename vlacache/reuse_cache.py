@@ -11,7 +11,7 @@ class ReuseCache(DynamicCache):
 
     The step starts empty, so the model builds positions 0..L-1 and a fresh mask as for a full prefill. For a
     layer with reused positions, `update()` receives K/V of the kept rows only; it writes them into a copy of
-    last step's full K/V (positions `kept`) and hands the full tensors on. Decode steps then append as usual.
+    last step's full K/V in place (positions `kept`) and hands the full tensors on. Decode steps then append as usual.
     The prefill K/V of every layer are kept as `prefill_kv` so the next step can reuse them.
     """
 
@@ -26,8 +26,10 @@ class ReuseCache(DynamicCache):
         if splice is not None:
             previous_k, previous_v, kept = splice
             index = kept[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[-1])
-            key_states = previous_k.to(key_states.dtype).scatter(2, index, key_states)
-            value_states = previous_v.to(value_states.dtype).scatter(2, index, value_states)
+            # in place: last step's K/V are dead once this step has read them (the engine resets an episode
+            # whose step did not finish, so a half-written tensor is never reused)
+            key_states = previous_k.scatter_(2, index, key_states.to(previous_k.dtype))
+            value_states = previous_v.scatter_(2, index, value_states.to(previous_v.dtype))
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if self.recording:
             self.prefill_kv[layer_idx] = (keys, values)

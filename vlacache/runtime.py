@@ -70,6 +70,10 @@ class CachedVLA:
         layout, batch = inputs.layout, inputs.batch_size
         num_layers = engine.num_layers
         fresh = engine.sync_episode(inputs.episode_key())
+        if engine.in_step:  # the last predict() raised mid-step: its cache state is not trustworthy
+            engine.reset()
+            engine.sync_episode(inputs.episode_key())
+            fresh = True
         with timer.section("vision"):
             embeds = backbone.embed(inputs)
         with timer.section("select"):

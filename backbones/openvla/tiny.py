@@ -16,7 +16,7 @@ _TINY_VOCAB = 576
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
-    "cpu-25m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8),
+    "cpu-25m": dict(hidden_size=768, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=12),
 }
 
 # LIBERO-like statistics so the un-normalised actions have realistic ranges.
