@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vlacache
-from vlacache import AttentionStats, CachePolicy, Candidates, PlanContext, ReusePlan, TokenSelector, register_strategy
+from vlacache import AttentionStats, CachePolicy, Candidates, PlanContext, TokenSelector, register_strategy
 from vlacache.config import ConfigError
 from vlacache.policy import build_strategy
 from vlacache.registry import RegistryError

@@ -42,6 +42,16 @@ def typed(schema: type, values: Mapping[str, Any] | None, where: str):
         raise ConfigError(f"bad value in {where}: {error.msg if hasattr(error, 'msg') else error}") from None
 
 
+def resolve_component(registry, spec: Mapping[str, Any] | str, kind: str) -> tuple[type, Any]:
+    """{name: <registry key>, **params} (or just the name) -> (the registered class, its typed Config)."""
+    spec = {"name": spec} if isinstance(spec, str) else dict(to_plain(spec))
+    if "name" not in spec:
+        raise ConfigError(f"the {kind} config needs a 'name'. Registered: {', '.join(registry.names())}")
+    name = spec.pop("name")
+    cls = registry.get(name)
+    return cls, typed(cls.Config, spec, f"{kind} '{name}'")
+
+
 def packaged_configs() -> Path:
     """The folder holding the shipped YAML configs (the repo's configs/)."""
     return Path(str(resources.files("vlacache.configs")))

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from .backbone import Backbone
-from .config import ConfigError, apply_overrides, check_keys, load_yaml, resolve_config_path, to_plain, typed
+from .config import apply_overrides, check_keys, load_yaml, resolve_component, resolve_config_path, to_plain, typed
 from .env import Env
 from .policy import CachePolicy
 from .registry import BACKBONES, ENVS
@@ -52,22 +52,13 @@ def load_config(schema: type, source: str | Path | None, group: str, overrides: 
     return typed(schema, OmegaConf.to_container(base, resolve=True), f"the {group} config")
 
 
-def _component(registry, spec: Mapping[str, Any] | str, kind: str):
-    spec = {"name": spec} if isinstance(spec, str) else dict(to_plain(spec))
-    if "name" not in spec:
-        raise ConfigError(f"the {kind} config needs a 'name'. Registered: {', '.join(registry.names())}")
-    name = spec.pop("name")
-    cls = registry.get(name)
-    return cls, typed(cls.Config, spec, f"{kind} '{name}'")
-
-
 def build_backbone(spec: Mapping[str, Any] | str) -> Backbone:
-    cls, config = _component(BACKBONES, spec, "backbone")
+    cls, config = resolve_component(BACKBONES, spec, "backbone")
     return cls.from_config(config)
 
 
 def build_env(spec: Mapping[str, Any] | str) -> Env:
-    cls, config = _component(ENVS, spec, "env")
+    cls, config = resolve_component(ENVS, spec, "env")
     return cls(config)
 
 

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .config import ConfigError, check_keys, load_yaml, resolve_config_path, to_plain, typed
+from .config import ConfigError, check_keys, load_yaml, resolve_component, resolve_config_path, to_plain
 from .engine import StatsRequest
 from .registry import STRATEGIES
 from .strategy import Candidates, LayerScheduler, PlanContext, RelevanceFilter, StepGate, TokenSelector
@@ -32,12 +32,8 @@ class PolicyConfig:
 
 def build_strategy(kind: str, spec: Mapping[str, Any] | str):
     """Instantiate a registered strategy from {name: ..., params...} (or just its name)."""
-    spec = {"name": spec} if isinstance(spec, str) else dict(to_plain(spec))
-    if "name" not in spec:
-        raise ConfigError(f"the {kind} config needs a 'name'. Registered: {', '.join(STRATEGIES[kind].names())}")
-    name = spec.pop("name")
-    cls = STRATEGIES[kind].get(name)
-    return cls(typed(cls.Config, spec, f"{kind} '{name}'"))
+    cls, config = resolve_component(STRATEGIES[kind], spec, kind)
+    return cls(config)
 
 
 class CachePolicy:

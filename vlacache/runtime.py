@@ -102,11 +102,10 @@ class CachedVLA:
             prefill = backbone.prefill(embeds, inputs, cache)
         with timer.section("decode"):
             decoded = backbone.decode(prefill, inputs, cache)
+        step_index = engine.episode.step
         if engine.in_step:
-            record = engine.end_step(inputs.query_images)
-            step_index = engine.episode.step - 1
+            engine.end_step(inputs.query_images)
         else:
-            step_index = engine.episode.step
             engine.episode.step += 1
         wall, device_ms = timer.stop()
         return StepResult(

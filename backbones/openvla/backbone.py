@@ -18,14 +18,13 @@ from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
 
 from .actions import resolve_unnorm_key, tokens_to_normalized, unnormalize
-from .checkpoint import CheckpointError, load_safetensors_dir, load_state_dict_strict, read_config, save_safetensors_dir
+from .checkpoint import load_safetensors_dir, load_state_dict_strict, read_config, save_safetensors_dir
 from .config import OpenVLAConfig
 from .model import OpenVLAModel, place_model
 from .tokenizer import copy_tokenizer_files, load_tokenizer
 from .vision import normalize_for_towers
 
 PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
-# Weights the released files carry that the forward never uses (loaded strictly, then ignored).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
