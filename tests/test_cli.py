@@ -2,14 +2,22 @@
 
 import json
 import os
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 
+# the console script installed with this interpreter (a venv's), not whichever is first on PATH
+SCRIPT = Path(sys.executable).parent / "vlacache"
+SCRIPT = str(SCRIPT) if SCRIPT.exists() else shutil.which("vlacache")
+
+
 def vlacache(*args, cwd=None, timeout=600):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(["vlacache", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
 
 def test_list_shows_every_registry():

@@ -119,3 +119,18 @@ def test_presets_and_backbone_config_errors():
         build_preset("huge")
     with pytest.raises(InputError, match="exactly one of"):
         OpenVLABackbone.from_config(OpenVLABackbone.Config())
+
+
+def test_prompt_ids_from_a_saved_checkpoint_match_sentencepiece(saved):
+    """The tokenizer loaded next to config.json (model_type 'openvla') must be the Llama one, not a guess."""
+    import sentencepiece
+
+    from vlacache.backbones.openvla.backbone import PROMPT
+
+    loaded = OpenVLABackbone.from_pretrained(saved)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(saved / "tokenizer.model"))
+    prompt = PROMPT.format(instruction="put the bowl on the plate")
+    expected = [sp.bos_id(), *sp.encode(prompt)]
+    if expected[-1] != loaded.space_token:
+        expected.append(loaded.space_token)
+    assert loaded.prompt_ids("Put the bowl on the plate") == expected

@@ -6,11 +6,12 @@ import os
 import shutil
 from pathlib import Path
 
+import transformers
 from transformers import AutoTokenizer
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_json
 
 __all__ = [
     "TOKENIZER_FILES",
@@ -66,10 +67,15 @@ def load_tokenizer(ckpt_dir: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
                 f"{ckpt_dir} has only tokenizer.model, and converting it requires protobuf; "
                 "run `pip install protobuf`"
             ) from err
+    # The class named in tokenizer_config.json (LlamaTokenizer for OpenVLA), not AutoTokenizer's guess: next to
+    # a config.json whose model_type ('openvla') transformers does not know, some 5.x versions fall back to a
+    # generic backend that tokenizes the prompt differently.
+    name = read_json(ckpt_dir / "tokenizer_config.json").get("tokenizer_class") or ""
+    cls = getattr(transformers, name, None) or getattr(transformers, name.removesuffix("Fast"), None) or AutoTokenizer
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # AutoTokenizer warns that config.json's model_type 'openvla' is unknown
     try:
-        return AutoTokenizer.from_pretrained(str(ckpt_dir), local_files_only=True)
+        return cls.from_pretrained(str(ckpt_dir), local_files_only=True)
     finally:
         hf_logging.set_verbosity(previous)
 
