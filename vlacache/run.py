@@ -100,3 +100,9 @@ def print_summary(rows: list[dict], console=None) -> None:
     if console.width < 130:
         console = Console(width=130)
     console.print(table)
+    if any(row["reuse_ratio"] == 0 for row in rows[1:]):
+        console.print(
+            "Note: a policy with 0% reuse found nothing it judged safe to reuse. With random weights (the tiny\n"
+            "presets) attention entropy does not fall with depth, so the entropy-adaptive schedule of vla-cache\n"
+            "reuses nothing; trained checkpoints behave as in the paper. See docs/ARCHITECTURE.md."
+        )
