@@ -1,5 +1,8 @@
-"""Built-in environments; importing this package registers them."""
+"""Built-in environments and perturbations; importing this package registers them.
 
-from . import replay
+Simulator adapters import their simulator lazily, so `vlacache list` works without LIBERO or ManiSkill.
+"""
 
-__all__ = ["replay"]
+from . import perturb, replay
+
+__all__ = ["perturb", "replay"]

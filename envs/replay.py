@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from vlacache.env import Env
+from vlacache.env import Env, EpisodeSpec
 from vlacache.registry import register_env
 from vlacache.types import InputError, Observation
 
@@ -48,12 +48,14 @@ def save_recording(path: str | Path, frames: dict[str, np.ndarray], instruction:
 
 @register_env("replay")
 class ReplayEnv(Env):
-    """Plays a recorded frame sequence back, ignoring actions. `path=None` uses the embedded demo."""
+    """Plays a recorded frame sequence back, ignoring actions. `path=None` uses the embedded demo; `repeats`
+    lists the same recording as several episodes (init_state 0..repeats-1)."""
 
     @dataclass
     class Config:
         path: str | None = None
         max_steps: int | None = None
+        repeats: int = 1
 
     def __init__(self, config: "ReplayEnv.Config | None" = None) -> None:
         self.config = config or self.Config()
@@ -66,7 +68,14 @@ class ReplayEnv(Env):
         proprio = None if self.proprio is None else self.proprio[t]
         return Observation(images={c: f[t] for c, f in self.frames.items()}, instruction=self.instruction, proprio=proprio)
 
-    def reset(self) -> Observation:
+    @property
+    def max_steps(self) -> int:
+        return self.length
+
+    def episodes(self) -> list[EpisodeSpec]:
+        return [EpisodeSpec(task=self.instruction, init_state=i) for i in range(self.config.repeats)]
+
+    def reset(self, episode: EpisodeSpec | None = None) -> Observation:
         self.t = 0
         return self.observation(0)
 

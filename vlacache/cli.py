@@ -52,12 +52,25 @@ def _bench(args) -> int:
 
 def _run(args) -> int:
     from .experiment import ExperimentConfig, load_config
-    from .run import print_summary, run_experiment
+    from .run import launch, print_summary
 
     config = load_config(ExperimentConfig, args.config or "default", "experiment", args.overrides)
-    rows = run_experiment(config, progress=not args.quiet)
-    print_summary(rows)
-    print(f"results: {Path(config.output_dir) / 'results.json'}, {Path(config.output_dir) / 'summary.md'}")
+    rows = launch(config, progress=not args.quiet)
+    if rows:
+        print_summary(rows)
+        out = Path(config.output_dir)
+        print(f"results: {out}/episodes*.jsonl (one line per episode), {out / 'summary.md'}, "
+              f"{out / 'summary.csv'}, {out / 'summary.png'}")
+    return 0
+
+
+def _record(args) -> int:
+    from .experiment import ExperimentConfig, load_config
+    from .recording import record_episode
+
+    config = load_config(ExperimentConfig, args.config, "experiment", args.overrides)
+    path = record_episode(config, args.out, max_steps=args.steps, episode_index=args.episode, progress=not args.quiet)
+    print(f"wrote {path}")
     return 0
 
 
@@ -78,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=4")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
+    p = sub.add_parser("record", help="record one episode's observations (all cameras, proprio, instruction) for replay")
+    p.add_argument("config", help="experiment YAML path or shipped name; its first policy drives the env")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--out", required=True, help="output .npz (replay it with env: {name: replay, path: FILE})")
+    p.add_argument("--steps", type=int, default=None, help="at most this many observations")
+    p.add_argument("--episode", type=int, default=0, help="index into the env's episode list")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_record)
     return parser
 
 
@@ -94,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("vlacache: interrupted. Finished episodes are saved; run the same command again to resume.", file=sys.stderr)
+        return 130
     except (ConfigError, InputError, KeyError, FileNotFoundError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"vlacache: error: {message}", file=sys.stderr)

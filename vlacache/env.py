@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,12 +11,35 @@ import numpy as np
 from .types import Observation
 
 
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """One episode to run: which task, which initial state, which seed. The runner's unit of work and resume."""
+
+    task: str
+    init_state: int = 0
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}|{self.init_state}|{self.seed}"
+
+
 class Env(ABC):
-    """A control environment. Observations use the camera names backbones expect ('primary', 'wrist')."""
+    """A control environment. Observations use the camera names backbones expect ('primary', 'wrist').
+
+    `step` takes ONE action [action_dim] in the model's convention (the env adapter converts it, e.g. the
+    gripper sign) and returns (observation, reward, done, info); info['success'] is the env's verdict.
+    """
+
+    max_steps: int = 1000
+
+    def episodes(self) -> list[EpisodeSpec]:
+        """Every episode this env config asks for, in a stable order."""
+        return [EpisodeSpec("default")]
 
     @abstractmethod
-    def reset(self) -> Observation:
-        """Start an episode and return its first observation."""
+    def reset(self, episode: EpisodeSpec | None = None) -> Observation:
+        """Start an episode (the first of `episodes()` when None) and return its first observation."""
 
     @abstractmethod
     def step(self, action: np.ndarray) -> tuple[Observation, float, bool, dict[str, Any]]:

@@ -12,20 +12,33 @@ from .backbone import Backbone
 from .config import apply_overrides, check_keys, load_yaml, resolve_component, resolve_config_path, to_plain, typed
 from .env import Env
 from .policy import CachePolicy
-from .registry import BACKBONES, ENVS
+from .registry import BACKBONES, ENVS, PERTURBATIONS
+
+
+@dataclass
+class LauncherConfig:
+    """Scale-out through Lightning Fabric: episodes are sharded over devices x num_nodes processes."""
+
+    devices: int = 1
+    num_nodes: int = 1
+    accelerator: str = "auto"
 
 
 @dataclass
 class ExperimentConfig:
-    """`vlacache run`: one backbone, several cache policies, one env, a number of episodes."""
+    """`vlacache run`: one backbone, several cache policies, one env; every episode of the env per policy."""
 
     name: str = "default"
     backbone: dict = field(default_factory=lambda: {"name": "openvla", "preset": "tiny"})
     env: dict = field(default_factory=lambda: {"name": "replay"})
+    perturbation: dict | None = None
     policies: list = field(default_factory=lambda: ["no_cache", "vla_cache"])
-    episodes: int = 1
+    episodes: int | None = None
     max_steps: int | None = None
+    execute_chunk: int | None = None
+    videos: bool = False
     output_dir: str = "runs/${name}"
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
 @dataclass
@@ -57,9 +70,16 @@ def build_backbone(spec: Mapping[str, Any] | str) -> Backbone:
     return cls.from_config(config)
 
 
-def build_env(spec: Mapping[str, Any] | str) -> Env:
+def build_env(spec: Mapping[str, Any] | str, perturbation: Mapping[str, Any] | None = None) -> Env:
+    """An env from its registry spec, wrapped in a perturbation when one is given."""
     cls, config = resolve_component(ENVS, spec, "env")
-    return cls(config)
+    env = cls(config)
+    if perturbation:
+        from vlacache.envs.perturb import PerturbedEnv
+
+        kind, params = resolve_component(PERTURBATIONS, perturbation, "perturbation")
+        env = PerturbedEnv(env, kind(params))
+    return env
 
 
 def build_policy(spec: Any) -> CachePolicy:

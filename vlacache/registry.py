@@ -73,6 +73,7 @@ STRATEGY_KINDS = ("selector", "relevance", "scheduler", "gate")
 STRATEGIES: dict[str, Registry] = {kind: Registry(f"{kind} strategy") for kind in STRATEGY_KINDS}
 BACKBONES: Registry = Registry("backbone")
 ENVS: Registry = Registry("env")
+PERTURBATIONS: Registry = Registry("perturbation")
 
 
 def register_strategy(kind: str, name: str) -> Callable[[T], T]:
@@ -90,3 +91,8 @@ def register_backbone(name: str) -> Callable[[T], T]:
 def register_env(name: str) -> Callable[[T], T]:
     """Register an environment class (a `vlacache.env.Env` subclass)."""
     return ENVS.register(name)
+
+
+def register_perturbation(name: str) -> Callable[[T], T]:
+    """Register an observation perturbation (a `vlacache.envs.perturb.Perturbation` subclass)."""
+    return PERTURBATIONS.register(name)

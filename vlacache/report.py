@@ -1,0 +1,121 @@
+"""The paper's table (summary.md / summary.csv) and plots from episode records."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from pathlib import Path
+
+LATENCY_PARTS = ("vision", "select", "prefill", "decode")
+
+
+def suite_of(task: str) -> str:
+    return task.split("/", 1)[0] if "/" in task else "all"
+
+
+def _mean(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.mean(values) if values else None
+
+
+def summarize(records: list[dict], policy_order: list[str]) -> tuple[list[str], list[dict]]:
+    """One row per policy: success per suite and mean, FLOPs, latency split, control frequency, reuse ratio."""
+    suites = sorted({suite_of(r["task"]) for r in records})
+    rows = []
+    for policy in policy_order + sorted({r["policy"] for r in records} - set(policy_order)):
+        mine = [r for r in records if r["policy"] == policy]
+        if not mine:
+            continue
+        ok = [r for r in mine if r.get("error") is None]
+        row = {"policy": policy, "episodes": len(mine), "errors": len(mine) - len(ok)}
+        scored = [r for r in ok if r.get("success") is not None]
+        for suite in suites:
+            in_suite = [r["success"] for r in scored if suite_of(r["task"]) == suite]
+            row[f"success/{suite}"] = statistics.mean(in_suite) if in_suite else None
+        row["success/mean"] = _mean([row[f"success/{s}"] for s in suites])
+        row["tflops"] = _mean([r["flops_mean"] / 1e12 for r in ok if r.get("flops_mean") is not None])
+        for part in LATENCY_PARTS + ("total",):
+            row[f"{part}_ms"] = _mean([r["latency_ms"][part]["mean"] for r in ok if r.get("latency_ms")])
+        total = row["total_ms"]
+        row["control_hz"] = 1000.0 / total if total else None
+        row["reuse_ratio"] = _mean([r.get("reuse_ratio") for r in ok])
+        layers = [r["reused_per_layer"] for r in ok if r.get("reused_per_layer")]
+        row["reused_per_layer"] = [statistics.mean(x) for x in zip(*layers)] if layers else []
+        rows.append(row)
+    return suites, rows
+
+
+def _fmt(value, kind: str) -> str:
+    if value is None:
+        return "n/a"
+    formats = {"pct": lambda v: f"{100 * v:.1f}%", "ms": lambda v: f"{v:.1f}", "hz": lambda v: f"{v:.2f}", "tf": lambda v: f"{v:.4f}"}
+    return formats.get(kind, str)(value)
+
+
+def table_columns(suites: list[str]) -> list[tuple[str, str, str]]:
+    cols = [("policy", "policy", "str")]
+    cols += [(f"success/{s}", f"SR {s}", "pct") for s in suites]
+    if len(suites) > 1:
+        cols.append(("success/mean", "SR mean", "pct"))
+    cols += [("tflops", "TFLOPs/query", "tf"), ("total_ms", "latency ms", "ms"), ("control_hz", "query Hz", "hz"),
+             ("reuse_ratio", "reuse", "pct")]
+    cols += [(f"{p}_ms", f"{p} ms", "ms") for p in LATENCY_PARTS]
+    cols += [("episodes", "episodes", "str"), ("errors", "errors", "str")]
+    return cols
+
+
+def write_tables(out: Path, suites: list[str], rows: list[dict]) -> None:
+    cols = table_columns(suites)
+    lines = ["| " + " | ".join(title for _, title, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_fmt(row.get(key), kind) for key, _, kind in cols) + " |" for row in rows]
+    notes = (
+        "\nSR: success rate (n/a: the env reports no success). TFLOPs/query: decoder + vision per policy query "
+        "(2 x MACs). latency: mean end-to-end wall time of a policy query; query Hz = 1000 / latency. reuse: "
+        "share of visual tokens whose K/V were reused, averaged over layers and queries.\n"
+    )
+    (out / "summary.md").write_text("\n".join(lines) + "\n" + notes)
+    with open(out / "summary.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([key for key, _, _ in cols])
+        for row in rows:
+            writer.writerow(["" if row.get(key) is None else row.get(key) for key, _, _ in cols])
+
+
+def write_plots(out: Path, rows: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    for row in rows:
+        ax.scatter([100 * (row["reuse_ratio"] or 0)], [100 * (row["success/mean"] or 0)], s=60, label=row["policy"])
+    ax.set(xlabel="visual tokens reused (%)", ylabel="success rate (%)", title="success vs. reuse", ylim=(-5, 105))
+    if all(row["success/mean"] is None for row in rows):
+        ax.text(0.5, 0.5, "this env reports no success", transform=ax.transAxes, ha="center", color="grey")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    for row in rows:
+        if row["reused_per_layer"]:
+            ax.plot(range(len(row["reused_per_layer"])), [100 * x for x in row["reused_per_layer"]], marker=".", label=row["policy"])
+    ax.set(xlabel="decoder layer", ylabel="visual tokens reused (%)", title="per-layer reuse", ylim=(-5, 105))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    bottom = [0.0] * len(rows)
+    for part in LATENCY_PARTS:
+        values = [row[f"{part}_ms"] or 0.0 for row in rows]
+        ax.bar([r["policy"] for r in rows], values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set(ylabel="ms per query", title="latency split")
+    ax.tick_params(axis="x", labelrotation=20)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "summary.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+    return paths
