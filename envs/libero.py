@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import importlib.metadata
 import io
+import logging
 import math
 import os
 import sys
@@ -48,7 +49,7 @@ APT_PACKAGES = {
     "egl": "libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0 libgl1",
     "osmesa": "libosmesa6 libgl1-mesa-dri",
 }
-APT_HINT = "sudo scripts/setup_libero.sh  (or: apt-get install -y {packages})"
+APT_HINT = "scripts/setup_libero.sh {renderer}  (Debian/Ubuntu; or: sudo apt-get install -y {packages})"
 
 # Episode limits of the OpenVLA / OFT LIBERO evaluation (policy steps, settle steps excluded).
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
@@ -124,24 +125,32 @@ def import_libero(renderer: str = "egl") -> tuple[Any, Any, Any]:
     else:
         os.environ["MUJOCO_GL"] = renderer
         os.environ["PYOPENGL_PLATFORM"] = renderer
+    # robosuite nags about a private macro file on import (it is optional); drop just that message.
+    logging.getLogger("robosuite_logs").addFilter(_drop_macro_nag)
     try:
-        benchmark = importlib.import_module("libero.libero.benchmark")
-        get_libero_path = importlib.import_module("libero.libero").get_libero_path
-        OffScreenRenderEnv = importlib.import_module("libero.libero.envs").OffScreenRenderEnv
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module="robosuite")
+            benchmark = importlib.import_module("libero.libero.benchmark")
+            get_libero_path = importlib.import_module("libero.libero").get_libero_path
+            OffScreenRenderEnv = importlib.import_module("libero.libero.envs").OffScreenRenderEnv
     except ImportError as e:
         raise ImportError(
             f"importing LIBERO failed ({e}). Python side: {PIP_HINT}. System side for renderer '{renderer}': "
-            + APT_HINT.format(packages=APT_PACKAGES[renderer])
+            + APT_HINT.format(renderer=renderer, packages=APT_PACKAGES[renderer])
         ) from e
     except (OSError, AttributeError, RuntimeError) as e:  # PyOpenGL / mujoco failing to load libEGL / libOSMesa
         raise RuntimeError(_render_hint(renderer, e)) from e
     return benchmark, get_libero_path, OffScreenRenderEnv
 
 
+def _drop_macro_nag(record: logging.LogRecord) -> bool:
+    return "macro" not in str(record.msg)
+
+
 def _render_hint(renderer: str, error: BaseException) -> str:
     return (
         f"offscreen rendering with MUJOCO_GL={renderer} failed: {type(error).__name__}: {error}. Install the system "
-        f"libraries: {APT_HINT.format(packages=APT_PACKAGES[renderer])}; "
+        f"libraries: {APT_HINT.format(renderer=renderer, packages=APT_PACKAGES[renderer])}; "
         f"or try renderer: {'osmesa' if renderer == 'egl' else 'egl'}"
     )
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,8 +259,17 @@ class SimplerEnv(Env):
         kwargs: dict[str, Any] = dict(obs_mode=self.config.obs_mode, num_envs=1, sensor_configs=dict(shader_pack=self.config.shader_pack))
         if self.config.control_mode:
             kwargs["control_mode"] = self.config.control_mode
-        with _no_download_prompt(task):
-            env = gym.make(task, **kwargs)
+        try:
+            with _no_download_prompt(task):
+                env = gym.make(task, **kwargs)
+        except RuntimeError as error:
+            if "vk" not in str(error).lower() and "vulkan" not in str(error).lower():
+                raise
+            raise RuntimeError(
+                f"SAPIEN could not start Vulkan ({error}; VK_ICD_FILENAMES={os.getenv('VK_ICD_FILENAMES')}). On a CPU "
+                "machine install Mesa lavapipe >= 25 (Debian 12: mesa-vulkan-drivers from bookworm-backports; stock "
+                "Mesa 22 does not work): run scripts/setup_simpler.sh"
+            ) from error
         self._env, self._task = env, task
         cameras = list(env.unwrapped._sensors.keys()) if hasattr(env.unwrapped, "_sensors") else []
         if self.config.camera not in cameras:
@@ -325,7 +335,9 @@ class SimplerEnv(Env):
     def step(self, action: Any) -> tuple[Observation, float, bool, dict[str, Any]]:
         if self._env is None:
             raise RuntimeError("simpler env: call reset() before step()")
-        obs, reward, terminated, truncated, info = self._env.step(self.convert_action(action))
+        with warnings.catch_warnings():  # mani_skill calls np.isnan on a torch tensor (numpy 2 deprecation)
+            warnings.filterwarnings("ignore", message=".*__array_wrap__.*", category=DeprecationWarning)
+            obs, reward, terminated, truncated, info = self._env.step(self.convert_action(action))
         self.t += 1
         out = {k: _scalar(v) for k, v in info.items() if k not in ("episode", "final_info", "final_observation")}
         success = bool(out.get("success", False))

@@ -34,13 +34,15 @@ def test_list_shows_every_registry():
 def test_run_default_prints_summary_and_writes_results(tmp_path):
     out = vlacache("run", "--quiet", f"output_dir={tmp_path}/out", "max_steps=4", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    for label in ("no-cache", "static-reuse", "static+filter", "vla-cache", "prefill ms", "reuse"):
+    for label in ("no-cache", "static-reuse", "vla-cache", "prefill ms", "reuse", "query Hz"):
         assert label in out.stdout
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert [row["policy"] for row in results["summary"]] == ["no-cache", "static-reuse", "static+filter", "vla-cache"]
-    assert all(row["steps"] == 4 for row in results["summary"])
-    assert results["summary"][1]["reuse_ratio"] > 0
-    assert (tmp_path / "out" / "summary.md").read_text().startswith("| policy")
+    records = [json.loads(x) for x in (tmp_path / "out" / "episodes.jsonl").read_text().splitlines()]
+    assert [r["policy"] for r in records] == ["no-cache", "static-reuse", "static+filter", "vla-cache"]
+    assert all(r["queries"] == 4 and r["error"] is None for r in records)
+    assert records[1]["reuse_ratio"] > 0 and records[0]["reuse_ratio"] == 0
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert summary.startswith("| policy") and "| static+filter |" in summary
+    assert (tmp_path / "out" / "summary.png").exists() and (tmp_path / "out" / "summary.csv").exists()
 
 
 def test_bench_writes_the_promised_json(tmp_path):

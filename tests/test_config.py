@@ -42,3 +42,10 @@ def test_config_typos_fail_loudly(tmp_path):
         CachePolicy.from_config({"selecter": {"name": "none"}})
     with pytest.raises(ConfigError, match="reuse_order"):
         CachePolicy.from_config({"reuse_order": "random"})
+
+
+def test_yaml_components_replace_defaults_and_required_keys_are_named():
+    config = load_config(ExperimentConfig, "libero_spatial_ablation", "experiment", ["backbone.checkpoint=/ckpt/x"])
+    assert config.backbone["checkpoint"] == "/ckpt/x" and "preset" not in config.backbone
+    with pytest.raises(ConfigError, match=r"'backbone.checkpoint' is required.*backbone.checkpoint=\.\.\."):
+        load_config(ExperimentConfig, "libero_spatial_ablation", "experiment")

@@ -117,22 +117,20 @@ def test_steps_move_the_arm_and_close_the_gripper(env):
     assert np.abs(obs.images["primary"].astype(int) - obs0.images["primary"].astype(int)).max() > 30
 
 
-def test_timeout_at_max_steps():
-    if not libero_installed():
-        pytest.skip('needs pip install "vlacache[libero]"')
-    env = LiberoEnv(LiberoEnv.Config(tasks=[0], init_states=[0], max_steps=3, num_settle_steps=0, resolution=64))
+def test_timeout_at_max_steps(env):
+    assert LiberoEnv(LiberoEnv.Config(max_steps=3)).max_steps == 3  # the config path (no simulator built)
+    limit, env.max_steps = env.max_steps, 3  # the same limit on the shared simulator, restored below
     try:
-        obs = env.reset()
-        assert obs.images["primary"].shape == (64, 64, 3)
+        env.reset(env.episodes()[0])
         dones = []
         for _ in range(3):
             obs, reward, done, info = env.step(np.zeros(7))
             dones.append(done)
-        assert dones == [False, False, True] and info["timeout"] and not info["success"]
+        assert dones == [False, False, True] and info["timeout"] and not info["success"] and info["step"] == 3
         with pytest.raises(InputError):
             env.step(np.zeros(7))
     finally:
-        env.close()
+        env.max_steps = limit
 
 
 def test_tiny_model_episode_with_cache_reuses_static_scene(env):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -36,8 +36,15 @@ def typed(schema: type, values: Mapping[str, Any] | None, where: str):
     fields = [f.name for f in dataclasses.fields(schema)]
     check_keys(values, fields, where)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
+        merged = OmegaConf.structured(schema)
+        nested = {f.name for f in dataclasses.fields(schema)
+                  if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())}
+        for key, value in values.items():  # a given component dict replaces the default's, nested dataclasses merge
+            OmegaConf.update(merged, key, value, merge=key in nested)
         return OmegaConf.to_object(merged)
+    except MissingMandatoryValue as error:
+        key = getattr(error, "full_key", "") or "?"
+        raise ConfigError(f"{where}: '{key}' is required; set it in the YAML or on the command line ({key}=...)") from None
     except OmegaConfBaseException as error:
         raise ConfigError(f"bad value in {where}: {error.msg if hasattr(error, 'msg') else error}") from None
 

@@ -60,7 +60,8 @@ def load_config(schema: type, source: str | Path | None, group: str, overrides: 
     if source is not None:
         raw = load_yaml(resolve_config_path(source, group))
         check_keys(raw, list(schema.__dataclass_fields__), str(source))
-        base = OmegaConf.merge(base, raw)
+        for key in raw:  # a YAML component (backbone, env, ...) replaces the default one, never merges into it
+            OmegaConf.update(base, key, raw[key], merge=False)
     base = apply_overrides(base, overrides or [])
     return typed(schema, OmegaConf.to_container(base, resolve=True), f"the {group} config")
 

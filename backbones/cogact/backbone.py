@@ -1,0 +1,314 @@
+"""CogACT as a vlacache backbone: Prismatic VLM prefill -> cognition feature -> DiT diffusion action head.
+
+How CogACT gets its cognition feature (`predict_action` in CogACT's `vla/cogactvla.py`): the prompt
+"In: What action should the robot take to {instruction.lower()}?\\nOut:" is tokenized (with BOS) and the ids of
+"▁" (29871 in Llama-2) and EOS (2) are appended unconditionally; the sequence is BOS, the 256 projected patch
+tokens, then the rest of the ids, under the causal mask. It then calls `generate(max_new_tokens=1,
+output_hidden_states=True)` and takes `output.hidden_states[0][-1][:, -1, :]`: step 0 of generation (the
+prefill), the last layer's output after the final RMSNorm, at the last prompt position (the appended EOS).
+The generated token itself is never used and no decoder pass follows the prefill. So here: one prefill over
+the prompt, feature = final normed hidden state of its last position (`decode_passes() == 0`). The prefill
+returns that position's LM logits too (the runtime reports them; the token CogACT would generate).
+
+Action head: DDIM (10 steps, eta 0) over 16 x 7 normalised actions with classifier-free guidance 1.5, then
+CogACT's post-processing: clip to [-1, 1], gripper (dimension 6) binarised (< 0.5 -> 0, else 1), un-normalised
+with BOUNDS_Q99 (0.5 (x + 1)(q99 - q01) + q01 where the mask is true). Randomness: the initial noise is drawn
+from a CPU torch.Generator seeded with `Config.seed` at every call (a fixed seed per call), so a prediction
+depends only on the inputs, whatever was predicted before and on any device; the cached and uncached runs of
+one episode therefore see the same noise and differ only through the cognition feature. The action head
+runs in float32 whatever `dtype` says; VLA-Cache accelerates the VLM prefill only.
+
+Adaptive action ensemble (CogACT's SIMPLER evaluation), `action_ensemble: true`: decode() returns the
+ensembled action for the current step, [B, 1, 7], instead of the chunk [B, 16, 7]. The ensembler is reset by
+`reset()` and automatically when the episode key (instruction, batch size, image sizes) changes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from vlacache.backbone import ActionOutput, Backbone, PrefillOutput, PreparedInputs, validate_observation
+from vlacache.backbones.openvla.actions import resolve_unnorm_key, unnormalize
+from vlacache.backbones.openvla.backbone import DTYPES, PROMPT, cache_keyword, resize_images, resolve_device
+from vlacache.backbones.openvla.checkpoint import CheckpointError, load_state_dict_strict, read_json
+from vlacache.backbones.openvla.model import OpenVLAModel
+from vlacache.backbones.openvla.tokenizer import copy_tokenizer_files, load_tokenizer
+from vlacache.backbones.openvla.vision import normalize_for_towers
+from vlacache.flops import DecoderDims
+from vlacache.registry import register_backbone
+from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
+
+from .action_model import ActionModel, DDIMSampler, sample_actions
+from .checkpoint import (
+    CHECKPOINT_DIR, CONFIG_FILE, LAYOUT_HINT, STATS_FILE, find_checkpoint, map_to_model, read_checkpoint,
+    read_norm_stats, to_sections,
+)
+from .config import CogACTConfig
+from .ensemble import AdaptiveEnsembler
+from .model import build_action_model, build_vlm, place
+
+GRIPPER_DIM = 6
+DIFFUSION_STEPS = 100
+
+
+@register_backbone("cogact")
+class CogACTBackbone(Backbone):
+    """CogACT (Prismatic DINOv2+SigLIP + Llama-2, DiT action head) on stock transformers; one 'primary' camera."""
+
+    cameras = ("primary",)
+
+    @dataclass
+    class Config:
+        checkpoint: str | None = None
+        preset: str | None = None
+        unnorm_key: str | None = None
+        dtype: str = "float32"
+        device: str = "auto"
+        attn_implementation: str = "sdpa"
+        seed: int = 0
+        cfg_scale: float = 1.5
+        ddim_steps: int = 10
+        action_ensemble: bool = False
+        ensemble_horizon: int = 7
+        ensemble_alpha: float = 0.1
+
+    def __init__(
+        self,
+        vlm: OpenVLAModel,
+        action_model: ActionModel,
+        tokenizer,
+        config: CogACTConfig,
+        unnorm_key: str | None = None,
+        seed: int = 0,
+        cfg_scale: float = 1.5,
+        ddim_steps: int = 10,
+        action_ensemble: bool = False,
+        ensemble_horizon: int = 7,
+        ensemble_alpha: float = 0.1,
+    ) -> None:
+        self.model = vlm.eval()
+        self.action_model = action_model.eval()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.unnorm_key = resolve_unnorm_key(config.norm_stats, unnorm_key)
+        self.seed = seed
+        self.cfg_scale = float(cfg_scale)
+        self.sampler = DDIMSampler(DIFFUSION_STEPS, ddim_steps)
+        self.space_token = tokenizer.convert_tokens_to_ids("\u2581")
+        self.eos_token = tokenizer.eos_token_id
+        if self.space_token is None or self.space_token == tokenizer.unk_token_id or self.eos_token is None:
+            raise CheckpointError("the tokenizer lacks the '▁' piece or an EOS token; CogACT needs the Llama-2 tokenizer")
+        self._cache_kw = cache_keyword(self.decoder.forward)
+        self.ensembler = AdaptiveEnsembler(ensemble_horizon, ensemble_alpha) if action_ensemble else None
+        if self.ensembler is not None and ensemble_horizon > config.chunk_size:
+            raise InputError(f"ensemble_horizon {ensemble_horizon} exceeds the {config.chunk_size} predicted actions per step")
+        self._ensemble_key: tuple | None = None
+        self.last_cognition: torch.Tensor | None = None
+        self.last_normalized: np.ndarray | None = None
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: "CogACTBackbone.Config") -> "CogACTBackbone":
+        if (config.checkpoint is None) == (config.preset is None):
+            raise InputError("backbone config: set exactly one of `checkpoint` (a CogACT folder or its .pt) or `preset` (tiny)")
+        if config.dtype not in DTYPES:
+            raise InputError(f"backbone dtype '{config.dtype}' is not one of {sorted(DTYPES)}")
+        device, dtype = resolve_device(config.device), DTYPES[config.dtype]
+        options = dict(
+            unnorm_key=config.unnorm_key, seed=config.seed, cfg_scale=config.cfg_scale, ddim_steps=config.ddim_steps,
+            action_ensemble=config.action_ensemble, ensemble_horizon=config.ensemble_horizon,
+            ensemble_alpha=config.ensemble_alpha,
+        )
+        if config.preset is not None:
+            from .tiny import build_preset
+
+            return build_preset(config.preset, device=device, dtype=dtype, attn_implementation=config.attn_implementation, **options)
+        return cls.from_pretrained(config.checkpoint, device=device, dtype=dtype, attn_implementation=config.attn_implementation, **options)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
+        **options,
+    ) -> "CogACTBackbone":
+        """Load a released CogACT folder (or its checkpoints/<name>.pt) unchanged; see checkpoint.py."""
+        root, weights = find_checkpoint(path)
+        config = CogACTConfig.from_dict(read_json(root / CONFIG_FILE), read_norm_stats(root))
+        tokenizer = _load_tokenizer(root)
+        sections = read_checkpoint(weights)
+        _check_chunk_size(sections["action_model"], config, weights)
+        embed = sections["llm_backbone"].get("llm.model.embed_tokens.weight")
+        vocab = int(embed.shape[0]) if isinstance(embed, torch.Tensor) and embed.dim() == 2 else None
+        with torch.device("meta"):
+            vlm = build_vlm(config, attn_implementation, vocab_size=vocab)
+            action_model = build_action_model(config, vlm.language_model.config.hidden_size)
+        expected = {**vlm.state_dict(), **{f"action_model.{k}": v for k, v in action_model.state_dict().items()}}
+        state = map_to_model(sections, expected, weights)
+        load_state_dict_strict(vlm, {k: v for k, v in state.items() if not k.startswith("action_model.")}, assign=True)
+        load_state_dict_strict(
+            action_model, {k[len("action_model."):]: v for k, v in state.items() if k.startswith("action_model.")}, assign=True
+        )
+        vlm, action_model = place(vlm, action_model, torch.device(device), dtype)
+        return cls(vlm, action_model, tokenizer, config, **options)
+
+    def save_pretrained(self, path: str | Path, name: str | None = None) -> Path:
+        """Write the released layout (config.json, dataset_statistics.json, checkpoints/<name>.pt in fp32, tokenizer);
+        `name` defaults to the folder's name. Returns the .pt path."""
+        path = Path(path)
+        (path / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+        (path / STATS_FILE).write_text(json.dumps(self.config.norm_stats, indent=2))
+        state = {**self.model.state_dict(), **{f"action_model.{k}": v for k, v in self.action_model.state_dict().items()}}
+        sections = {s: {k: v.float() for k, v in d.items()} for s, d in to_sections(state).items()}
+        weights = path / CHECKPOINT_DIR / f"{name or path.name}.pt"
+        torch.save({"model": sections}, weights)
+        copy_tokenizer_files(Path(self.tokenizer.name_or_path), path)
+        return weights
+
+    # -- the four stages ----------------------------------------------------------------------------------
+    @property
+    def decoder(self):
+        return self.model.language_model.model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        """CogACT: the prompt's ids (with BOS), then "▁" and EOS appended unconditionally."""
+        ids = self.tokenizer(PROMPT.format(instruction=instruction.lower())).input_ids
+        return [*ids, self.space_token, self.eos_token]
+
+    def prepare(self, obs: Observation) -> PreparedInputs:
+        images, instructions = validate_observation(obs, self.cameras)
+        size = self.model.featurizer_spec.img_size
+        query = resize_images(images["primary"], size)
+        ids = [self.prompt_ids(instruction) for instruction in instructions]
+        if len({len(i) for i in ids}) != 1:
+            raise InputError(
+                "instructions in one batch tokenize to different lengths "
+                f"({sorted({len(i) for i in ids})}); batch observations that share an instruction"
+            )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        num_patches = self.model.vision_backbone.num_patches
+        rows, cols = self.model.vision_backbone.grid
+        length = input_ids.shape[1] + num_patches
+        layout = TokenLayout(
+            length=length,
+            vision={"primary": VisionSpan(1, 1 + num_patches, rows=rows, cols=cols, patch_size=self.model.featurizer_spec.patch_size)},
+            text=Span(1 + num_patches, length),
+            extra={"bos": Span(0, 1)},
+        )
+        pixel_values = normalize_for_towers(query, self.model.featurizer_spec, self.model.fused_spec)
+        return PreparedInputs(
+            batch_size=len(instructions),
+            instructions=instructions,
+            query_images={"primary": query},
+            layout=layout,
+            model_inputs={"pixel_values": pixel_values.to(self.device, self.dtype), "input_ids": input_ids},
+            source_sizes={name: tuple(image.shape[1:3]) for name, image in images.items()},
+        )
+
+    def embed(self, inputs: PreparedInputs) -> torch.Tensor:
+        return self.model.embed(inputs.model_inputs["pixel_values"], inputs.model_inputs["input_ids"])
+
+    def prefill(self, embeds: torch.Tensor, inputs: PreparedInputs, cache: DynamicCache) -> PrefillOutput:
+        """One decoder pass; `extra["cognition"]` is the last position's final (normed) hidden state [B, D]."""
+        positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+        out = self.decoder(inputs_embeds=embeds, position_ids=positions, use_cache=True, **{self._cache_kw: cache})
+        cognition = out.last_hidden_state[:, -1]
+        logits = self.model.language_model.lm_head(cognition)
+        return PrefillOutput(logits=logits.float(), extra={"cognition": cognition})
+
+    def decode(self, prefill: PrefillOutput, inputs: PreparedInputs, cache: DynamicCache) -> ActionOutput:
+        """No decoder pass: DDIM + CFG on the cognition feature, post-processing, optional ensembling."""
+        cognition = prefill.extra["cognition"]
+        self.last_cognition = cognition.detach()
+        normalized = self.sample_normalized(cognition)
+        self.last_normalized = normalized
+        actions = self.postprocess(normalized)
+        if self.ensembler is not None:
+            key = inputs.episode_key()
+            if key != self._ensemble_key:
+                self.ensembler.reset()
+                self._ensemble_key = key
+            actions = self.ensembler.ensemble_action(actions)[:, None].astype(np.float32)
+        return ActionOutput(actions=actions)
+
+    def initial_noise(self, batch: int) -> torch.Tensor:
+        """[B, 16, 7] standard normal noise from a generator seeded with `seed` (the same at every call)."""
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        return torch.randn(batch, self.chunk_size, self.config.action_dim, generator=generator)
+
+    @torch.inference_mode()
+    def sample_normalized(self, cognition: torch.Tensor, noise: torch.Tensor | None = None) -> np.ndarray:
+        """Normalised action chunks [B, 16, 7] (before clipping) for cognition features [B, D]."""
+        if noise is None:
+            noise = self.initial_noise(cognition.shape[0])
+        device = next(self.action_model.parameters()).device
+        samples = sample_actions(self.action_model.net, cognition.to(device), noise.to(device), self.sampler, self.cfg_scale)
+        return samples.float().cpu().numpy()
+
+    def postprocess(self, normalized: np.ndarray) -> np.ndarray:
+        """CogACT: clip to [-1, 1], binarise the gripper at 0.5, un-normalise (BOUNDS_Q99 with mask)."""
+        x = np.clip(normalized.astype(np.float64), -1.0, 1.0)
+        if x.shape[-1] > GRIPPER_DIM:
+            x[..., GRIPPER_DIM] = np.where(x[..., GRIPPER_DIM] < 0.5, 0.0, 1.0)
+        return unnormalize(x, self.config.norm_stats[self.unnorm_key]).astype(np.float32)
+
+    def reset(self) -> None:
+        """Start a new episode: forget the action-ensemble history (the runtime should call this on reset)."""
+        if self.ensembler is not None:
+            self.ensembler.reset()
+        self._ensemble_key = None
+
+    # -- accounting ---------------------------------------------------------------------------------------
+    def decoder_dims(self) -> DecoderDims:
+        return DecoderDims.from_config(self.model.language_model.config)
+
+    def decode_passes(self) -> int:
+        return 0
+
+    def vision_flops(self) -> float:
+        total = 0.0
+        n = self.model.vision_backbone.num_patches
+        for spec in (self.model.featurizer_spec, self.model.fused_spec):
+            tokens = n + int(spec.class_token) + spec.reg_tokens
+            d = spec.embed_dim
+            block = 2 * tokens * (4 * d * d + 2 * d * spec.mlp_dim) + 4 * tokens * tokens * d
+            total += (spec.depth - 1) * block + 2 * n * 3 * spec.patch_size**2 * d
+        vd, ld = self.model.vision_backbone.embed_dim, self.decoder_dims().hidden
+        return total + 2 * n * (vd * 4 * vd + 4 * vd * ld + ld * ld)
+
+
+def _check_chunk_size(action_state: dict[str, torch.Tensor], config: CogACTConfig, source: Path) -> None:
+    positions = action_state.get("net.positional_embedding")
+    need = config.chunk_size + 1 + config.past_action_window_size
+    if isinstance(positions, torch.Tensor) and positions.shape[0] != need:
+        raise CheckpointError(
+            f"{source}: net.positional_embedding has {positions.shape[0]} rows, i.e. the action model predicts "
+            f"{positions.shape[0] - 1} actions per step, but config.json says future_action_window_size="
+            f"{config.future_action_window_size} ({config.chunk_size} actions, {need} rows); fix config.json"
+        )
+
+
+def _load_tokenizer(root: Path):
+    if not (root / "tokenizer_config.json").is_file() or not any((root / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+        raise CheckpointError(
+            f"missing tokenizer files in {root}: CogACT uses the Llama-2 tokenizer (meta-llama/Llama-2-7b-hf); copy its "
+            f"tokenizer.model, tokenizer_config.json and special_tokens_map.json next to config.json. {LAYOUT_HINT}"
+        )
+    return load_tokenizer(root)

@@ -1,0 +1,80 @@
+"""Random-weight OpenVLA-OFT models of the released structure (OpenVLA's tiny towers, tokenizer and decoder)."""
+
+from __future__ import annotations
+
+import torch
+
+from vlacache.backbones.openvla.config import OpenVLAConfig
+from vlacache.backbones.openvla.model import OpenVLAModel, place_model
+from vlacache.backbones.openvla.tiny import PRESETS as OPENVLA_PRESETS
+from vlacache.backbones.openvla.tiny import preset_config as openvla_preset_config
+from vlacache.backbones.openvla.tokenizer import load_tokenizer, tiny_tokenizer_dir
+from vlacache.types import InputError
+
+from .heads import L1RegressionActionHead, ProprioProjector
+
+__all__ = ["PRESETS", "preset_config", "build_preset", "LIBERO_PROPRIO_Q01", "LIBERO_PROPRIO_Q99"]
+
+# Width of the action head's MLPResNet (the released 7B head uses 4096).
+PRESETS: dict[str, dict] = {"tiny": dict(head_hidden=64), "cpu-25m": dict(head_hidden=256)}
+assert set(PRESETS) <= set(OPENVLA_PRESETS)
+
+# LIBERO-like robot-state statistics: eef position (3), axis-angle (3), gripper qpos (2).
+LIBERO_PROPRIO_Q01 = [-0.21, -0.27, 0.90, 2.90, -0.85, -0.60, 0.000, -0.040]
+LIBERO_PROPRIO_Q99 = [0.14, 0.31, 1.26, 3.30, 0.62, 0.42, 0.040, -0.001]
+
+
+def preset_config(name: str) -> OpenVLAConfig:
+    """OpenVLA's preset config.json with OFT's extra 'proprio' statistics."""
+    if name not in PRESETS:
+        raise InputError(f"unknown OpenVLA-OFT preset '{name}'; presets: {', '.join(PRESETS)}")
+    data = openvla_preset_config(name).to_dict()
+    data["llm_backbone_id"] = f"vlacache-{name}-llama-oft"
+    for stats in data["norm_stats"].values():
+        stats["proprio"] = {
+            "q01": list(LIBERO_PROPRIO_Q01), "q99": list(LIBERO_PROPRIO_Q99),
+            "min": list(LIBERO_PROPRIO_Q01), "max": list(LIBERO_PROPRIO_Q99),
+            "mean": [(a + b) / 2 for a, b in zip(LIBERO_PROPRIO_Q01, LIBERO_PROPRIO_Q99)], "std": [0.1] * 8,
+        }
+    return OpenVLAConfig.from_dict(data)
+
+
+@torch.no_grad()
+def _round_to_bf16(module: torch.nn.Module) -> None:
+    """Make the weights exactly bf16-representable: the released head ships in bf16, so save -> load is exact."""
+    for param in module.parameters():
+        param.copy_(param.to(torch.bfloat16).to(param.dtype))
+
+
+def build_preset(
+    name: str,
+    seed: int = 0,
+    device="cpu",
+    dtype=torch.float32,
+    attn_implementation: str = "sdpa",
+    unnorm_key: str | None = None,
+    chunk: int = 8,
+    use_proprio: bool = True,
+    center_crop: bool = False,
+):
+    """A random-weight OpenVLAOFTBackbone of preset `name`, deterministic for a given seed."""
+    from .backbone import OpenVLAOFTBackbone
+
+    config = preset_config(name)
+    torch.manual_seed(seed)
+    model = OpenVLAModel(config, attn_implementation)
+    llm_dim = model.language_model.config.hidden_size
+    stats = next(iter(config.norm_stats.values()))
+    head = L1RegressionActionHead(llm_dim, PRESETS[name]["head_hidden"], len(stats["action"]["q01"]))
+    _round_to_bf16(head)
+    projector = ProprioProjector(llm_dim, len(stats["proprio"]["q01"])) if use_proprio else None
+    device = torch.device(device)
+    return OpenVLAOFTBackbone(
+        place_model(model, device, dtype),
+        load_tokenizer(tiny_tokenizer_dir()),
+        head.to(device=device, dtype=dtype),
+        projector.to(device=device, dtype=dtype) if projector is not None else None,
+        chunk=chunk,
+        unnorm_key=unnorm_key,
+        center_crop=center_crop,
+    )
