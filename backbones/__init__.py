@@ -1,5 +1,5 @@
 """Built-in backbones; importing this package registers them."""
 
-from . import openvla
+from . import openvla, openvla_oft
 
-__all__ = ["openvla"]
+__all__ = ["openvla", "openvla_oft"]

@@ -201,7 +201,7 @@ class SimplerEnv(Env):
         camera: str = "3rd_view_camera"  # mapped to 'primary'; PickCube-v1: base_camera
         obs_mode: str = "rgb+segmentation"  # the only mode the Bridge tasks support; other tasks: "rgb"
         control_mode: str | None = None  # None: the task's default (Bridge: arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos)
-        shader_pack: str = "default"  # SIMPLER uses "default"; "minimal" renders faster
+        shader_pack: str = "default"  # SIMPLER uses "default" (ManiSkill also has "minimal", "rt")
         rotation: str = "euler_to_axangle"  # or "none": pass action[3:6] through
         gripper: str = "binarize"  # model g in [0,1], 1 = open -> 2*(g>0.5)-1; "linear": 2g-1; "none": as is
         max_steps: int | None = None  # None: ManiSkill's max_episode_steps for the task

@@ -3,6 +3,7 @@ and VLA-Cache exactness on the cognition feature (no reuse, everything reused, r
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -106,6 +107,18 @@ def test_round_trip_gives_identical_actions(cog, saved, frames):
             np.testing.assert_array_equal(a.actions, b.actions)
 
 
+def test_nested_config_without_action_fields_reads_them_off_the_weights(cog, saved, tmp_path, frames):
+    """CogACT's loader takes the DiT size and window as arguments; a training-dump config.json nests the rest."""
+    root, _ = copy_of(saved, tmp_path)
+    flat = json.loads((root / "config.json").read_text())
+    for name in ("action_model_type", "future_action_window_size", "action_dim"):
+        flat.pop(name)
+    (root / "config.json").write_text(json.dumps({"seed": 42, "vla": flat}))
+    loaded = CogACTBackbone.from_pretrained(root)
+    assert loaded.config.action_model_type == "vlacache-tiny-DiT" and loaded.chunk_size == 16
+    np.testing.assert_array_equal(predict(loaded, frames[0])[0].actions, predict(cog, frames[0])[0].actions)
+
+
 def test_prompt_and_layout(cog, frames):
     inputs = cog.prepare(frames[0])
     ids = inputs.model_inputs["input_ids"][0].tolist()
@@ -171,7 +184,7 @@ def test_key_mapping_errors_list_expected_and_found(saved, tmp_path):
         r"\[projector\] expected but not found \(1\): projector.2.weight",
         r"\[llm_backbone\] shape mismatch \(1\): llm.lm_head.weight: file \(576, 10\) vs model \(576, 64\)",
     ]:
-        assert __import__("re").search(part, text), (part, text)
+        assert re.search(part, text), (part, text)
 
 
 def test_wrong_action_dim_is_a_shape_mismatch(saved, tmp_path):
@@ -340,10 +353,10 @@ def test_identical_frames_everything_reused_matches_full(cog, frames):
 def test_realistic_reuse_matches_reference(cog, frames, plan_kind):
     """static_reuse's plan as is (same set at every layer), and nested prefixes of it growing with depth."""
     lm = cog.model.language_model
-    embeds = [cog.embed(cog.prepare(o)) for o in frames[:2]]
+    embeds = [cog.embed(cog.prepare(o)) for o in (frames[0], frames[3])]
     with attach(cog, "static_reuse") as vla:
         vla.predict(frames[0])
-        step, feature, normalized = predict(cog, frames[1], vla=vla)
+        step, feature, normalized = predict(cog, frames[3], vla=vla)
     plan = step.plan
     if plan_kind == "nested":
         static = plan.reused[-1]
@@ -352,7 +365,7 @@ def test_realistic_reuse_matches_reference(cog, frames, plan_kind):
         with CachedVLA(cog, None) as vla:
             vla.engine.attach()
             vla.predict(frames[0])
-            step, feature, normalized = predict(cog, frames[1], plan=plan, vla=vla)
+            step, feature, normalized = predict(cog, frames[3], plan=plan, vla=vla)
         counts = step.stats.reused_per_layer
         assert counts == sorted(counts) and counts[-1] > counts[0] > 0
     assert 0 < step.stats.reuse_ratio < 1
@@ -362,5 +375,5 @@ def test_realistic_reuse_matches_reference(cog, frames, plan_kind):
         _, _, hidden = reference_forward(lm, embeds[1], positions, reused=plan.reused, previous_kv=kv1)
         _, _, no_reuse = reference_forward(lm, embeds[1], positions)
     torch.testing.assert_close(feature, hidden[:, -1], atol=1e-5, rtol=0)
-    assert (no_reuse[:, -1] - hidden[:, -1]).abs().max() > 1e-4  # the reference sees the reuse
+    assert (no_reuse[:, -1] - hidden[:, -1]).abs().max() > 5e-5  # ignoring the reuse would fail the tolerance
     np.testing.assert_allclose(normalized, cog.sample_normalized(hidden[:, -1]), atol=1e-3, rtol=0)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vlacache.envs import simpler
-from vlacache.envs.simpler import BRIDGE_TASKS, MissingAssetsError, SimplerEnv, missing_assets
+from vlacache.envs.simpler import BRIDGE_TASKS, SimplerEnv, missing_assets
 from vlacache.types import InputError
 
 HAVE_MANISKILL = importlib.util.find_spec("mani_skill") is not None

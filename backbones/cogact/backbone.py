@@ -49,7 +49,7 @@ from .checkpoint import (
     CHECKPOINT_DIR, CONFIG_FILE, LAYOUT_HINT, STATS_FILE, find_checkpoint, map_to_model, read_checkpoint,
     read_norm_stats, to_sections,
 )
-from .config import CogACTConfig
+from .config import CogACTConfig, action_fields_from_weights
 from .ensemble import AdaptiveEnsembler
 from .model import build_action_model, build_vlm, place
 
@@ -142,9 +142,10 @@ class CogACTBackbone(Backbone):
     ) -> "CogACTBackbone":
         """Load a released CogACT folder (or its checkpoints/<name>.pt) unchanged; see checkpoint.py."""
         root, weights = find_checkpoint(path)
-        config = CogACTConfig.from_dict(read_json(root / CONFIG_FILE), read_norm_stats(root))
+        data, norm_stats = read_json(root / CONFIG_FILE), read_norm_stats(root)
         tokenizer = _load_tokenizer(root)
         sections = read_checkpoint(weights)
+        config = CogACTConfig.from_dict(data, norm_stats, fallback=action_fields_from_weights(sections["action_model"]))
         _check_chunk_size(sections["action_model"], config, weights)
         embed = sections["llm_backbone"].get("llm.model.embed_tokens.weight")
         vocab = int(embed.shape[0]) if isinstance(embed, torch.Tensor) and embed.dim() == 2 else None

@@ -110,12 +110,10 @@ def read_norm_stats(root: Path) -> dict[str, Any]:
 
 
 def read_checkpoint(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The four state-dict sections of a released .pt (tensor-only load, memory-mapped when possible)."""
+    """The four state-dict sections of a released .pt (tensor-only load; not memory-mapped, so the model never
+    depends on the file staying unchanged; the tensors are used as loaded, without a second copy)."""
     try:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # a file in the legacy (non-zip) format cannot be memory-mapped
-            data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"cannot load {path} as a tensor-only torch checkpoint: {err}") from err
     model = data.get("model") if isinstance(data, dict) else None

@@ -14,8 +14,11 @@ field up at the top level, then under `"model"`, then under `"vla"` (training du
   future_action_window_size 15                          (16 predicted actions)
   past_action_window_size  0                           (CogACT supports only 0)
 
-Uncertainty: the exact layout of the released training dump is not known here; when the VLM ids are absent
-but `base_vlm` names a known Prismatic model ("prism-dinosiglip-224px+7b"), its ids are filled in.
+Uncertainty: the exact layout of the released training dump is not known here. When the VLM ids are absent
+but `base_vlm` names a known Prismatic model ("prism-dinosiglip-224px+7b"), its ids are filled in. CogACT's
+own loader takes action_model_type / future_action_window_size as arguments rather than from config.json, so
+when config.json lacks them (and action_dim) they are read off the action-model weights (width and depth ->
+DiT size, positional_embedding rows - 2 -> future window, x_embedder input -> action_dim).
 `text_config` (LlamaConfig fields that differ from the defaults) is an optional extension used by the
 random-weight presets, whose LLM is not one of the released ids.
 """
@@ -91,10 +94,16 @@ class CogACTConfig:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], norm_stats: dict[str, Any] | None = None) -> "CogACTConfig":
+    def from_dict(
+        cls, data: dict[str, Any], norm_stats: dict[str, Any] | None = None, fallback: dict[str, Any] | None = None
+    ) -> "CogACTConfig":
+        """`fallback`: values for fields config.json does not have (e.g. `action_fields_from_weights`)."""
         if not isinstance(data, dict):
             raise CheckpointError(f"config.json must hold a JSON object, got {type(data).__name__}")
         values = {name: _lookup(data, name) for name in cls.__dataclass_fields__ if name not in ("norm_stats", "raw")}
+        for name, value in (fallback or {}).items():
+            if values.get(name) is None:
+                values[name] = value
         base = _lookup(data, "base_vlm")
         if base in KNOWN_BASE_VLMS:
             for name, value in KNOWN_BASE_VLMS[base].items():
@@ -102,8 +111,9 @@ class CogACTConfig:
         missing = [n for n in ("vision_backbone_id", "llm_backbone_id", "action_model_type") if values[n] is None]
         if missing:
             raise CheckpointError(
-                f"config.json lacks the CogACT field(s) {missing}; expected vision_backbone_id, llm_backbone_id, "
-                "arch_specifier, action_model_type, future_action_window_size (top level, or under 'model' / 'vla')"
+                f"config.json lacks the CogACT field(s) {missing} (and they cannot be inferred); expected "
+                "vision_backbone_id, llm_backbone_id (or vla.base_vlm), arch_specifier, action_model_type, "
+                "future_action_window_size (top level, or under 'model' / 'vla')"
             )
         config = cls(**{k: v for k, v in values.items() if v is not None}, norm_stats=dict(norm_stats or {}), raw=dict(data))
         config.validate()
@@ -156,3 +166,20 @@ class CogACTConfig:
                 continue
             data[name] = getattr(self, name)
         return data
+
+
+def action_fields_from_weights(action_state: dict[str, Any]) -> dict[str, Any]:
+    """action_model_type, action_dim and future_action_window_size as the `net.*` weights imply them."""
+    fields: dict[str, Any] = {}
+    x = action_state.get("net.x_embedder.linear.weight")
+    blocks = {k.split(".")[2] for k in action_state if k.startswith("net.blocks.")}
+    if x is not None and getattr(x, "dim", lambda: 0)() == 2:
+        fields["action_dim"] = int(x.shape[1])
+        for name, size in ACTION_MODELS.items():
+            if size["hidden_size"] == int(x.shape[0]) and size["depth"] == len(blocks):
+                fields["action_model_type"] = name
+                break
+    positions = action_state.get("net.positional_embedding")
+    if positions is not None and getattr(positions, "dim", lambda: 0)() == 2:
+        fields["future_action_window_size"] = int(positions.shape[0]) - 2
+    return fields
