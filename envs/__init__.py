@@ -1,8 +1,9 @@
 """Built-in environments and perturbations; importing this package registers them.
 
-Simulator adapters import their simulator lazily, so `vlacache list` works without LIBERO or ManiSkill.
+Simulator adapters import their simulator only when an env is built, so `vlacache list` works without
+LIBERO or ManiSkill installed.
 """
 
-from . import perturb, replay
+from . import libero, perturb, replay, simpler
 
-__all__ = ["perturb", "replay"]
+__all__ = ["libero", "perturb", "replay", "simpler"]

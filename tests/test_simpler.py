@@ -17,11 +17,24 @@ from vlacache.envs.simpler import BRIDGE_TASKS, SimplerEnv, missing_assets
 from vlacache.types import InputError
 
 HAVE_MANISKILL = importlib.util.find_spec("mani_skill") is not None
-needs_maniskill = pytest.mark.skipif(not HAVE_MANISKILL, reason="mani-skill not installed: run scripts/setup_simpler.sh")
-needs_vulkan = pytest.mark.skipif(
-    simpler.setup_vulkan() is None and not any(os.path.exists(p) for p in simpler.GPU_ICDS),
-    reason="no Vulkan driver (Mesa lavapipe >= 25): run scripts/setup_simpler.sh",
-)
+HAVE_VULKAN = simpler.setup_vulkan() is not None or any(os.path.exists(p) for p in simpler.GPU_ICDS)
+
+
+@pytest.fixture
+def _maniskill_present():
+    # failures, not skips: the project's setup (scripts/setup.sh) installs ManiSkill and lavapipe
+    if not HAVE_MANISKILL:
+        pytest.fail("mani-skill is not installed: run `bash scripts/setup.sh` (or scripts/setup_simpler.sh)")
+
+
+@pytest.fixture
+def _vulkan_present():
+    if not HAVE_VULKAN:
+        pytest.fail("no Vulkan driver (Mesa lavapipe >= 25): run `bash scripts/setup.sh` (or scripts/setup_simpler.sh)")
+
+
+needs_maniskill = pytest.mark.usefixtures("_maniskill_present")
+needs_vulkan = pytest.mark.usefixtures("_vulkan_present")
 
 MAX_STEPS = 6
 

@@ -87,6 +87,13 @@ class Backbone(ABC):
     def vision_flops(self) -> float:
         return 0.0
 
+    def head_flops(self) -> float:
+        """FLOPs of the action head after the decoder (untouched by caching)."""
+        return 0.0
+
+    def reset(self) -> None:
+        """Forget per-episode state of the backbone itself (e.g. an action ensemble). Called by CachedVLA.reset()."""
+
     def decode_passes(self) -> int:
         """Decoder forward passes after the prefill (for FLOPs)."""
         return 0

@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     try:
         return args.func(args)
+    except BrokenPipeError:  # output piped into `head` and the like
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("vlacache: interrupted. Finished episodes are saved; run the same command again to resume.", file=sys.stderr)
         return 130

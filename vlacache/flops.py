@@ -53,3 +53,15 @@ def decode_flops(dims: DecoderDims, passes: int, prompt_length: int) -> float:
     for i in range(passes):
         total += dims.layers * layer_flops(dims, 1, prompt_length + i + 1) + 2.0 * dims.hidden * dims.vocab
     return total
+
+
+def linear_flops(module, rows: int) -> float:
+    """2 x MACs of every nn.Linear inside `module`, each applied to `rows` rows."""
+    from torch import nn
+
+    return float(sum(2 * rows * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear)))
+
+
+def attention_flops(queries: int, keys: int, width: int) -> float:
+    """QK^T and AV of one attention layer of total width `width`."""
+    return 4.0 * queries * keys * width

@@ -49,7 +49,9 @@ class CachedVLA:
         return self.policy is not None and self.policy.enabled
 
     def reset(self) -> None:
+        """Start a new episode: the engine forgets its cache, the backbone its own episode state."""
         self.engine.reset()
+        self.backbone.reset()
 
     def detach(self) -> None:
         self.engine.detach()
@@ -124,6 +126,7 @@ class CachedVLA:
             "vision": self.backbone.vision_flops(),
             "prefill": prefill_flops(dims, tokens, length),
             "decode": decode_flops(dims, self.backbone.decode_passes(), length),
+            "head": self.backbone.head_flops(),
         }
         flops["total"] = sum(flops.values())
         latency = {k: ms.get(k, 0.0) for k in ("vision", "select", "prefill", "decode")}

@@ -40,7 +40,7 @@ from vlacache.backbones.openvla.checkpoint import CheckpointError, load_state_di
 from vlacache.backbones.openvla.model import OpenVLAModel
 from vlacache.backbones.openvla.tokenizer import copy_tokenizer_files, load_tokenizer
 from vlacache.backbones.openvla.vision import normalize_for_towers
-from vlacache.flops import DecoderDims
+from vlacache.flops import DecoderDims, attention_flops, linear_flops
 from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
 
@@ -279,6 +279,17 @@ class CogACTBackbone(Backbone):
     # -- accounting ---------------------------------------------------------------------------------------
     def decoder_dims(self) -> DecoderDims:
         return DecoderDims.from_config(self.model.language_model.config)
+
+    def head_flops(self) -> float:
+        """The DiT over 1 condition + chunk action tokens, per DDIM step, doubled for classifier-free guidance."""
+        net = self.action_model.net
+        tokens = net.positional_embedding.shape[0]
+        width = net.positional_embedding.shape[1]
+        per_pass = linear_flops(net.blocks, tokens) + linear_flops(net.final_layer, tokens)
+        per_pass += sum(attention_flops(tokens, tokens, width) for _ in net.blocks)
+        per_pass += linear_flops(net.x_embedder, tokens - 1) + linear_flops(net.z_embedder, 1) + linear_flops(net.t_embedder, 1)
+        passes = len(self.sampler.timesteps) * (2 if self.cfg_scale > 1.0 else 1)
+        return per_pass * passes
 
     def decode_passes(self) -> int:
         return 0

@@ -40,6 +40,7 @@ from vlacache.backbones.openvla.config import OpenVLAConfig
 from vlacache.backbones.openvla.model import OpenVLAModel, place_model
 from vlacache.backbones.openvla.tokenizer import load_tokenizer
 from vlacache.backbones.openvla.vision import normalize_for_towers
+from vlacache.flops import linear_flops
 from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
 
@@ -373,6 +374,9 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         return unnormalize_actions(normalized, self.config.norm_stats[self.unnorm_key]["action"]).astype(np.float32)
 
     # -- accounting ---------------------------------------------------------------------------------------
+    def head_flops(self) -> float:
+        return linear_flops(self.action_head, self.chunk)
+
     def decode_passes(self) -> int:
         return 0
 
