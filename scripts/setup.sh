@@ -15,5 +15,7 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   "$PYTHON" -m pip install "torch==2.13.0"
 fi
 "$PYTHON" -m pip install -e ".[test,libero,simpler]"
-bash scripts/setup_libero.sh egl
+# SIMPLER first: it brings Mesa (EGL, DRI, lavapipe) >= 25 from bookworm-backports; LIBERO's EGL step then
+# only adds what is still missing.
 PYTHON="$PYTHON" bash scripts/setup_simpler.sh
+bash scripts/setup_libero.sh egl

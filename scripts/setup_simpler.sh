@@ -67,7 +67,10 @@ EOF
     log "apt-get update"
     $SUDO apt-get update -q
     log "installing mesa-vulkan-drivers (lavapipe) from bookworm-backports, libvulkan1, libgl1, libglib2.0-0, libx11-6"
-    $SUDO apt-get install -y -q --no-install-recommends -t bookworm-backports mesa-vulkan-drivers
+    # Mesa's EGL/GL/DRI from backports too, so the whole Mesa stack is one version (what MuJoCo EGL for LIBERO
+    # and SAPIEN were verified with); the glvnd front-ends (libegl1, libgl1) are version-independent.
+    $SUDO apt-get install -y -q --no-install-recommends -t bookworm-backports mesa-vulkan-drivers \
+      libegl-mesa0 libgl1-mesa-dri libglx-mesa0
     $SUDO apt-get install -y -q --no-install-recommends libvulkan1 libgl1 libglib2.0-0 libx11-6
   fi
   [ "$(mesa_major)" -ge "$MESA_MIN_MAJOR" ] || die "mesa-vulkan-drivers is $(mesa_major).x after install; SAPIEN needs lavapipe >= ${MESA_MIN_MAJOR} (bookworm-backports)"
