@@ -49,3 +49,31 @@ def test_yaml_components_replace_defaults_and_required_keys_are_named():
     assert config.backbone["checkpoint"] == "/ckpt/x" and "preset" not in config.backbone
     with pytest.raises(ConfigError, match=r"'backbone.checkpoint' is required.*backbone.checkpoint=\.\.\."):
         load_config(ExperimentConfig, "libero_spatial_ablation", "experiment")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (packaged_configs() / "experiment").glob("*.yaml")))
+def test_every_shipped_experiment_config_is_valid(name):
+    """Each shipped experiment resolves to registered, type-checked components (no model or simulator built)."""
+    from vlacache.config import resolve_component
+    from vlacache.experiment import build_policy
+    from vlacache.registry import BACKBONES, ENVS, PERTURBATIONS
+
+    config = load_config(ExperimentConfig, name, "experiment", ["backbone.checkpoint=/ckpt/x"])
+    spec = dict(config.backbone)
+    if spec.get("preset"):
+        spec.pop("checkpoint")
+    resolve_component(BACKBONES, spec, "backbone")
+    resolve_component(ENVS, config.env, "env")
+    if config.perturbation:
+        resolve_component(PERTURBATIONS, config.perturbation, "perturbation")
+    labels = [build_policy(p).label for p in config.policies]
+    assert len(set(labels)) == len(labels)
+
+
+def test_unnorm_key_falls_back_to_no_noops():
+    from vlacache.backbones.openvla.actions import resolve_unnorm_key
+
+    stats = {"libero_spatial_no_noops": {}, "bridge_orig": {}}
+    assert resolve_unnorm_key(stats, "libero_spatial") == "libero_spatial_no_noops"
+    with pytest.raises(Exception, match="bridge_orig"):
+        resolve_unnorm_key(stats, "libero_goal")

@@ -18,11 +18,15 @@ def tokens_to_normalized(tokens: np.ndarray, text_vocab_size: int, n_bins: int =
 
 
 def resolve_unnorm_key(norm_stats: dict[str, Any], key: str | None) -> str:
-    """The dataset whose statistics un-normalise actions; required when the checkpoint has several."""
+    """The dataset whose statistics un-normalise actions; required when the checkpoint has several.
+    As the official LIBERO evaluation does, 'libero_spatial' falls back to 'libero_spatial_no_noops' (and back)."""
     if key is None:
         if len(norm_stats) != 1:
             raise InputError(f"this checkpoint was trained on several datasets; pass unnorm_key, one of {sorted(norm_stats)}")
         return next(iter(norm_stats))
+    for alias in (f"{key}_no_noops", key.removesuffix("_no_noops")):
+        if key not in norm_stats and alias in norm_stats:
+            return alias
     if key not in norm_stats:
         raise InputError(f"unknown unnorm_key '{key}'; this checkpoint has {sorted(norm_stats)}")
     return key
