@@ -55,7 +55,7 @@ def test_bench_writes_the_promised_json(tmp_path):
     step = report["steps"][1]
     for key in ("tokens_per_layer", "reuse_ratio", "flops_baseline", "flops_cached", "latency_baseline_ms", "latency_cached_ms"):
         assert key in step
-    assert set(step["latency_cached_ms"]) == {"vision", "select", "prefill", "decode", "total"}
+    assert set(step["latency_cached_ms"]) == {"prepare", "vision", "select", "prefill", "decode", "total"}
     assert step["reuse_ratio"] > 0 and min(step["tokens_per_layer"]) < max(report["steps"][0]["tokens_per_layer"])
     assert report["machine"]["torch"]
 

@@ -11,10 +11,10 @@ import transformers
 from tqdm import tqdm
 
 from .experiment import BenchConfig, build_backbone, build_env, build_policy
-from .runtime import CachedVLA, StepResult
+from .runtime import LATENCY_PARTS, CachedVLA, StepResult
 from .types import Observation, ReusePlan
 
-PARTS = ("vision", "select", "prefill", "decode", "total")
+PARTS = LATENCY_PARTS + ("total",)
 
 
 def collect_frames(env, max_steps: int | None) -> list[Observation]:

@@ -7,7 +7,7 @@ import math
 import statistics
 from pathlib import Path
 
-LATENCY_PARTS = ("vision", "select", "prefill", "decode")
+from .runtime import LATENCY_PARTS
 
 
 def suite_of(task: str) -> str:

@@ -172,8 +172,8 @@ def print_summary(rows: list[dict], console=None) -> None:
     for row in rows:
         table.add_row(*[_fmt(row.get(key), kind) for key, _, kind in cols])
     console = console or Console()
-    if console.width < 140:
-        console = Console(width=140)
+    if console.width < 170:
+        console = Console(width=170)
     console.print(table)
     if any(row["reuse_ratio"] == 0 for row in rows if row["policy"] != "no-cache"):
         console.print(

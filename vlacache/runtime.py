@@ -17,6 +17,9 @@ from .strategy import PlanContext
 from .timing import StepTimer
 from .types import Observation, ReusePlan, StepStats
 
+# The sections of a control step, in order; their sum plus bookkeeping is the step's wall time ("total").
+LATENCY_PARTS = ("prepare", "vision", "select", "prefill", "decode")
+
 
 @dataclass
 class StepResult:
@@ -68,7 +71,8 @@ class CachedVLA:
         backbone, engine = self.backbone, self.engine
         timer = StepTimer(backbone.device, sync=self.sync_timing)
         timer.start()
-        inputs = backbone.prepare(obs)
+        with timer.section("prepare"):
+            inputs = backbone.prepare(obs)
         layout, batch = inputs.layout, inputs.batch_size
         num_layers = engine.num_layers
         fresh = engine.sync_episode(inputs.episode_key())
@@ -129,7 +133,7 @@ class CachedVLA:
             "head": self.backbone.head_flops(),
         }
         flops["total"] = sum(flops.values())
-        latency = {k: ms.get(k, 0.0) for k in ("vision", "select", "prefill", "decode")}
+        latency = {k: ms.get(k, 0.0) for k in LATENCY_PARTS}
         latency["total"] = wall
         ratio = sum(reused) / (len(reused) * num_visual) if num_visual and reused else 0.0
         return StepStats(
