@@ -50,6 +50,19 @@ class ActionOutput:
     tokens: torch.Tensor | None = None
 
 
+@dataclass
+class LoadConfig:
+    """Fields every backbone config shares: where the weights come from and how to place them."""
+
+    checkpoint: str | None = None
+    preset: str | None = None
+    unnorm_key: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
+    seed: int = 0
+
+
 class Backbone(ABC):
     """A VLA model on stock transformers. The four stages below are timed separately by the runtime."""
 

@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from .env import Env, EpisodeSpec
 from .experiment import ExperimentConfig, build_backbone, build_env, build_policy
-from .policy import CachePolicy
 from .report import LATENCY_PARTS, summarize, write_plots, write_tables
 from .results import ResultStore, load_records, record_key
 from .runtime import CachedVLA

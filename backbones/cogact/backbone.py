@@ -33,16 +33,15 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from vlacache.backbone import ActionOutput, Backbone, PrefillOutput, PreparedInputs, validate_observation
+from vlacache.backbone import ActionOutput, Backbone, LoadConfig, PrefillOutput, PreparedInputs
 from vlacache.backbones.openvla.actions import resolve_unnorm_key, unnormalize
-from vlacache.backbones.openvla.backbone import DTYPES, PROMPT, cache_keyword, resize_images, resolve_device
+from vlacache.backbones.openvla.backbone import DTYPES, PROMPT, cache_keyword, prepare_prismatic, resolve_device
 from vlacache.backbones.openvla.checkpoint import CheckpointError, load_state_dict_strict, read_json
 from vlacache.backbones.openvla.model import OpenVLAModel
 from vlacache.backbones.openvla.tokenizer import copy_tokenizer_files, load_tokenizer
-from vlacache.backbones.openvla.vision import normalize_for_towers
 from vlacache.flops import DecoderDims, attention_flops, linear_flops
 from vlacache.registry import register_backbone
-from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
+from vlacache.types import InputError, Observation
 
 from .action_model import ActionModel, DDIMSampler, sample_actions
 from .checkpoint import (
@@ -64,14 +63,7 @@ class CogACTBackbone(Backbone):
     cameras = ("primary",)
 
     @dataclass
-    class Config:
-        checkpoint: str | None = None
-        preset: str | None = None
-        unnorm_key: str | None = None
-        dtype: str = "float32"
-        device: str = "auto"
-        attn_implementation: str = "sdpa"
-        seed: int = 0
+    class Config(LoadConfig):
         cfg_scale: float = 1.5
         ddim_steps: int = 10
         action_ensemble: bool = False
@@ -194,34 +186,7 @@ class CogACTBackbone(Backbone):
         return [*ids, self.space_token, self.eos_token]
 
     def prepare(self, obs: Observation) -> PreparedInputs:
-        images, instructions = validate_observation(obs, self.cameras)
-        size = self.model.featurizer_spec.img_size
-        query = resize_images(images["primary"], size)
-        ids = [self.prompt_ids(instruction) for instruction in instructions]
-        if len({len(i) for i in ids}) != 1:
-            raise InputError(
-                "instructions in one batch tokenize to different lengths "
-                f"({sorted({len(i) for i in ids})}); batch observations that share an instruction"
-            )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        num_patches = self.model.vision_backbone.num_patches
-        rows, cols = self.model.vision_backbone.grid
-        length = input_ids.shape[1] + num_patches
-        layout = TokenLayout(
-            length=length,
-            vision={"primary": VisionSpan(1, 1 + num_patches, rows=rows, cols=cols, patch_size=self.model.featurizer_spec.patch_size)},
-            text=Span(1 + num_patches, length),
-            extra={"bos": Span(0, 1)},
-        )
-        pixel_values = normalize_for_towers(query, self.model.featurizer_spec, self.model.fused_spec)
-        return PreparedInputs(
-            batch_size=len(instructions),
-            instructions=instructions,
-            query_images={"primary": query},
-            layout=layout,
-            model_inputs={"pixel_values": pixel_values.to(self.device, self.dtype), "input_ids": input_ids},
-            source_sizes={name: tuple(image.shape[1:3]) for name, image in images.items()},
-        )
+        return prepare_prismatic(self, obs)
 
     def embed(self, inputs: PreparedInputs) -> torch.Tensor:
         return self.model.embed(inputs.model_inputs["pixel_values"], inputs.model_inputs["input_ids"])

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from vlacache.backbone import ActionOutput, Backbone, PrefillOutput, PreparedInputs, validate_observation
+from vlacache.backbone import ActionOutput, Backbone, LoadConfig, PrefillOutput, PreparedInputs, validate_observation
 from vlacache.flops import DecoderDims
 from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
@@ -46,14 +46,8 @@ class OpenVLABackbone(Backbone):
     cameras = ("primary",)
 
     @dataclass
-    class Config:
-        checkpoint: str | None = None
-        preset: str | None = None
-        unnorm_key: str | None = None
-        dtype: str = "float32"
-        device: str = "auto"
-        attn_implementation: str = "sdpa"
-        seed: int = 0
+    class Config(LoadConfig):
+        """Exactly one of `checkpoint` (a released directory) or `preset` (random weights: tiny, cpu-25m)."""
 
     def __init__(self, model: OpenVLAModel, tokenizer, unnorm_key: str | None = None) -> None:
         self.model = model.eval()
@@ -121,34 +115,7 @@ class OpenVLABackbone(Backbone):
         return next(self.model.parameters()).dtype
 
     def prepare(self, obs: Observation) -> PreparedInputs:
-        images, instructions = validate_observation(obs, self.cameras)
-        size = self.model.featurizer_spec.img_size
-        query = resize_images(images["primary"], size)
-        ids = [self.prompt_ids(instruction) for instruction in instructions]
-        if len({len(i) for i in ids}) != 1:
-            raise InputError(
-                "instructions in one batch tokenize to different lengths "
-                f"({sorted({len(i) for i in ids})}); batch observations that share an instruction"
-            )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        num_patches = self.model.vision_backbone.num_patches
-        rows, cols = self.model.vision_backbone.grid
-        length = input_ids.shape[1] + num_patches
-        layout = TokenLayout(
-            length=length,
-            vision={"primary": VisionSpan(1, 1 + num_patches, rows=rows, cols=cols, patch_size=self.model.featurizer_spec.patch_size)},
-            text=Span(1 + num_patches, length),
-            extra={"bos": Span(0, 1)},
-        )
-        pixel_values = normalize_for_towers(query, self.model.featurizer_spec, self.model.fused_spec)
-        return PreparedInputs(
-            batch_size=len(instructions),
-            instructions=instructions,
-            query_images={"primary": query},
-            layout=layout,
-            model_inputs={"pixel_values": pixel_values.to(self.device, self.dtype), "input_ids": input_ids},
-            source_sizes={name: tuple(image.shape[1:3]) for name, image in images.items()},
-        )
+        return prepare_prismatic(self, obs)
 
     def prompt_ids(self, instruction: str) -> list[int]:
         ids = self.tokenizer(PROMPT.format(instruction=instruction.lower().strip())).input_ids
@@ -208,6 +175,39 @@ class OpenVLABackbone(Backbone):
             total += (spec.depth - 1) * block + 2 * n * 3 * spec.patch_size**2 * d
         vd, ld = self.model.vision_backbone.embed_dim, self.decoder_dims().hidden
         return total + 2 * n * (vd * 4 * vd + 4 * vd * ld + ld * ld)
+
+
+def prepare_prismatic(backbone, obs: Observation) -> PreparedInputs:
+    """One camera through the fused towers' preprocessing, the backbone's prompt ids, and the layout
+    [BOS | patches | rest of the prompt]; shared by the Prismatic-based backbones (OpenVLA, CogACT)."""
+    images, instructions = validate_observation(obs, backbone.cameras)
+    model = backbone.model
+    query = resize_images(images["primary"], model.featurizer_spec.img_size)
+    ids = [backbone.prompt_ids(instruction) for instruction in instructions]
+    if len({len(i) for i in ids}) != 1:
+        raise InputError(
+            "instructions in one batch tokenize to different lengths "
+            f"({sorted({len(i) for i in ids})}); batch observations that share an instruction"
+        )
+    input_ids = torch.tensor(ids, dtype=torch.long, device=backbone.device)
+    num_patches = model.vision_backbone.num_patches
+    rows, cols = model.vision_backbone.grid
+    length = input_ids.shape[1] + num_patches
+    layout = TokenLayout(
+        length=length,
+        vision={"primary": VisionSpan(1, 1 + num_patches, rows=rows, cols=cols, patch_size=model.featurizer_spec.patch_size)},
+        text=Span(1 + num_patches, length),
+        extra={"bos": Span(0, 1)},
+    )
+    pixel_values = normalize_for_towers(query, model.featurizer_spec, model.fused_spec)
+    return PreparedInputs(
+        batch_size=len(instructions),
+        instructions=instructions,
+        query_images={"primary": query},
+        layout=layout,
+        model_inputs={"pixel_values": pixel_values.to(backbone.device, backbone.dtype), "input_ids": input_ids},
+        source_sizes={name: tuple(image.shape[1:3]) for name, image in images.items()},
+    )
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from vlacache.backbone import ActionOutput, PrefillOutput, PreparedInputs, validate_observation
+from vlacache.backbone import ActionOutput, LoadConfig, PrefillOutput, PreparedInputs, validate_observation
 from vlacache.backbones.openvla.actions import resolve_unnorm_key
 from vlacache.backbones.openvla.backbone import DTYPES, OpenVLABackbone, cache_keyword, resize_images, resolve_device
 from vlacache.backbones.openvla.checkpoint import (
@@ -73,14 +73,7 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
     cameras = ("primary", "wrist")
 
     @dataclass
-    class Config:
-        checkpoint: str | None = None
-        preset: str | None = None
-        unnorm_key: str | None = None
-        dtype: str = "float32"
-        device: str = "auto"
-        attn_implementation: str = "sdpa"
-        seed: int = 0
+    class Config(LoadConfig):
         chunk: int = 8
         use_film: bool = False
         use_proprio: bool = True
