@@ -260,15 +260,7 @@ class CogACTBackbone(Backbone):
         return 0
 
     def vision_flops(self) -> float:
-        total = 0.0
-        n = self.model.vision_backbone.num_patches
-        for spec in (self.model.featurizer_spec, self.model.fused_spec):
-            tokens = n + int(spec.class_token) + spec.reg_tokens
-            d = spec.embed_dim
-            block = 2 * tokens * (4 * d * d + 2 * d * spec.mlp_dim) + 4 * tokens * tokens * d
-            total += (spec.depth - 1) * block + 2 * n * 3 * spec.patch_size**2 * d
-        vd, ld = self.model.vision_backbone.embed_dim, self.decoder_dims().hidden
-        return total + 2 * n * (vd * 4 * vd + 4 * vd * ld + ld * ld)
+        return self.model.vision_flops()
 
 
 def _check_chunk_size(action_state: dict[str, torch.Tensor], config: CogACTConfig, source: Path) -> None:

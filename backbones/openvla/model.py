@@ -27,6 +27,18 @@ class OpenVLAModel(nn.Module):
         self.projector = FusedMLPProjector(self.vision_backbone.embed_dim, llama.hidden_size)
         self.language_model = LlamaForCausalLM(llama)
 
+    def vision_flops(self) -> float:
+        """One image through both towers (all blocks but the unused last) and the projector, 2 x MACs."""
+        total = 0.0
+        n = self.vision_backbone.num_patches
+        for spec in (self.featurizer_spec, self.fused_spec):
+            tokens = n + int(spec.class_token) + spec.reg_tokens
+            d = spec.embed_dim
+            block = 2 * tokens * (4 * d * d + 2 * d * spec.mlp_dim) + 4 * tokens * tokens * d
+            total += (spec.depth - 1) * block + 2 * n * 3 * spec.patch_size**2 * d
+        vd, ld = self.vision_backbone.embed_dim, self.language_model.config.hidden_size
+        return total + 2 * n * (vd * 4 * vd + 4 * vd * ld + ld * ld)
+
     def embed(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """[BOS] + projected patch tokens + the rest of the prompt, as decoder input embeddings."""
         patches = self.projector(self.vision_backbone(pixel_values))
