@@ -134,3 +134,14 @@ def test_prompt_ids_from_a_saved_checkpoint_match_sentencepiece(saved):
     if expected[-1] != loaded.space_token:
         expected.append(loaded.space_token)
     assert loaded.prompt_ids("Put the bowl on the plate") == expected
+
+
+def test_center_crop_option_changes_the_model_input(frames):
+    from vlacache.backbones.openvla.preprocess import center_crop
+
+    plain = OpenVLABackbone.from_config(OpenVLABackbone.Config(preset="tiny", device="cpu"))
+    cropped = OpenVLABackbone.from_config(OpenVLABackbone.Config(preset="tiny", device="cpu", center_crop=True))
+    a, b = plain.prepare(frames[0]), cropped.prepare(frames[0])
+    assert torch.equal(b.query_images["primary"], center_crop(a.query_images["primary"]))
+    assert not torch.equal(a.query_images["primary"], b.query_images["primary"])
+    assert b.query_images["primary"].shape == (1, 224, 224, 3)

@@ -15,7 +15,7 @@ from vlacache.backbones.openvla.checkpoint import CheckpointError
 from vlacache.backbones.openvla_oft import OpenVLAOFTBackbone, build_preset
 from vlacache.backbones.openvla_oft.backbone import STOP_TOKEN
 from vlacache.backbones.openvla_oft.heads import normalize_proprio, unnormalize_actions
-from vlacache.backbones.openvla_oft.preprocess import center_crop
+from vlacache.backbones.openvla.preprocess import center_crop
 from vlacache.backbones.openvla_oft.tiny import LIBERO_PROPRIO_Q01, LIBERO_PROPRIO_Q99
 from vlacache.registry import BACKBONES
 

@@ -21,6 +21,7 @@ from .actions import resolve_unnorm_key, tokens_to_normalized, unnormalize
 from .checkpoint import load_safetensors_dir, load_state_dict_strict, read_config, save_safetensors_dir
 from .config import OpenVLAConfig
 from .model import OpenVLAModel, place_model
+from .preprocess import center_crop
 from .tokenizer import copy_tokenizer_files, load_tokenizer
 from .vision import normalize_for_towers
 
@@ -47,7 +48,12 @@ class OpenVLABackbone(Backbone):
 
     @dataclass
     class Config(LoadConfig):
-        """Exactly one of `checkpoint` (a released directory) or `preset` (random weights: tiny, cpu-25m)."""
+        """Exactly one of `checkpoint` (a released directory) or `preset` (random weights: tiny, cpu-25m).
+        center_crop: the LIBERO fine-tunes' evaluation crops the central 90% of the area (trained with crops)."""
+
+        center_crop: bool = False
+
+    center_crop = False
 
     def __init__(self, model: OpenVLAModel, tokenizer, unnorm_key: str | None = None) -> None:
         self.model = model.eval()
@@ -68,10 +74,13 @@ class OpenVLABackbone(Backbone):
         if config.preset is not None:
             from .tiny import build_preset
 
-            return build_preset(config.preset, seed=config.seed, device=device, dtype=dtype,
-                                attn_implementation=config.attn_implementation, unnorm_key=config.unnorm_key)
-        return cls.from_pretrained(config.checkpoint, unnorm_key=config.unnorm_key, device=device, dtype=dtype,
-                                   attn_implementation=config.attn_implementation)
+            backbone = build_preset(config.preset, seed=config.seed, device=device, dtype=dtype,
+                                    attn_implementation=config.attn_implementation, unnorm_key=config.unnorm_key)
+        else:
+            backbone = cls.from_pretrained(config.checkpoint, unnorm_key=config.unnorm_key, device=device, dtype=dtype,
+                                           attn_implementation=config.attn_implementation)
+        backbone.center_crop = config.center_crop
+        return backbone
 
     @classmethod
     def from_pretrained(
@@ -175,6 +184,8 @@ def prepare_prismatic(backbone, obs: Observation) -> PreparedInputs:
     images, instructions = validate_observation(obs, backbone.cameras)
     model = backbone.model
     query = resize_images(images["primary"], model.featurizer_spec.img_size)
+    if getattr(backbone, "center_crop", False):
+        query = center_crop(query)
     ids = [backbone.prompt_ids(instruction) for instruction in instructions]
     if len({len(i) for i in ids}) != 1:
         raise InputError(

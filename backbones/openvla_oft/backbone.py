@@ -45,7 +45,7 @@ from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
 
 from .heads import L1RegressionActionHead, ProprioProjector, normalize_proprio, unnormalize_actions
-from .preprocess import center_crop
+from vlacache.backbones.openvla.preprocess import center_crop
 
 __all__ = ["OpenVLAOFTBackbone", "STOP_TOKEN", "HEAD_PATTERN", "PROPRIO_PATTERN", "FILM_PATTERN", "META_KEY"]
 

@@ -1,4 +1,4 @@
-"""OFT's optional center crop (its LIBERO policies were trained with random-crop augmentation)."""
+"""The center crop of the OpenVLA / OFT LIBERO evaluations (their LIBERO policies were trained with random crops)."""
 
 from __future__ import annotations
 
