@@ -9,8 +9,9 @@ Protocol (openvla/experiments/robot/libero/run_libero_eval.py, and the OFT fork)
     then `num_settle_steps` no-op steps [0,0,0,0,0,0,-1] so objects settle; those do not count against
     `max_steps` (220 spatial / 280 object / 300 goal / 520 libero_10 / 400 libero_90).
   * images: agentview and eye-in-hand, rotated 180 degrees (`img[::-1, ::-1]`), uint8 at `resolution` (256).
-    The env does NOT resize to 224 or center-crop: the backbone resizes. `center_crop` is only exposed as a flag
-    (`env.center_crop`) for a backbone/runner that implements the crop of models trained with random crops.
+    With `model_resize` (e.g. 224) the env resizes as the OpenVLA/OFT LIBERO evaluations do (their training
+    pipeline's JPEG round trip + Lanczos, here with PIL rather than TensorFlow); otherwise the backbone resizes.
+    The center crop of the LIBERO fine-tunes is a backbone option (`backbone.center_crop`).
   * proprio (OFT convention): float32 [eef_pos(3), axis-angle of the eef quaternion (3), gripper qpos (2)].
   * actions: the model's gripper value g in [0, 1] (1 = open) becomes sign(2g - 1) and is then inverted, so that
     LIBERO gets -1 = open, +1 = close. OpenVLA and OpenVLA-OFT do exactly the same for LIBERO
@@ -79,6 +80,21 @@ def to_libero_action(action: Any, gripper: str = "openvla") -> np.ndarray:
     if gripper == "openvla":
         a[-1] = -np.sign(2.0 * a[-1] - 1.0)
     return a
+
+
+def jpeg_lanczos_resize(image: np.ndarray, size: int, quality: int = 95) -> np.ndarray:
+    """The evaluations' `resize_image`: JPEG encode/decode (TF's default quality 95), then an antialiased
+    Lanczos-3 resize to size x size, so inputs match the RLDS training pipeline. PIL stands in for TensorFlow
+    here: close, not bit-identical."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    decoded = Image.open(buffer).convert("RGB")
+    return np.asarray(decoded.resize((size, size), Image.LANCZOS), dtype=np.uint8)
 
 
 def quat2axisangle(quat: np.ndarray) -> np.ndarray:
@@ -172,7 +188,7 @@ class LiberoEnv(Env):
         protocol: str = "openvla"  # openvla | oft (identical on the env side for LIBERO; recorded in info)
         gripper: str = "openvla"  # openvla: model g in [0,1], 1=open -> LIBERO -1=open; raw: pass through
         resolution: int = 256  # rendered camera size (square); the backbone resizes
-        center_crop: bool = False  # NOT applied here: exposed as env.center_crop for the backbone/runner
+        model_resize: int | None = None  # e.g. 224: JPEG round trip + Lanczos resize, as the LIBERO evaluations
         num_settle_steps: int = 10  # no-op steps after set_init_state (not counted in max_steps)
         max_steps: int | None = None  # None = the suite's limit (SUITE_MAX_STEPS)
         renderer: str = "egl"  # egl | osmesa (CPU: Mesa llvmpipe)
@@ -197,9 +213,6 @@ class LiberoEnv(Env):
         self.task_ids = self._select(config.tasks, num_tasks, "tasks")
         self.init_state_ids = self._select(config.init_states, NUM_INIT_STATES, "init_states")
         self.max_steps = int(config.max_steps or SUITE_MAX_STEPS[config.suite])
-        self.center_crop = bool(config.center_crop)
-        if self.center_crop:
-            warnings.warn("LiberoEnv(center_crop=True): the env does not crop; the backbone/runner must apply it", stacklevel=2)
 
         self._benchmark_mod, self._get_libero_path, self._env_cls = import_libero(config.renderer)
         with contextlib.redirect_stdout(io.StringIO()):  # the benchmark prints its task order
@@ -324,6 +337,8 @@ class LiberoEnv(Env):
             "primary": np.ascontiguousarray(raw["agentview_image"][::-1, ::-1]),
             "wrist": np.ascontiguousarray(raw["robot0_eye_in_hand_image"][::-1, ::-1]),
         }
+        if self.config.model_resize:
+            images = {name: jpeg_lanczos_resize(image, self.config.model_resize) for name, image in images.items()}
         proprio = np.concatenate(
             [raw["robot0_eef_pos"], quat2axisangle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
         ).astype(np.float32)

@@ -158,3 +158,24 @@ def test_tiny_model_episode_with_cache_reuses_static_scene(env):
             reused.append(sum(r.stats.reused_per_layer))
     assert reused[0] == 0  # the first step computes everything
     assert all(n > 0 for n in reused[1:]), reused  # the table scene is static: later steps reuse visual tokens
+
+
+def test_model_resize_follows_the_evaluation_pipeline(env):
+    """model_resize=224: the same frame, JPEG round trip + Lanczos to 224, not a plain crop or a bicubic."""
+    from PIL import Image
+
+    from vlacache.envs.libero import jpeg_lanczos_resize
+
+    obs = env.reset(env.episodes()[0])
+    small = jpeg_lanczos_resize(obs.images["primary"], 224)
+    assert small.shape == (224, 224, 3) and small.dtype == np.uint8
+    bicubic = np.asarray(Image.fromarray(obs.images["primary"]).resize((224, 224), Image.BICUBIC))
+    diff = np.abs(small.astype(int) - bicubic.astype(int))
+    assert 0 < diff.mean() < 4  # the same picture, resampled differently (JPEG artefacts + Lanczos)
+    resized = LiberoEnv(LiberoEnv.Config(tasks=[0], init_states=[0], num_settle_steps=2, model_resize=224))
+    try:
+        first = resized.reset(resized.episodes()[0])
+        assert first.images["primary"].shape == (224, 224, 3) and first.images["wrist"].shape == (224, 224, 3)
+        np.testing.assert_array_equal(first.images["primary"], jpeg_lanczos_resize(resized.raw_obs["agentview_image"][::-1, ::-1].copy(), 224))
+    finally:
+        resized.close()
