@@ -175,11 +175,12 @@ class CacheEngine:
         if not plan.is_empty:
             self._check_reusable(layout, batch_size)
         cache = self.new_cache()
-        kept, select = self._row_maps(plan, layout.length, batch_size)
+        device = next(self.decoder.parameters()).device
+        kept, select = self._row_maps(plan, layout.length, batch_size, device)
         for layer, rows in enumerate(kept):
             if rows is not None:
                 k, v = self.episode.prompt_kv[layer]
-                cache.splice[layer] = (k, v, rows.to(k.device))
+                cache.splice[layer] = (k, v, rows)
         probe_layers = frozenset()
         query_positions = None
         if request is not None:
@@ -189,7 +190,7 @@ class CacheEngine:
                 raise ValueError(f"attention statistics requested for layers {bad}, but the decoder has layers 0..{self.num_layers - 1}")
             span = layout.text if request.query == "text" else None
             positions = span.positions() if span is not None else torch.tensor([layout.length - 1])
-            query_positions = positions.expand(batch_size, -1)
+            query_positions = positions.expand(batch_size, -1).contiguous().to(device)
         self._step = _ActiveStep(
             cache=cache,
             layout=layout,
@@ -238,8 +239,9 @@ class CacheEngine:
             )
 
     @staticmethod
-    def _row_maps(plan: ReusePlan, length: int, batch_size: int):
-        """Per layer: kept positions [B, K_l] (None: nothing reused) and the rows of the previous layer to keep."""
+    def _row_maps(plan: ReusePlan, length: int, batch_size: int, device: torch.device):
+        """Per layer: kept positions [B, K_l] (None: nothing reused) and the rows of the previous layer to keep,
+        built once per step on the CPU and moved to the model's device once (never inside a layer hook)."""
         kept: list[torch.Tensor | None] = []
         select: list[torch.Tensor | None] = []
         previous: torch.Tensor | None = None
@@ -261,7 +263,8 @@ class CacheEngine:
             select.append(rows if previous is None else torch.searchsorted(previous, rows))
             kept.append(rows)
             previous, previous_count = rows, count
-        return kept, select
+        moved = {id(t): t.to(device) for t in kept + select if t is not None}
+        return [moved[id(t)] if t is not None else None for t in kept], [moved[id(t)] if t is not None else None for t in select]
 
     def _rows_of(self, tensor: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
         """Gather `rows` [B, K] along `dim` of a tensor whose batch dim may be 1 (broadcast)."""
@@ -282,7 +285,7 @@ class CacheEngine:
             allowed = torch.ones(rows.shape[0], rows.shape[1], length, dtype=torch.bool, device=rows.device)
         allowed = allowed[:, None]
         if self._additive_mask:
-            return torch.zeros((), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).to(dtype)
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
         return allowed
 
     def _before_layer(self, index: int, layer: nn.Module, args: tuple, kwargs: dict):
@@ -291,10 +294,8 @@ class CacheEngine:
             return None
         rows = step.kept[index]
         hidden = args[0] if args else kwargs["hidden_states"]
-        device = hidden.device
-        rows = rows.to(device)
         if step.select[index] is not None:
-            select = step.select[index].to(device)
+            select = step.select[index]
             hidden = hidden.gather(1, select[:, :, None].expand(-1, -1, hidden.shape[-1]))
         count = step.counts[index]
         cos, sin = kwargs["position_embeddings"]
@@ -325,8 +326,8 @@ class CacheEngine:
             return None
         normed = args[0] if args else kwargs["hidden_states"]
         rows = step.kept[index]
-        queries = step.query_positions.to(normed.device).contiguous()
-        local = queries if rows is None else torch.searchsorted(rows.to(normed.device), queries)
+        queries = step.query_positions
+        local = queries if rows is None else torch.searchsorted(rows, queries)
         cos, sin = kwargs["position_embeddings"]
         mask = kwargs.get("attention_mask")
         layer = self.layers[index]
@@ -354,7 +355,7 @@ class CacheEngine:
         rows = step.kept[-1]
         if rows is not None:
             previous = self.episode.final_hidden.to(hidden.device, hidden.dtype)
-            index = rows.to(hidden.device)[:, :, None].expand(-1, -1, hidden.shape[-1])
+            index = rows[:, :, None].expand(-1, -1, hidden.shape[-1])
             hidden = previous.scatter(1, index, hidden)
             if isinstance(output, tuple):
                 output = (hidden, *output[1:])
