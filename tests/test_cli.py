@@ -23,7 +23,8 @@ def vlacache(*args, cwd=None, timeout=600):
 def test_list_shows_every_registry():
     out = vlacache("list")
     assert out.returncode == 0, out.stderr
-    for name in ("openvla", "pixel-cosine", "attention", "entropy-adaptive", "entropy-minmax", "constant",
+    for name in ("openvla", "openvla-oft", "cogact", "libero", "simpler", "dynamic-background", "moving-distractor",
+                 "pixel-cosine", "attention", "entropy-adaptive", "entropy-minmax", "constant",
                  "always", "full-first-step", "replay"):
         assert name in out.stdout
     assert "strategies (selector)" in out.stdout and "strategies (gate)" in out.stdout

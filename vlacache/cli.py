@@ -14,7 +14,7 @@ EXIT_BAD_INPUT = 2
 
 
 def _list(args) -> int:
-    from .registry import BACKBONES, ENVS, STRATEGIES
+    from .registry import BACKBONES, ENVS, PERTURBATIONS, STRATEGIES
 
     def show(title, registry):
         names = registry.names(args.pattern)
@@ -27,6 +27,7 @@ def _list(args) -> int:
     for kind, registry in STRATEGIES.items():
         show(f"strategies ({kind})", registry)
     show("envs", ENVS)
+    show("perturbations", PERTURBATIONS)
     return 0
 
 
