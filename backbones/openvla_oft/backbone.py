@@ -9,6 +9,8 @@ hidden states of the chunk * 7 rows starting one row BEFORE the first placeholde
 and the first chunk * 7 - 1 placeholders: OFT trains and runs its head on the next-token-aligned rows
 (`last_hidden_states[:, NUM_PATCHES + NUM_PROMPT_TOKENS : ... + ACTION_DIM * NUM_ACTIONS_CHUNK]`), so a
 released head only works on those rows. They are the layout's extra span "readout".
+FiLM (OFT+, optional): both towers' blocks are modulated by the mean embedding of BOS + prompt + stop token (see
+film.py); it lives inside `embed`, so the cache engine sees ordinary vision tokens.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from vlacache.flops import linear_flops
 from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
 
+from .film import VisionFiLM, average_language_embedding, film_state_to_released, released_to_film_state
 from .heads import L1RegressionActionHead, ProprioProjector, normalize_proprio, unnormalize_actions
 from vlacache.backbones.openvla.preprocess import center_crop
 
@@ -56,10 +59,6 @@ FILM_PATTERN = "vision_backbone--*_checkpoint.pt"
 DDP_PREFIX = "module."
 META_KEY = "vlacache_oft"  # written by save_pretrained into config.json; released checkpoints have none
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-FILM_MESSAGE = (
-    "OpenVLA-OFT checkpoints trained with FiLM (use_film=True, a separate 'vision_backbone--*_checkpoint.pt') "
-    "are not supported yet; use an OFT checkpoint without FiLM (e.g. the LIBERO ones)"
-)
 
 
 @register_backbone("openvla-oft")
@@ -89,6 +88,7 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         chunk: int = 8,
         unnorm_key: str | None = None,
         center_crop: bool = False,
+        film: VisionFiLM | None = None,
     ) -> None:
         attn = getattr(model.language_model.config, "_attn_implementation", None) or "eager"
         if attn not in SUPPORTED_ATTENTION:
@@ -103,6 +103,7 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         self.proprio_projector = proprio_projector.eval() if proprio_projector is not None else None
         self.chunk = chunk
         self.center_crop = center_crop
+        self.film = film.eval() if film is not None else None
         self._decoder_kw = cache_keyword(self.decoder.forward)
         self._mask_memo: dict[tuple, torch.Tensor] = {}
         self._check_parts()
@@ -116,6 +117,8 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
                 f"action head takes rows of action_dim {head.action_dim} x width {head.input_dim}, but the decoder "
                 f"width is {llm_dim} and the action statistics have {self.action_dim} dims"
             )
+        if self.film is not None and self.film.llm_dim != llm_dim:
+            raise CheckpointError(f"FiLM projections take language embeddings of width {self.film.llm_dim}, the decoder width is {llm_dim}")
         if self.proprio_projector is not None:
             if "proprio" not in stats:
                 raise CheckpointError(
@@ -132,8 +135,6 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: "OpenVLAOFTBackbone.Config") -> "OpenVLAOFTBackbone":
-        if config.use_film:
-            raise InputError(FILM_MESSAGE)
         if (config.checkpoint is None) == (config.preset is None):
             raise InputError("backbone config: set exactly one of `checkpoint` (a directory) or `preset` (tiny, cpu-25m)")
         if config.dtype not in DTYPES:
@@ -145,8 +146,8 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         if config.preset is not None:
             from .tiny import build_preset
 
-            return build_preset(config.preset, seed=config.seed, **options)
-        return cls.from_pretrained(config.checkpoint, step=config.step, **options)
+            return build_preset(config.preset, seed=config.seed, film=config.use_film, **options)
+        return cls.from_pretrained(config.checkpoint, step=config.step, use_film=config.use_film, **options)
 
     @classmethod
     def from_pretrained(
@@ -163,14 +164,14 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         use_film: bool = False,
     ) -> "OpenVLAOFTBackbone":
         """Load a released OFT directory unchanged: the OpenVLA HF files (config.json, safetensors, tokenizer) plus
-        `action_head--<step>_checkpoint.pt` and `proprio_projector--<step>_checkpoint.pt` (DDP state dicts)."""
-        if use_film:
-            raise InputError(FILM_MESSAGE)
+        `action_head--<step>_checkpoint.pt` and `proprio_projector--<step>_checkpoint.pt` (DDP state dicts).
+        FiLM is on when the directory holds a `vision_backbone--<step>_checkpoint.pt` (the FiLM-wrapped towers,
+        which replace the safetensors' vision weights, as OFT's loader does); `use_film=True` requires one."""
         path = Path(path)
         raw = read_config(path)
-        film = sorted(p.name for p in path.glob(FILM_PATTERN))
-        if film:
-            raise CheckpointError(f"{path / film[0]} holds a FiLM vision backbone. {FILM_MESSAGE}")
+        film_file = None
+        if use_film or any(path.glob(FILM_PATTERN)):
+            film_file = find_part(path, FILM_PATTERN, step, "FiLM vision backbone")
         meta = raw.get(META_KEY) or {}
         if "chunk" in meta and int(meta["chunk"]) != chunk:
             raise CheckpointError(
@@ -182,6 +183,15 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         state = load_safetensors_dir(path)
         with torch.device("meta"):
             model = OpenVLAModel(config, attn_implementation)
+        film = None
+        if film_file is not None:
+            with torch.device("meta"):
+                film = VisionFiLM(model.vision_backbone, model.language_model.config.hidden_size)
+            released = strip_prefix(load_torch_file(film_file), DDP_PREFIX)
+            vision, projections = released_to_film_state(released, model.vision_backbone, film, film_file)
+            state = {k: v for k, v in state.items() if not k.startswith("vision_backbone.")}
+            state.update({"vision_backbone." + k: v for k, v in vision.items()})
+            film.load_state_dict(projections, strict=True, assign=True)
         load_state_dict_strict(model, state, assign=True)
         key = resolve_unnorm_key(config.norm_stats, unnorm_key)
         llm_dim = model.language_model.config.hidden_size
@@ -201,6 +211,7 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
             chunk=chunk,
             unnorm_key=key,
             center_crop=center_crop,
+            film=film.to(device=device, dtype=dtype) if film is not None else None,
         )
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30, step: str | int = "latest") -> None:
@@ -217,7 +228,7 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
             "proprio_dim": self.proprio_projector.proprio_dim if self.proprio_projector is not None else None,
         }
         config_path.write_text(json.dumps(data, indent=2))
-        for pattern in (HEAD_PATTERN, PROPRIO_PATTERN):
+        for pattern in (HEAD_PATTERN, PROPRIO_PATTERN, FILM_PATTERN):
             for old in path.glob(pattern):
                 old.unlink()
         head = {DDP_PREFIX + k: v.detach().cpu().to(torch.bfloat16) for k, v in self.action_head.state_dict().items()}
@@ -225,6 +236,10 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         if self.proprio_projector is not None:
             projector = {DDP_PREFIX + k: v.detach().cpu().float() for k, v in self.proprio_projector.state_dict().items()}
             save_torch_checkpoint(path / PROPRIO_PATTERN.replace("*", str(step)), projector)
+        if self.film is not None:
+            # OFT saves FiLMedPrismaticVisionBackbone.state_dict() (LoRA-wrapped linears, no "module." prefix)
+            save_torch_checkpoint(path / FILM_PATTERN.replace("*", str(step)),
+                                  film_state_to_released(self.model.vision_backbone, self.film))
 
     # -- the four stages ----------------------------------------------------------------------------------
     @property
@@ -311,14 +326,20 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         batch, cameras = input_ids.shape[0], len(self.cameras)
         # both cameras through the towers as one batch (camera-major), then back to [B, cameras * P, D]
         views = pixel_values.view(batch, cameras, 6, *pixel_values.shape[-2:]).transpose(0, 1).reshape(batch * cameras, 6, *pixel_values.shape[-2:])
-        patches = self.model.projector(self.model.vision_backbone(views))
-        patches = patches.view(cameras, batch, *patches.shape[1:]).transpose(0, 1).reshape(batch, -1, patches.shape[-1])
         embedding = self.model.language_model.get_input_embeddings()
         text = embedding(input_ids)
+        stop = embedding(torch.full((batch, 1), STOP_TOKEN, dtype=torch.long, device=input_ids.device))
+        if self.film is not None:
+            # FiLM: BOS + prompt + stop averaged, the same vector for every camera (camera-major rows)
+            language = average_language_embedding(text, stop).repeat(cameras, 1)
+            features = self.film(self.model.vision_backbone, views, language)
+        else:
+            features = self.model.vision_backbone(views)
+        patches = self.model.projector(features)
+        patches = patches.view(cameras, batch, *patches.shape[1:]).transpose(0, 1).reshape(batch, -1, patches.shape[-1])
         parts = [text[:, :1], patches.to(text.dtype)]
         if self.proprio_projector is not None:
             parts.append(self.proprio_projector(inputs.model_inputs["proprio"]).to(text.dtype)[:, None])
-        stop = embedding(torch.full((batch, 1), STOP_TOKEN, dtype=torch.long, device=input_ids.device))
         placeholders = text.new_zeros(batch, self.num_action_tokens, text.shape[-1])
         return torch.cat([*parts, text[:, 1:], placeholders, stop], dim=1)
 
@@ -376,6 +397,8 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
     def vision_flops(self) -> float:
         """Both cameras through towers + projector, plus the proprio projector (the head is not counted)."""
         total = len(self.cameras) * super().vision_flops()
+        if self.film is not None:
+            total += len(self.cameras) * self.film.flops(self.model.vision_backbone)
         if self.proprio_projector is not None:
             d, p = self.proprio_projector.llm_dim, self.proprio_projector.proprio_dim
             total += 2.0 * (p * d + d * d)
@@ -392,7 +415,8 @@ def find_part(path: Path, pattern: str, step: str | int | None, what: str) -> Pa
         found = f" (found {others})" if others else ""
         raise CheckpointError(
             f"missing {what} file {path / (wanted or pattern)}{found}; a released OpenVLA-OFT directory holds "
-            f"'{HEAD_PATTERN}' and '{PROPRIO_PATTERN}' next to config.json and the safetensors"
+            f"'{HEAD_PATTERN}' and '{PROPRIO_PATTERN}' next to config.json and the safetensors (FiLM ones also "
+            f"'{FILM_PATTERN}')"
         )
     if len(matches) > 1:
         raise CheckpointError(

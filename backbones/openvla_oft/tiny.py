@@ -11,6 +11,7 @@ from vlacache.backbones.openvla.tiny import preset_config as openvla_preset_conf
 from vlacache.backbones.openvla.tokenizer import load_tokenizer, tiny_tokenizer_dir
 from vlacache.types import InputError
 
+from .film import VisionFiLM
 from .heads import L1RegressionActionHead, ProprioProjector
 
 __all__ = ["PRESETS", "preset_config", "build_preset", "LIBERO_PROPRIO_Q01", "LIBERO_PROPRIO_Q99"]
@@ -56,8 +57,10 @@ def build_preset(
     chunk: int = 8,
     use_proprio: bool = True,
     center_crop: bool = False,
+    film: bool = False,
 ):
-    """A random-weight OpenVLAOFTBackbone of preset `name`, deterministic for a given seed."""
+    """A random-weight OpenVLAOFTBackbone of preset `name`, deterministic for a given seed. `film=True` adds
+    random FiLM projections to both towers (drawn after every other weight, so the rest equals film=False)."""
     from .backbone import OpenVLAOFTBackbone
 
     config = preset_config(name)
@@ -68,6 +71,7 @@ def build_preset(
     head = L1RegressionActionHead(llm_dim, PRESETS[name]["head_hidden"], len(stats["action"]["q01"]))
     _round_to_bf16(head)
     projector = ProprioProjector(llm_dim, len(stats["proprio"]["q01"])) if use_proprio else None
+    film_module = VisionFiLM(model.vision_backbone, llm_dim) if film else None
     device = torch.device(device)
     return OpenVLAOFTBackbone(
         place_model(model, device, dtype),
@@ -77,4 +81,5 @@ def build_preset(
         chunk=chunk,
         unnorm_key=unnorm_key,
         center_crop=center_crop,
+        film=film_module.to(device=device, dtype=dtype) if film_module is not None else None,
     )
