@@ -2,7 +2,6 @@
 perturbations and recordings (issue 4, items 3-7)."""
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -10,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 from test_cli import SCRIPT, vlacache
 
 from vlacache import Observation, register_env
