@@ -50,6 +50,16 @@ class ActionOutput:
     tokens: torch.Tensor | None = None
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else as torch spells it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 @dataclass
 class LoadConfig:
     """Fields every backbone config shares: where the weights come from and how to place them."""
@@ -61,6 +71,17 @@ class LoadConfig:
     device: str = "auto"
     attn_implementation: str = "sdpa"
     seed: int = 0
+
+    def placement(self) -> tuple[torch.device, torch.dtype]:
+        """Check the shared fields and return (device, dtype) to build the backbone with."""
+        if (self.checkpoint is None) == (self.preset is None):
+            raise InputError(
+                "backbone config: set exactly one of `checkpoint` (the released checkpoint) or `preset` "
+                "(random weights of the real structure, e.g. tiny)"
+            )
+        if self.dtype not in DTYPES:
+            raise InputError(f"backbone dtype '{self.dtype}' is not one of {sorted(DTYPES)}")
+        return resolve_device(self.device), DTYPES[self.dtype]
 
 
 class Backbone(ABC):

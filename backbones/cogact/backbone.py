@@ -35,7 +35,7 @@ from transformers import DynamicCache
 
 from vlacache.backbone import ActionOutput, Backbone, LoadConfig, PrefillOutput, PreparedInputs
 from vlacache.backbones.openvla.actions import resolve_unnorm_key, unnormalize
-from vlacache.backbones.openvla.backbone import DTYPES, PROMPT, cache_keyword, prepare_prismatic, resolve_device
+from vlacache.backbones.openvla.backbone import PROMPT, cache_keyword, prepare_prismatic
 from vlacache.backbones.openvla.checkpoint import CheckpointError, load_state_dict_strict, read_json
 from vlacache.backbones.openvla.model import OpenVLAModel
 from vlacache.backbones.openvla.tokenizer import copy_tokenizer_files, load_tokenizer
@@ -107,11 +107,7 @@ class CogACTBackbone(Backbone):
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: "CogACTBackbone.Config") -> "CogACTBackbone":
-        if (config.checkpoint is None) == (config.preset is None):
-            raise InputError("backbone config: set exactly one of `checkpoint` (a CogACT folder or its .pt) or `preset` (tiny)")
-        if config.dtype not in DTYPES:
-            raise InputError(f"backbone dtype '{config.dtype}' is not one of {sorted(DTYPES)}")
-        device, dtype = resolve_device(config.device), DTYPES[config.dtype]
+        device, dtype = config.placement()
         options = dict(
             unnorm_key=config.unnorm_key, seed=config.seed, cfg_scale=config.cfg_scale, ddim_steps=config.ddim_steps,
             action_ensemble=config.action_ensemble, ensemble_horizon=config.ensemble_horizon,

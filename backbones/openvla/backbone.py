@@ -26,13 +26,6 @@ from .tokenizer import copy_tokenizer_files, load_tokenizer
 from .vision import normalize_for_towers
 
 PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def cache_keyword(forward) -> str:
@@ -66,11 +59,7 @@ class OpenVLABackbone(Backbone):
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: "OpenVLABackbone.Config") -> "OpenVLABackbone":
-        if (config.checkpoint is None) == (config.preset is None):
-            raise InputError("backbone config: set exactly one of `checkpoint` (a directory) or `preset` (tiny, cpu-25m)")
-        if config.dtype not in DTYPES:
-            raise InputError(f"backbone dtype '{config.dtype}' is not one of {sorted(DTYPES)}")
-        device, dtype = resolve_device(config.device), DTYPES[config.dtype]
+        device, dtype = config.placement()
         if config.preset is not None:
             from .tiny import build_preset
 
@@ -178,6 +167,17 @@ class OpenVLABackbone(Backbone):
         return self.model.vision_flops()
 
 
+def batch_prompt_ids(backbone, instructions: tuple[str, ...]) -> torch.Tensor:
+    """The backbone's prompt ids for each instruction as one [B, T] tensor; all must tokenize to one length."""
+    ids = [backbone.prompt_ids(instruction) for instruction in instructions]
+    if len({len(i) for i in ids}) != 1:
+        raise InputError(
+            "instructions in one batch tokenize to different lengths "
+            f"({sorted({len(i) for i in ids})}); batch observations that share an instruction"
+        )
+    return torch.tensor(ids, dtype=torch.long, device=backbone.device)
+
+
 def prepare_prismatic(backbone, obs: Observation) -> PreparedInputs:
     """One camera through the fused towers' preprocessing, the backbone's prompt ids, and the layout
     [BOS | patches | rest of the prompt]; shared by the Prismatic-based backbones (OpenVLA, CogACT)."""
@@ -186,13 +186,7 @@ def prepare_prismatic(backbone, obs: Observation) -> PreparedInputs:
     query = resize_images(images["primary"], model.featurizer_spec.img_size)
     if getattr(backbone, "center_crop", False):
         query = center_crop(query)
-    ids = [backbone.prompt_ids(instruction) for instruction in instructions]
-    if len({len(i) for i in ids}) != 1:
-        raise InputError(
-            "instructions in one batch tokenize to different lengths "
-            f"({sorted({len(i) for i in ids})}); batch observations that share an instruction"
-        )
-    input_ids = torch.tensor(ids, dtype=torch.long, device=backbone.device)
+    input_ids = batch_prompt_ids(backbone, instructions)
     num_patches = model.vision_backbone.num_patches
     rows, cols = model.vision_backbone.grid
     length = input_ids.shape[1] + num_patches

@@ -28,7 +28,7 @@ from transformers import DynamicCache
 
 from vlacache.backbone import ActionOutput, LoadConfig, PrefillOutput, PreparedInputs, validate_observation
 from vlacache.backbones.openvla.actions import resolve_unnorm_key
-from vlacache.backbones.openvla.backbone import DTYPES, OpenVLABackbone, cache_keyword, resize_images, resolve_device
+from vlacache.backbones.openvla.backbone import OpenVLABackbone, batch_prompt_ids, cache_keyword, resize_images
 from vlacache.backbones.openvla.checkpoint import (
     CheckpointError,
     load_safetensors_dir,
@@ -135,11 +135,7 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: "OpenVLAOFTBackbone.Config") -> "OpenVLAOFTBackbone":
-        if (config.checkpoint is None) == (config.preset is None):
-            raise InputError("backbone config: set exactly one of `checkpoint` (a directory) or `preset` (tiny, cpu-25m)")
-        if config.dtype not in DTYPES:
-            raise InputError(f"backbone dtype '{config.dtype}' is not one of {sorted(DTYPES)}")
-        device, dtype = resolve_device(config.device), DTYPES[config.dtype]
+        device, dtype = config.placement()
         options = dict(unnorm_key=config.unnorm_key, device=device, dtype=dtype,
                        attn_implementation=config.attn_implementation, chunk=config.chunk,
                        use_proprio=config.use_proprio, center_crop=config.center_crop)
@@ -202,17 +198,18 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         if use_proprio:
             proprio_file = find_part(path, PROPRIO_PATTERN, step, "proprio projector")
             projector = proprio_projector_from_state(strip_prefix(load_torch_file(proprio_file), DDP_PREFIX), llm_dim, proprio_file)
+        return cls.placed(model, tokenizer, head, projector, film, device, dtype,
+                          chunk=chunk, unnorm_key=key, center_crop=center_crop)
+
+    @classmethod
+    def placed(cls, model, tokenizer, head, projector, film, device, dtype, **options) -> "OpenVLAOFTBackbone":
+        """Build from parts made on the CPU, moving the model and every optional part to device / dtype."""
         device = torch.device(device)
-        return cls(
-            place_model(model, device, dtype),
-            tokenizer,
-            head.to(device=device, dtype=dtype),
-            projector.to(device=device, dtype=dtype) if projector is not None else None,
-            chunk=chunk,
-            unnorm_key=key,
-            center_crop=center_crop,
-            film=film.to(device=device, dtype=dtype) if film is not None else None,
-        )
+
+        def move(part):
+            return part.to(device=device, dtype=dtype) if part is not None else None
+
+        return cls(place_model(model, device, dtype), tokenizer, move(head), move(projector), film=move(film), **options)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30, step: str | int = "latest") -> None:
         """Write the released OFT layout: OpenVLA's files + the head (bf16) and proprio projector (fp32) as DDP
@@ -254,13 +251,7 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         if self.center_crop:
             query = {name: center_crop(image) for name, image in query.items()}
         proprio = self.normalized_proprio(obs.proprio, batch)
-        ids = [self.prompt_ids(instruction) for instruction in instructions]
-        if len({len(i) for i in ids}) != 1:
-            raise InputError(
-                "instructions in one batch tokenize to different lengths "
-                f"({sorted({len(i) for i in ids})}); batch observations that share an instruction"
-            )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        input_ids = batch_prompt_ids(self, instructions)
         layout = self.build_layout(input_ids.shape[1] - 1)
         pixel_values = torch.cat(
             [normalize_for_towers(query[name], self.model.featurizer_spec, self.model.fused_spec) for name in self.cameras],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vlacache.backbones.openvla.config import OpenVLAConfig
-from vlacache.backbones.openvla.model import OpenVLAModel, place_model
+from vlacache.backbones.openvla.model import OpenVLAModel
 from vlacache.backbones.openvla.tiny import PRESETS as OPENVLA_PRESETS
 from vlacache.backbones.openvla.tiny import preset_config as openvla_preset_config
 from vlacache.backbones.openvla.tokenizer import load_tokenizer, tiny_tokenizer_dir
@@ -72,14 +72,5 @@ def build_preset(
     _round_to_bf16(head)
     projector = ProprioProjector(llm_dim, len(stats["proprio"]["q01"])) if use_proprio else None
     film_module = VisionFiLM(model.vision_backbone, llm_dim) if film else None
-    device = torch.device(device)
-    return OpenVLAOFTBackbone(
-        place_model(model, device, dtype),
-        load_tokenizer(tiny_tokenizer_dir()),
-        head.to(device=device, dtype=dtype),
-        projector.to(device=device, dtype=dtype) if projector is not None else None,
-        chunk=chunk,
-        unnorm_key=unnorm_key,
-        center_crop=center_crop,
-        film=film_module.to(device=device, dtype=dtype) if film_module is not None else None,
-    )
+    return OpenVLAOFTBackbone.placed(model, load_tokenizer(tiny_tokenizer_dir()), head, projector, film_module,
+                                     device, dtype, chunk=chunk, unnorm_key=unnorm_key, center_crop=center_crop)
