@@ -55,17 +55,15 @@ def pickcube():
 def test_missing_bridge_assets_fail_at_once_without_prompt(tmp_path):
     """stdin closed, empty MS_ASSET_DIR: the adapter raises in milliseconds with the download commands and the
     target folders, before importing mani_skill; ManiSkill's own y/n prompt (reached by a bare gym.make) is
-    turned into the same error; nothing is created under MS_ASSET_DIR."""
+    turned into the same error; nothing is created under MS_ASSET_DIR. A hang would hit the subprocess timeout."""
     root = tmp_path / "ms"
     script = textwrap.dedent(f"""
-        import json, sys, time
+        import json, sys
         from vlacache.envs.simpler import SimplerEnv, MissingAssetsError, _no_download_prompt
         out = {{}}
-        start = time.perf_counter()
         try:
             SimplerEnv(SimplerEnv.Config())
         except MissingAssetsError as error:
-            out["seconds"] = time.perf_counter() - start
             out["message"] = str(error)
             out["imported_maniskill"] = "mani_skill" in sys.modules
         if {HAVE_MANISKILL!r}:
@@ -85,7 +83,7 @@ def test_missing_bridge_assets_fail_at_once_without_prompt(tmp_path):
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
     out = json.loads(line[len("RESULT"):])
     message = out["message"]
-    assert out["seconds"] < 1.0 and not out["imported_maniskill"]
+    assert not out["imported_maniskill"]  # raised before the heavy import: no download attempt, no prompt
     for needed in ("python -m mani_skill.utils.download_asset bridge_v2_real2sim -y",
                    "python -m mani_skill.utils.download_asset widowx250s -y",
                    str(root / "data" / "tasks" / "bridge_v2_real2sim_dataset"), str(root / "data" / "robots" / "widowx"),
