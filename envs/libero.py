@@ -10,7 +10,8 @@ Protocol (openvla/experiments/robot/libero/run_libero_eval.py, and the OFT fork)
     `max_steps` (220 spatial / 280 object / 300 goal / 520 libero_10 / 400 libero_90).
   * images: agentview and eye-in-hand, rotated 180 degrees (`img[::-1, ::-1]`), uint8 at `resolution` (256).
     With `model_resize` (e.g. 224) the env resizes as the OpenVLA/OFT LIBERO evaluations do (their training
-    pipeline's JPEG round trip + Lanczos, here with PIL rather than TensorFlow); otherwise the backbone resizes.
+    pipeline's JPEG round trip + Lanczos-3, bit-identical to TensorFlow's: vlacache.images); otherwise the backbone
+    resizes.
     The center crop of the LIBERO fine-tunes is a backbone option (`backbone.center_crop`).
   * proprio (OFT convention): float32 [eef_pos(3), axis-angle of the eef quaternion (3), gripper qpos (2)].
   * actions: the model's gripper value g in [0, 1] (1 = open) becomes sign(2g - 1) and is then inverted, so that
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from vlacache.env import Env, EpisodeSpec
+from vlacache.images import resize_for_policy
 from vlacache.registry import register_env
 from vlacache.types import InputError, Observation
 
@@ -82,19 +84,10 @@ def to_libero_action(action: Any, gripper: str = "openvla") -> np.ndarray:
     return a
 
 
-def jpeg_lanczos_resize(image: np.ndarray, size: int, quality: int = 95) -> np.ndarray:
-    """The evaluations' `resize_image`: JPEG encode/decode (TF's default quality 95), then an antialiased
-    Lanczos-3 resize to size x size, so inputs match the RLDS training pipeline. PIL stands in for TensorFlow
-    here: close, not bit-identical."""
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-    buffer.seek(0)
-    decoded = Image.open(buffer).convert("RGB")
-    return np.asarray(decoded.resize((size, size), Image.LANCZOS), dtype=np.uint8)
+def jpeg_lanczos_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """The evaluations' `resize_image`: TF's JPEG round trip (quality 95), then its antialiased Lanczos-3 resize
+    to size x size, so inputs match the RLDS training pipeline (vlacache.images.resize_for_policy)."""
+    return resize_for_policy(image, size)
 
 
 def quat2axisangle(quat: np.ndarray) -> np.ndarray:
@@ -188,7 +181,7 @@ class LiberoEnv(Env):
         protocol: str = "openvla"  # openvla | oft (identical on the env side for LIBERO; recorded in info)
         gripper: str = "openvla"  # openvla: model g in [0,1], 1=open -> LIBERO -1=open; raw: pass through
         resolution: int = 256  # rendered camera size (square); the backbone resizes
-        model_resize: int | None = None  # e.g. 224: JPEG round trip + Lanczos resize, as the LIBERO evaluations
+        model_resize: int | None = None  # e.g. 224: JPEG round trip + Lanczos-3 resize, as the LIBERO evaluations
         num_settle_steps: int = 10  # no-op steps after set_init_state (not counted in max_steps)
         max_steps: int | None = None  # None = the suite's limit (SUITE_MAX_STEPS)
         renderer: str = "egl"  # egl | osmesa (CPU: Mesa llvmpipe)

@@ -1,8 +1,8 @@
 """Train the tiny Llama-style SentencePiece tokenizer shipped in backbones/openvla/assets/tiny_tokenizer.
 
-The files mirror a released OpenVLA checkpoint's tokenizer (tokenizer.model, tokenizer_config.json,
-special_tokens_map.json, added_tokens.json with "<PAD>" appended after the SentencePiece vocabulary), so
-tests load it through the same transformers code path as the real Llama-2 tokenizer. Offline and
+The files mirror a released OpenVLA checkpoint's tokenizer (tokenizer.model, tokenizer.json in Llama-2's
+format, tokenizer_config.json, special_tokens_map.json, added_tokens.json with "<PAD>" appended after the
+SentencePiece vocabulary), so tests load it through the same code path as the real Llama-2 tokenizer. Offline and
 deterministic: the corpus is embedded below and training runs on one thread.
 
 Usage: python scripts/make_tiny_tokenizer.py [--out DIR]
@@ -211,6 +211,25 @@ def write_configs(out_dir: Path) -> None:
         (out_dir / name).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
+def write_tokenizer_json(model_file: Path, out_file: Path) -> None:
+    """tokenizer.json in the format of Llama-2's (and so OpenVLA's): byte-fallback BPE over the SentencePiece
+    pieces, normaliser "prepend ▁, spaces -> ▁" with no pre-tokenizer (so repeated, leading and trailing
+    spaces become the pieces SentencePiece gives), BOS added by the post-processor."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+    pieces = SentencePieceExtractor(str(model_file)).extract(models.BPE)
+    tok = Tokenizer(models.BPE(pieces["vocab"], pieces["merges"], unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
+    tok.add_tokens([AddedToken(PAD_TOKEN, normalized=True, special=True)])
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE_PIECE), normalizers.Replace(" ", SPACE_PIECE)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE_PIECE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.save(str(out_file))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
@@ -219,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     model_file = args.out / "tokenizer.model"
     train_model(model_file)
     check_model(model_file)
+    write_tokenizer_json(model_file, args.out / "tokenizer.json")
     write_configs(args.out)
     print(f"wrote tiny tokenizer ({VOCAB_SIZE} pieces + {PAD_TOKEN}) to {args.out}")
 

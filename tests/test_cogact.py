@@ -22,7 +22,7 @@ from vlacache.registry import BACKBONES
 
 @pytest.fixture(scope="module")
 def cog():
-    return build_preset("tiny", seed=0)
+    return build_preset("tiny", seed=0, noise="fixed")  # the same noise at every call: single calls compare exactly
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_saved_in_the_released_layout(saved):
 
 def test_round_trip_gives_identical_actions(cog, saved, frames):
     for source in (saved, saved / "checkpoints" / "CogACT-Tiny.pt"):
-        loaded = CogACTBackbone.from_pretrained(source)
+        loaded = CogACTBackbone.from_pretrained(source, noise="fixed")
         for obs in frames[:2]:
             (a, fa, na), (b, fb, nb) = predict(cog, obs), predict(loaded, obs)
             assert torch.equal(a.logits, b.logits) and torch.equal(fa, fb)
@@ -114,7 +114,7 @@ def test_nested_config_without_action_fields_reads_them_off_the_weights(cog, sav
     for name in ("action_model_type", "future_action_window_size", "action_dim"):
         flat.pop(name)
     (root / "config.json").write_text(json.dumps({"seed": 42, "vla": flat}))
-    loaded = CogACTBackbone.from_pretrained(root)
+    loaded = CogACTBackbone.from_pretrained(root, noise="fixed")
     assert loaded.config.action_model_type == "vlacache-tiny-DiT" and loaded.chunk_size == 16
     np.testing.assert_array_equal(predict(loaded, frames[0])[0].actions, predict(cog, frames[0])[0].actions)
 
@@ -149,6 +149,7 @@ def test_damaged_checkpoints_are_named(saved, tmp_path, damage, message):
         (root / "dataset_statistics.json").unlink()
     elif damage == "tokenizer":
         (root / "tokenizer.model").unlink()
+        (root / "tokenizer.json").unlink()
     elif damage == "weights":
         pt.unlink()
     elif damage == "section":
@@ -271,6 +272,24 @@ def test_actions_shape_deterministic_and_postprocessed(cog, frames):
     assert not np.array_equal(predict(other, obs)[2], n1)
 
 
+def test_noise_is_fresh_per_call_and_reseeded_at_episode_start(frames):
+    """As CogACT's SIMPLER policy: new noise at every call; here from a generator seeded at episode start, so an
+    episode replays exactly. noise="fixed" gives every call the episode's first draw."""
+    cog = build_preset("tiny", seed=0)
+    obs, other_task = frames[0], Observation(frames[0].images, "open the top drawer")
+    first = [predict(cog, obs)[2] for _ in range(3)]
+    assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[1], first[2])
+    cog.reset()
+    np.testing.assert_array_equal(np.stack([predict(cog, obs)[2] for _ in range(3)]), np.stack(first))
+    new_task = predict(cog, other_task)[2]  # a new instruction starts a new episode: the first draw again
+    fixed = build_preset("tiny", seed=0, noise="fixed")
+    np.testing.assert_array_equal(predict(fixed, other_task)[2], new_task)
+    np.testing.assert_array_equal(predict(fixed, obs)[2], first[0])
+    np.testing.assert_array_equal(predict(fixed, obs)[2], first[0])
+    with pytest.raises(InputError, match="noise 'random' is not one of"):
+        build_preset("tiny", noise="random")
+
+
 # -- adaptive ensemble --------------------------------------------------------------------------------------
 
 
@@ -302,8 +321,8 @@ def test_ensembler_by_hand():
 
 
 def test_backbone_ensembles_and_resets(frames):
-    plain = build_preset("tiny", seed=0)
-    ensembled = build_preset("tiny", seed=0, action_ensemble=True, ensemble_horizon=3, ensemble_alpha=0.1)
+    plain = build_preset("tiny", seed=0, noise="fixed")
+    ensembled = build_preset("tiny", seed=0, action_ensemble=True, ensemble_horizon=3, ensemble_alpha=0.1, noise="fixed")
     reference = AdaptiveEnsembler(3, 0.1)
     vla = CachedVLA(ensembled, None)
     for obs in frames[:4]:

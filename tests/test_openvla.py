@@ -35,7 +35,7 @@ def test_saved_in_the_released_layout(saved):
                 "language_model.model.layers.0.self_attn.q_proj.weight", "language_model.lm_head.weight"):
         assert key in keys
     assert not any("rotary" in k for k in keys)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
         assert (saved / name).exists()
 
 
@@ -80,7 +80,7 @@ def test_unnorm_key_errors(saved):
 
 @pytest.mark.parametrize("remove,message", [
     ("config.json", "config.json"),
-    ("tokenizer.model", "tokenizer"),
+    ("tokenizer_config.json", "tokenizer_config.json"),
     ("model-00002-of-", "model-00002-of-"),
 ])
 def test_checkpoint_with_missing_file_fails_clearly(saved, tmp_path, remove, message):
@@ -136,8 +136,23 @@ def test_prompt_ids_from_a_saved_checkpoint_match_sentencepiece(saved):
     assert loaded.prompt_ids("Put the bowl on the plate") == expected
 
 
+def test_prompt_keeps_the_instructions_spaces_as_the_official_prompt_does(saved):
+    """No .strip(): the official prompt is f"...take to {instruction.lower()}?" whatever spaces it has."""
+    import sentencepiece
+
+    from vlacache.backbones.openvla.backbone import PROMPT
+
+    loaded = OpenVLABackbone.from_pretrained(saved)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(saved / "tokenizer.model"))
+    instruction = "  Put the bowl  on the plate "
+    expected = [sp.bos_id(), *sp.encode(PROMPT.format(instruction=instruction.lower()))]
+    if expected[-1] != loaded.space_token:
+        expected.append(loaded.space_token)
+    assert loaded.prompt_ids(instruction) == expected
+
+
 def test_center_crop_option_changes_the_model_input(frames):
-    from vlacache.backbones.openvla.preprocess import center_crop
+    from vlacache.images import center_crop
 
     plain = OpenVLABackbone.from_config(OpenVLABackbone.Config(preset="tiny", device="cpu"))
     cropped = OpenVLABackbone.from_config(OpenVLABackbone.Config(preset="tiny", device="cpu", center_crop=True))

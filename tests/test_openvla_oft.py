@@ -15,7 +15,7 @@ from vlacache.backbones.openvla.checkpoint import CheckpointError
 from vlacache.backbones.openvla_oft import OpenVLAOFTBackbone, build_preset
 from vlacache.backbones.openvla_oft.backbone import STOP_TOKEN
 from vlacache.backbones.openvla_oft.heads import normalize_proprio, unnormalize_actions
-from vlacache.backbones.openvla.preprocess import center_crop
+from vlacache.images import center_crop
 from vlacache.backbones.openvla_oft.tiny import LIBERO_PROPRIO_Q01, LIBERO_PROPRIO_Q99
 from vlacache.registry import BACKBONES
 
@@ -403,3 +403,15 @@ def test_policy_steps_with_both_cameras_and_a_moving_scene(oft, scenes):
     assert steps[0].stats.episode_reset and sum(steps[0].stats.reused_per_layer) == 0
     assert all(0 < s.stats.reuse_ratio <= 1 for s in steps[1:])
     assert all(s.actions.shape == (1, 8, 7) and np.isfinite(s.actions).all() for s in steps)
+
+
+def test_other_sizes_go_through_the_official_resize_for_policy(oft, frames):
+    """OFT's get_vla_action resizes any frame that is not 224 x 224 with resize_image_for_policy (TF JPEG round
+    trip + Lanczos-3), not with the processor's bicubic."""
+    from vlacache.images import resize_for_policy
+
+    frame = frames[0].images["primary"]
+    assert frame.shape == (256, 256, 3)
+    inputs = oft.prepare(Observation({"primary": frame, "wrist": frame[::-1].copy()}, frames[0].instruction, proprio=PROPRIO))
+    assert torch.equal(inputs.query_images["primary"][0], torch.from_numpy(resize_for_policy(frame, 224)))
+    assert torch.equal(inputs.query_images["wrist"][0], torch.from_numpy(resize_for_policy(frame[::-1].copy(), 224)))

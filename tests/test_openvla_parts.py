@@ -332,14 +332,39 @@ def test_tiny_tokenizer_encodes_openvla_prompt(tiny_tokenizer):
     assert tok.convert_ids_to_tokens(space) == "\u2581"
 
 
+SPACES = [
+    "In: What action should the robot take to pick  up the bowl?\nOut:", " pick up ", "  a", "a  ", "   ",
+    "x\n y", "put the bowl\ton the  plate   ", " ", "Out:  ", "  In: two  spaces  ",
+]
+
+
+@pytest.mark.parametrize("files", ["tokenizer.json", "tokenizer.model"])
+def test_tokenizer_gives_llama2_pieces_for_repeated_leading_and_trailing_spaces(tmp_path, files):
+    """Both paths (the checkpoint's tokenizer.json as written; SentencePiece itself when only tokenizer.model
+    ships) give SentencePiece's ids; transformers' LlamaTokenizer does not for leading spaces."""
+    import sentencepiece
+
+    copy_tokenizer_files(tiny_tokenizer_dir(), tmp_path)
+    if files == "tokenizer.model":
+        (tmp_path / "tokenizer.json").unlink()
+    tok = load_tokenizer(tmp_path)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tiny_tokenizer_dir() / "tokenizer.model"))
+    for text in SPACES:
+        assert tok(text).input_ids == [sp.bos_id(), *sp.encode(text)], text
+    assert len(tok) == 513 and tok.convert_tokens_to_ids("<PAD>") == 512 and tok.pad_token_id == 512
+    assert tok.decode(tok(SPACES[0]).input_ids, skip_special_tokens=True) == SPACES[0]
+
+
 def test_load_tokenizer_names_missing_file(tmp_path):
     copied = copy_tokenizer_files(tiny_tokenizer_dir(), tmp_path)
     assert {p.name for p in copied} == {
-        "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"
+        "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"
     }
     assert len(load_tokenizer(tmp_path)) == 513
     (tmp_path / "tokenizer.model").unlink()
-    with pytest.raises(CheckpointError, match="tokenizer.model"):
+    assert len(load_tokenizer(tmp_path)) == 513  # tokenizer.json alone is enough
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json.*tokenizer.model"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").unlink()
     with pytest.raises(CheckpointError, match="tokenizer_config.json"):

@@ -12,11 +12,13 @@ returns that position's LM logits too (the runtime reports them; the token CogAC
 
 Action head: DDIM (10 steps, eta 0) over 16 x 7 normalised actions with classifier-free guidance 1.5, then
 CogACT's post-processing: clip to [-1, 1], gripper (dimension 6) binarised (< 0.5 -> 0, else 1), un-normalised
-with BOUNDS_Q99 (0.5 (x + 1)(q99 - q01) + q01 where the mask is true). Randomness: the initial noise is drawn
-from a CPU torch.Generator seeded with `Config.seed` at every call (a fixed seed per call), so a prediction
-depends only on the inputs, whatever was predicted before and on any device; the cached and uncached runs of
-one episode therefore see the same noise and differ only through the cognition feature. The action head
-runs in float32 whatever `dtype` says; VLA-Cache accelerates the VLM prefill only.
+with BOUNDS_Q99 (0.5 (x + 1)(q99 - q01) + q01 where the mask is true). Randomness (`noise`): "episode" (default,
+as CogACT's SIMPLER policy, which draws fresh noise at every call) draws each call's initial noise from a CPU
+torch.Generator seeded with `seed` at episode start (`reset()`, or a new instruction / batch / image size), so
+call t of an episode gets the t-th draw on any device, and a cached and an uncached run of one episode see the
+same noise sequence; "fixed" re-seeds at every call, so a prediction depends only on its inputs (for exact
+comparisons of single calls). The action head runs in float32 whatever `dtype` says; VLA-Cache accelerates
+the VLM prefill only.
 
 Adaptive action ensemble (CogACT's SIMPLER evaluation), `action_ensemble: true`: decode() returns the
 ensembled action for the current step, [B, 1, 7], instead of the chunk [B, 16, 7]. The ensembler is reset by
@@ -34,9 +36,9 @@ import torch
 from transformers import DynamicCache
 
 from vlacache.backbone import ActionOutput, Backbone, LoadConfig, PrefillOutput, PreparedInputs
-from vlacache.backbones.openvla.actions import resolve_unnorm_key, unnormalize
-from vlacache.backbones.openvla.backbone import PROMPT, cache_keyword, prepare_prismatic
-from vlacache.backbones.openvla.checkpoint import CheckpointError, load_state_dict_strict, read_json
+from vlacache.backbones.openvla.actions import load_norm_stats, resolve_unnorm_key, unnormalize
+from vlacache.backbones.openvla.backbone import cache_keyword, prepare_prismatic
+from vlacache.backbones.openvla.checkpoint import CheckpointError, ensure_fits, load_state_dict_strict, read_json
 from vlacache.backbones.openvla.model import OpenVLAModel
 from vlacache.backbones.openvla.tokenizer import copy_tokenizer_files, load_tokenizer
 from vlacache.flops import DecoderDims, attention_flops, linear_flops
@@ -45,14 +47,15 @@ from vlacache.types import InputError, Observation
 
 from .action_model import ActionModel, DDIMSampler, sample_actions
 from .checkpoint import (
-    CHECKPOINT_DIR, CONFIG_FILE, LAYOUT_HINT, STATS_FILE, find_checkpoint, map_to_model, read_checkpoint,
-    read_norm_stats, to_sections,
+    CHECKPOINT_DIR, CONFIG_FILE, LAYOUT_HINT, STATS_FILE, find_checkpoint, map_to_model, materialize, read_checkpoint,
+    to_sections,
 )
 from .config import CogACTConfig, action_fields_from_weights
 from .ensemble import AdaptiveEnsembler
 from .model import build_action_model, build_vlm, place
 
 GRIPPER_DIM = 6
+NOISE_MODES = ("episode", "fixed")
 DIFFUSION_STEPS = 100
 
 
@@ -69,6 +72,7 @@ class CogACTBackbone(Backbone):
         action_ensemble: bool = False
         ensemble_horizon: int = 7
         ensemble_alpha: float = 0.1
+        noise: str = "episode"  # or "fixed": the same initial noise at every call (see the module docstring)
 
     def __init__(
         self,
@@ -83,13 +87,18 @@ class CogACTBackbone(Backbone):
         action_ensemble: bool = False,
         ensemble_horizon: int = 7,
         ensemble_alpha: float = 0.1,
+        noise: str = "episode",
     ) -> None:
+        if noise not in NOISE_MODES:
+            raise InputError(f"noise '{noise}' is not one of {list(NOISE_MODES)}")
         self.model = vlm.eval()
         self.action_model = action_model.eval()
         self.config = config
         self.tokenizer = tokenizer
         self.unnorm_key = resolve_unnorm_key(config.norm_stats, unnorm_key)
         self.seed = seed
+        self.noise = noise
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.cfg_scale = float(cfg_scale)
         self.sampler = DDIMSampler(DIFFUSION_STEPS, ddim_steps)
         self.space_token = tokenizer.convert_tokens_to_ids("\u2581")
@@ -100,7 +109,7 @@ class CogACTBackbone(Backbone):
         self.ensembler = AdaptiveEnsembler(ensemble_horizon, ensemble_alpha) if action_ensemble else None
         if self.ensembler is not None and ensemble_horizon > config.chunk_size:
             raise InputError(f"ensemble_horizon {ensemble_horizon} exceeds the {config.chunk_size} predicted actions per step")
-        self._ensemble_key: tuple | None = None
+        self._episode_key: tuple | None = None
         self.last_cognition: torch.Tensor | None = None
         self.last_normalized: np.ndarray | None = None
 
@@ -111,7 +120,7 @@ class CogACTBackbone(Backbone):
         options = dict(
             unnorm_key=config.unnorm_key, seed=config.seed, cfg_scale=config.cfg_scale, ddim_steps=config.ddim_steps,
             action_ensemble=config.action_ensemble, ensemble_horizon=config.ensemble_horizon,
-            ensemble_alpha=config.ensemble_alpha,
+            ensemble_alpha=config.ensemble_alpha, noise=config.noise,
         )
         if config.preset is not None:
             from .tiny import build_preset
@@ -130,7 +139,9 @@ class CogACTBackbone(Backbone):
     ) -> "CogACTBackbone":
         """Load a released CogACT folder (or its checkpoints/<name>.pt) unchanged; see checkpoint.py."""
         root, weights = find_checkpoint(path)
-        data, norm_stats = read_json(root / CONFIG_FILE), read_norm_stats(root)
+        data = read_json(root / CONFIG_FILE)
+        norm_stats = load_norm_stats(root, data.get("norm_stats") if isinstance(data, dict) else None, CONFIG_FILE)
+        resolve_unnorm_key(norm_stats, options.get("unnorm_key"))  # a wrong key fails before any weights are read
         tokenizer = _load_tokenizer(root)
         sections = read_checkpoint(weights)
         config = CogACTConfig.from_dict(data, norm_stats, fallback=action_fields_from_weights(sections["action_model"]))
@@ -142,6 +153,13 @@ class CogACTBackbone(Backbone):
             action_model = build_action_model(config, vlm.language_model.config.hidden_size)
         expected = {**vlm.state_dict(), **{f"action_model.{k}": v for k, v in action_model.state_dict().items()}}
         state = map_to_model(sections, expected, weights)
+        del sections
+        device = torch.device(device)
+        head_dtype = lambda key: torch.float32 if key.startswith("action_model.") else dtype  # noqa: E731
+        nbytes = sum(t.numel() * torch.empty((), dtype=head_dtype(k) if t.is_floating_point() else t.dtype).element_size()
+                     for k, t in state.items())
+        ensure_fits(weights, nbytes, device, dtype)
+        state = materialize(state, device, head_dtype)
         load_state_dict_strict(vlm, {k: v for k, v in state.items() if not k.startswith("action_model.")}, assign=True)
         load_state_dict_strict(
             action_model, {k[len("action_model."):]: v for k, v in state.items() if k.startswith("action_model.")}, assign=True
@@ -177,8 +195,10 @@ class CogACTBackbone(Backbone):
         return self.config.chunk_size
 
     def prompt_ids(self, instruction: str) -> list[int]:
-        """CogACT: the prompt's ids (with BOS), then "▁" and EOS appended unconditionally."""
-        ids = self.tokenizer(PROMPT.format(instruction=instruction.lower())).input_ids
+        """CogACT: the prompt's ids (with BOS), then "▁" and EOS appended unconditionally. Prismatic's prompt builder
+        removes the literal text "<image>" from the message (and strips it, a no-op around "What ... ?")."""
+        message = f"What action should the robot take to {instruction.lower()}?".replace("<image>", "").strip()
+        ids = self.tokenizer(f"In: {message}\nOut:").input_ids
         return [*ids, self.space_token, self.eos_token]
 
     def prepare(self, obs: Observation) -> PreparedInputs:
@@ -199,21 +219,23 @@ class CogACTBackbone(Backbone):
         """No decoder pass: DDIM + CFG on the cognition feature, post-processing, optional ensembling."""
         cognition = prefill.extra["cognition"]
         self.last_cognition = cognition.detach()
+        key = inputs.episode_key()
+        if key != self._episode_key:
+            self.reset()
+            self._episode_key = key
         normalized = self.sample_normalized(cognition)
         self.last_normalized = normalized
         actions = self.postprocess(normalized)
         if self.ensembler is not None:
-            key = inputs.episode_key()
-            if key != self._ensemble_key:
-                self.ensembler.reset()
-                self._ensemble_key = key
             actions = self.ensembler.ensemble_action(actions)[:, None].astype(np.float32)
         return ActionOutput(actions=actions)
 
     def initial_noise(self, batch: int) -> torch.Tensor:
-        """[B, 16, 7] standard normal noise from a generator seeded with `seed` (the same at every call)."""
-        generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        return torch.randn(batch, self.chunk_size, self.config.action_dim, generator=generator)
+        """[B, 16, 7] standard normal noise: the episode generator's next draw ("episode"), or the first draw
+        of a generator seeded with `seed` ("fixed")."""
+        if self.noise == "fixed":
+            self.generator.manual_seed(self.seed)
+        return torch.randn(batch, self.chunk_size, self.config.action_dim, generator=self.generator)
 
     @torch.inference_mode()
     def sample_normalized(self, cognition: torch.Tensor, noise: torch.Tensor | None = None) -> np.ndarray:
@@ -232,10 +254,11 @@ class CogACTBackbone(Backbone):
         return unnormalize(x, self.config.norm_stats[self.unnorm_key]).astype(np.float32)
 
     def reset(self) -> None:
-        """Start a new episode: forget the action-ensemble history (the runtime should call this on reset)."""
+        """Start a new episode: re-seed the noise generator, forget the action-ensemble history."""
+        self.generator.manual_seed(self.seed)
         if self.ensembler is not None:
             self.ensembler.reset()
-        self._ensemble_key = None
+        self._episode_key = None
 
     # -- accounting ---------------------------------------------------------------------------------------
     def decoder_dims(self) -> DecoderDims:
@@ -274,6 +297,6 @@ def _load_tokenizer(root: Path):
     if not (root / "tokenizer_config.json").is_file() or not any((root / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
         raise CheckpointError(
             f"missing tokenizer files in {root}: CogACT uses the Llama-2 tokenizer (meta-llama/Llama-2-7b-hf); copy its "
-            f"tokenizer.model, tokenizer_config.json and special_tokens_map.json next to config.json. {LAYOUT_HINT}"
+            f"tokenizer.json, tokenizer.model, tokenizer_config.json and special_tokens_map.json next to config.json. {LAYOUT_HINT}"
         )
     return load_tokenizer(root)

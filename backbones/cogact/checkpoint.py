@@ -4,7 +4,7 @@
     <root>/dataset_statistics.json      {dataset: {"action": {"q01", "q99", "mask", ...}, ...}}
     <root>/checkpoints/<name>.pt        {"model": {"vision_backbone": {...}, "projector": {...},
                                                    "llm_backbone": {...}, "action_model": {...}}}, fp32
-    <root>/tokenizer.model, tokenizer_config.json, ...   the Llama-2 tokenizer (CogACT itself loads it from
+    <root>/tokenizer.json, tokenizer.model, tokenizer_config.json, ...   the Llama-2 tokenizer (CogACT itself loads it from
                                         meta-llama/Llama-2-7b-hf; copy those files here)
 
 The .pt uses the older Prismatic naming; the model here uses OpenVLA's (shared modules):
@@ -28,15 +28,15 @@ from typing import Any
 
 import torch
 
+from vlacache.backbones.openvla.actions import STATS_FILE
 from vlacache.backbones.openvla.checkpoint import CheckpointError, read_json
 
 SECTIONS = ("vision_backbone", "projector", "llm_backbone", "action_model")
 CONFIG_FILE = "config.json"
-STATS_FILE = "dataset_statistics.json"
 CHECKPOINT_DIR = "checkpoints"
 LAYOUT_HINT = (
     "A CogACT checkpoint folder holds config.json, dataset_statistics.json, checkpoints/<name>.pt and the "
-    "Llama-2 tokenizer files (tokenizer.model, tokenizer_config.json, special_tokens_map.json)."
+    "Llama-2 tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json, special_tokens_map.json)."
 )
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # persisted by some old transformers versions
 _TOWERS = {"featurizer": "dino_featurizer", "fused_featurizer": "siglip_featurizer"}
@@ -100,20 +100,11 @@ def find_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     return path, found[0]
 
 
-def read_norm_stats(root: Path) -> dict[str, Any]:
-    stats = read_json(root / STATS_FILE)
-    bad = [k for k, v in stats.items() if not (isinstance(v, dict) and {"q01", "q99"} <= set(v.get("action", {})))] \
-        if isinstance(stats, dict) else ["(not an object)"]
-    if bad or not stats:
-        raise CheckpointError(f"{root / STATS_FILE}: dataset(s) {bad or '(none)'} lack action q01/q99 statistics")
-    return stats
-
-
 def read_checkpoint(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The four state-dict sections of a released .pt (tensor-only load; not memory-mapped, so the model never
-    depends on the file staying unchanged; the tensors are used as loaded, without a second copy)."""
+    """The four state-dict sections of a released .pt: a tensor-only load, memory-mapped, so nothing is read
+    until `materialize` copies each tensor into the dtype and device the model runs in."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         raise CheckpointError(f"cannot load {path} as a tensor-only torch checkpoint: {err}") from err
     model = data.get("model") if isinstance(data, dict) else None
@@ -160,6 +151,17 @@ def map_to_model(
             f"{source} does not match the model described by config.json:\n  " + "\n  ".join(problems)
             + "\nHint: check vision_backbone_id / llm_backbone_id / action_model_type / action_dim in config.json."
         )
+    return state
+
+
+def materialize(state: dict[str, torch.Tensor], device: torch.device, dtype_of) -> dict[str, torch.Tensor]:
+    """Copy each (memory-mapped) tensor into ``dtype_of(key)`` on ``device``, one at a time, dropping the mapping as
+    it goes, so the checkpoint's dtype and the model's never both hold the whole model."""
+    for key in list(state):
+        tensor = state[key]
+        target = dtype_of(key) if tensor.is_floating_point() else tensor.dtype
+        state[key] = tensor.to(device=device, dtype=target, copy=True)
+        del tensor
     return state
 
 

@@ -30,7 +30,8 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-from vlacache.backbones.openvla.checkpoint import CheckpointError
+from vlacache.backbones.openvla.checkpoint import CheckpointError, check_field_types
+from vlacache.backbones.openvla.config import checked_llama_config
 
 # Prismatic vision backbone id -> (featurizer timm id, fused featurizer timm id), as in Prismatic's registry.
 VISION_BACKBONES: dict[str, tuple[str, str]] = {
@@ -115,7 +116,9 @@ class CogACTConfig:
                 "vision_backbone_id, llm_backbone_id (or vla.base_vlm), arch_specifier, action_model_type, "
                 "future_action_window_size (top level, or under 'model' / 'vla')"
             )
-        config = cls(**{k: v for k, v in values.items() if v is not None}, norm_stats=dict(norm_stats or {}), raw=dict(data))
+        values = {k: v for k, v in values.items() if v is not None}
+        check_field_types(cls, values, "config.json")
+        config = cls(**values, norm_stats=norm_stats if norm_stats is not None else {}, raw=dict(data))
         config.validate()
         return config
 
@@ -155,7 +158,7 @@ class CogACTConfig:
 
     def llama_config(self, attn_implementation: str = "sdpa") -> LlamaConfig:
         fields = dict(self.text_config) if self.text_config is not None else dict(LLM_BACKBONES[self.llm_backbone_id])
-        config = LlamaConfig(**{k: v for k, v in fields.items() if k not in _NOT_LLAMA_FIELDS})
+        config = checked_llama_config({k: v for k, v in fields.items() if k not in _NOT_LLAMA_FIELDS})
         config._attn_implementation = attn_implementation
         return config
 

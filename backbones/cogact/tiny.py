@@ -44,7 +44,7 @@ def preset_config(name: str) -> CogACTConfig:
 
 def build_preset(name: str, seed: int = 0, device="cpu", dtype=torch.float32, attn_implementation="sdpa", **options):
     """A random-weight CogACTBackbone of preset `name`, deterministic for a given seed; `options` are
-    CogACTBackbone's (unnorm_key, cfg_scale, ddim_steps, action_ensemble, ensemble_horizon, ensemble_alpha)."""
+    CogACTBackbone's (unnorm_key, cfg_scale, ddim_steps, action_ensemble, ensemble_horizon, ensemble_alpha, noise)."""
     from .backbone import CogACTBackbone
 
     config = preset_config(name)

@@ -1,12 +1,61 @@
-"""OpenVLA's action de-tokenisation and un-normalisation."""
+"""OpenVLA's action de-tokenisation and un-normalisation, and where a checkpoint's statistics come from."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vlacache.types import InputError
+
+from .checkpoint import CheckpointError, read_json
+
+STATS_FILE = "dataset_statistics.json"
+
+
+class NormStats(dict):
+    """{dataset: {"action": {q01, q99, mask, ...}, "proprio": ...}} plus `sources`: which file offered which
+    datasets (for error messages)."""
+
+    def __init__(self, stats: dict[str, Any], sources: dict[str, list[str]]) -> None:
+        super().__init__(stats)
+        self.sources = sources
+
+
+def load_norm_stats(ckpt_dir: str | os.PathLike[str], from_config: Any, config_name: str = "config.json") -> NormStats:
+    """The statistics that un-normalise actions: the checkpoint dir's dataset_statistics.json when it has one
+    (both official evaluations replace config.json's `norm_stats` with it), else config.json's `norm_stats`.
+    Checked here, at load time: a missing, null or empty set of statistics, or a dataset without action q01/q99,
+    is an error naming the file."""
+    ckpt_dir = Path(ckpt_dir)
+    stats_file = ckpt_dir / STATS_FILE
+    sources = {config_name: sorted(from_config) if isinstance(from_config, dict) else []}
+    if stats_file.is_file():
+        stats, origin = read_json(stats_file), stats_file
+        sources[STATS_FILE] = sorted(stats) if isinstance(stats, dict) else []
+    else:
+        stats, origin = from_config, ckpt_dir / config_name
+        if not stats:
+            raise CheckpointError(
+                f"{origin} has no action statistics (norm_stats is {'empty' if stats == {} else repr(stats)}) and there is no "
+                f"{stats_file.name} next to it; copy the checkpoint's {STATS_FILE} into {ckpt_dir}"
+            )
+    if not isinstance(stats, dict) or not stats:
+        raise CheckpointError(f"{origin} holds no dataset statistics; restore it from the released checkpoint")
+    bad = [k for k, v in stats.items() if not _has_action_bounds(v)]
+    if bad:
+        raise CheckpointError(f"{origin}: dataset(s) {bad} lack action q01/q99 statistics; restore it from the released checkpoint")
+    return NormStats(stats, sources)
+
+
+def _has_action_bounds(entry: Any) -> bool:
+    action = entry.get("action") if isinstance(entry, dict) else None
+    if not isinstance(action, dict) or not {"q01", "q99"} <= set(action):
+        return False
+    q01, q99 = action["q01"], action["q99"]
+    return isinstance(q01, list) and isinstance(q99, list) and len(q01) == len(q99) > 0
 
 
 def tokens_to_normalized(tokens: np.ndarray, text_vocab_size: int, n_bins: int = 256) -> np.ndarray:
@@ -28,7 +77,10 @@ def resolve_unnorm_key(norm_stats: dict[str, Any], key: str | None) -> str:
         if key not in norm_stats and alias in norm_stats:
             return alias
     if key not in norm_stats:
-        raise InputError(f"unknown unnorm_key '{key}'; this checkpoint has {sorted(norm_stats)}")
+        sources = getattr(norm_stats, "sources", None) or {"the checkpoint": sorted(norm_stats)}
+        listed = "; ".join(f"{name}: {keys}" for name, keys in sources.items())
+        used = " (dataset_statistics.json is the one used)" if len(sources) > 1 else ""
+        raise InputError(f"unknown unnorm_key '{key}'; datasets in {listed}{used}; pass one of {sorted(norm_stats)}")
     return key
 
 

@@ -14,14 +14,17 @@ from transformers import DynamicCache
 
 from vlacache.backbone import ActionOutput, Backbone, LoadConfig, PrefillOutput, PreparedInputs, validate_observation
 from vlacache.flops import DecoderDims
+from vlacache.images import center_crop
 from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
 
-from .actions import resolve_unnorm_key, tokens_to_normalized, unnormalize
-from .checkpoint import load_safetensors_dir, load_state_dict_strict, read_config, save_safetensors_dir
+from .actions import STATS_FILE, load_norm_stats, resolve_unnorm_key, tokens_to_normalized, unnormalize
+from .checkpoint import (
+    ensure_fits, load_safetensors_dir, load_state_dict_strict, loaded_nbytes, read_config, save_safetensors_dir,
+    weight_files,
+)
 from .config import OpenVLAConfig
 from .model import OpenVLAModel, place_model
-from .preprocess import center_crop
 from .tokenizer import copy_tokenizer_files, load_tokenizer
 from .vision import normalize_for_towers
 
@@ -81,20 +84,24 @@ class OpenVLABackbone(Backbone):
         attn_implementation: str = "sdpa",
     ) -> "OpenVLABackbone":
         """Load a released OpenVLA HF checkpoint directory unchanged (config.json, safetensors, tokenizer)."""
-        path = Path(path)
-        config = OpenVLAConfig.from_dict(read_config(path))
+        path, device = Path(path), torch.device(device)
+        config = read_openvla_config(path)
+        resolve_unnorm_key(config.norm_stats, unnorm_key)  # a wrong key fails before any weights are read
         tokenizer = load_tokenizer(path)
-        state = load_safetensors_dir(path)
         with torch.device("meta"):
             model = OpenVLAModel(config, attn_implementation)
-        load_state_dict_strict(model, state, assign=True)
-        return cls(place_model(model, torch.device(device), dtype), tokenizer, unnorm_key)
+        files, _ = weight_files(path)
+        ensure_fits(path, loaded_nbytes(files, dtype), device, dtype)
+        load_state_dict_strict(model, load_safetensors_dir(path, dtype, device), assign=True)
+        return cls(place_model(model, device, dtype), tokenizer, unnorm_key)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-        """Write the checkpoint in the released layout: config.json, (sharded) safetensors, tokenizer files."""
+        """Write the checkpoint in the released layout: config.json, dataset_statistics.json, (sharded)
+        safetensors, tokenizer files."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        (path / STATS_FILE).write_text(json.dumps(self.config.norm_stats, indent=2))
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         save_safetensors_dir(path, state, max_shard_bytes=max_shard_bytes)
         copy_tokenizer_files(self.tokenizer_dir, path)
@@ -116,7 +123,7 @@ class OpenVLABackbone(Backbone):
         return prepare_prismatic(self, obs)
 
     def prompt_ids(self, instruction: str) -> list[int]:
-        ids = self.tokenizer(PROMPT.format(instruction=instruction.lower().strip())).input_ids
+        ids = self.tokenizer(PROMPT.format(instruction=instruction.lower())).input_ids  # no strip, as the official code
         if ids[-1] != self.space_token:
             ids.append(self.space_token)
         return ids
@@ -165,6 +172,14 @@ class OpenVLABackbone(Backbone):
 
     def vision_flops(self) -> float:
         return self.model.vision_flops()
+
+
+def read_openvla_config(path: Path) -> OpenVLAConfig:
+    """config.json of a checkpoint dir, with the statistics the official evaluations use (dataset_statistics.json
+    when present, see `load_norm_stats`)."""
+    config = OpenVLAConfig.from_dict(read_config(path))
+    config.norm_stats = load_norm_stats(path, config.norm_stats)
+    return config
 
 
 def batch_prompt_ids(backbone, instructions: tuple[str, ...]) -> torch.Tensor:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -18,8 +21,13 @@ __all__ = [
     "SAFETENSORS_FILE",
     "SAFETENSORS_INDEX_FILE",
     "read_json",
+    "check_field_types",
     "read_config",
     "load_safetensors_dir",
+    "weight_files",
+    "loaded_nbytes",
+    "available_memory",
+    "ensure_fits",
     "save_safetensors_dir",
     "load_state_dict_strict",
     "save_torch_checkpoint",
@@ -32,7 +40,7 @@ SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 _LAYOUT_HINT = (
     "A released OpenVLA directory holds config.json, the weights as model.safetensors or "
     "model.safetensors.index.json + model-0000K-of-0000N.safetensors shards, and the tokenizer files "
-    "(tokenizer.model, tokenizer_config.json, special_tokens_map.json, added_tokens.json)."
+    "(tokenizer.json, tokenizer.model, tokenizer_config.json, special_tokens_map.json, added_tokens.json)."
 )
 _MAX_LISTED = 20
 
@@ -50,6 +58,42 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); re-download or regenerate it") from err
+
+
+def check_field_types(schema: type, values: Mapping[str, Any], source: str) -> None:
+    """Raise a ``CheckpointError`` naming the first field of ``values`` whose JSON value does not have the type the
+    dataclass ``schema`` declares for it (str, bool, int, float, list[...], dict[...], Any, ``X | None``)."""
+    hints = typing.get_type_hints(schema)
+    for name, value in values.items():
+        if name in hints and not _matches(value, hints[name]):
+            shown = json.dumps(value)[:60]
+            raise CheckpointError(
+                f"{source}: field '{name}' is {shown} ({type(value).__name__}), expected {_describe(hints[name])}; "
+                "restore the value from the released config.json"
+            )
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    return str(hint).replace("typing.", "") if typing.get_origin(hint) else getattr(hint, "__name__", str(hint))
 
 
 def _require_dir(ckpt_dir: str | os.PathLike[str]) -> Path:
@@ -70,21 +114,38 @@ def read_config(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    # clone(): tensors read from a file can sit at unaligned addresses, which sends CPU matmuls down other
-    # kernels and changes results in the last bit; a fresh allocation is aligned.
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        return {key: handle.get_tensor(key).clone() for key in handle.keys()}
+def _read_safetensors(path: Path, dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of one file, each cast to ``dtype`` (floating tensors) and placed on ``device`` as it is read,
+    so a wider dtype never coexists with a full copy in the file's. Same dtype on the CPU: clone(), because tensors
+    read from a file can sit at unaligned addresses, which sends CPU matmuls down other kernels and changes
+    results in the last bit; a fresh allocation is aligned."""
+    state = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+                if target == tensor.dtype and device.type == "cpu":
+                    state[key] = tensor.clone()
+                else:
+                    state[key] = tensor.to(device=device, dtype=target)
+                del tensor
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(
+            f"cannot read {path}: {err}. The file is truncated or corrupted; re-download it"
+        ) from err
+    return state
 
 
-def load_safetensors_dir(ckpt_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load all tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
+def weight_files(ckpt_dir: str | os.PathLike[str]) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a checkpoint dir (``model.safetensors``, or the shards its index lists) and the
+    index's weight map (None for a single file); checks that every listed shard exists."""
     ckpt_dir = _require_dir(ckpt_dir)
     index_path = ckpt_dir / SAFETENSORS_INDEX_FILE
     single_path = ckpt_dir / SAFETENSORS_FILE
     if not index_path.is_file():
         if single_path.is_file():
-            return _read_safetensors(single_path)
+            return [single_path], None
         raise CheckpointError(
             f"no weights in {ckpt_dir}: neither {single_path.name} nor {index_path.name} exists. {_LAYOUT_HINT}"
         )
@@ -99,13 +160,70 @@ def load_safetensors_dir(ckpt_dir: str | os.PathLike[str]) -> dict[str, torch.Te
             f"{index_path.name} lists shard(s) that are not in {ckpt_dir}: {', '.join(missing)}; "
             "the download is incomplete, fetch the missing shard file(s)"
         )
+    return [ckpt_dir / name for name in shards], weight_map
+
+
+def loaded_nbytes(files: Iterable[Path], dtype: torch.dtype | None) -> int:
+    """Bytes the tensors of these safetensors files take once loaded in ``dtype``, read from their headers only."""
+    total = 0
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    piece = handle.get_slice(key)
+                    stored = _SAFETENSORS_DTYPES.get(piece.get_dtype(), torch.float32)
+                    target = dtype if dtype is not None and stored.is_floating_point else stored
+                    total += math.prod(piece.get_shape()) * torch.empty((), dtype=target).element_size()
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"cannot read {path}: {err}. The file is truncated or corrupted; re-download it") from err
+    return total
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device``: CUDA's free memory, or the OS's MemAvailable for the CPU (None if unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def ensure_fits(source: Path, nbytes: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse before reading any weights when the model cannot fit in the memory ``device`` has free."""
+    free = available_memory(device)
+    if free is None or nbytes <= free:
+        return
+    gib = 2**30
+    hint = f"load in bfloat16 (backbone.dtype=bfloat16, about {nbytes / 2 / gib:.1f} GiB), " if dtype == torch.float32 else ""
+    raise CheckpointError(
+        f"loading {source} in {str(dtype).removeprefix('torch.')} needs {nbytes / gib:.1f} GiB on {device}, but only "
+        f"{free / gib:.1f} GiB is free; {hint}free memory, or use a machine with more"
+    )
+
+
+def load_safetensors_dir(
+    ckpt_dir: str | os.PathLike[str], dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Load all tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``,
+    floating tensors cast to ``dtype`` (None: as stored) and placed on ``device`` one tensor at a time."""
+    files, weight_map = weight_files(ckpt_dir)
     state: dict[str, torch.Tensor] = {}
-    for name in shards:
-        state.update(_read_safetensors(ckpt_dir / name))
-    absent = [key for key in weight_map if key not in state]
+    for path in files:
+        state.update(_read_safetensors(path, dtype, torch.device(device)))
+    absent = [key for key in weight_map or {} if key not in state]
     if absent:
         raise CheckpointError(
-            f"{index_path.name} maps {_listing(absent)} to shards that do not contain them; "
+            f"{SAFETENSORS_INDEX_FILE} maps {_listing(absent)} to shards that do not contain them; "
             "the index and shards come from different saves, re-download both"
         )
     return state

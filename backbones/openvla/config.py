@@ -7,7 +7,12 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-from .checkpoint import CheckpointError
+try:  # transformers 5.x validates config fields through huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError as FieldValidationError
+except ImportError:  # pragma: no cover
+    FieldValidationError = ValueError
+
+from .checkpoint import CheckpointError, check_field_types
 
 REQUIRED = ("vision_backbone_id", "arch_specifier", "use_fused_vision_backbone", "timm_model_ids", "image_sizes", "text_config", "norm_stats")
 _NOT_LLAMA_FIELDS = ("model_type", "architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path")
@@ -23,7 +28,7 @@ class OpenVLAConfig:
     timm_model_ids: list[str]
     image_sizes: list[int]
     text_config: dict[str, Any]
-    norm_stats: dict[str, Any]
+    norm_stats: dict[str, Any] | None  # None: only in dataset_statistics.json (see actions.load_norm_stats)
     llm_backbone_id: str = "llama2-7b-pure"
     image_resize_strategy: str = "resize-naive"
     n_action_bins: int = 256
@@ -36,6 +41,8 @@ class OpenVLAConfig:
         missing = [k for k in REQUIRED if k not in data]
         if missing:
             raise CheckpointError(f"config.json lacks the OpenVLA field(s) {missing}; is this an OpenVLA HF checkpoint?")
+        known = {f for f in cls.__dataclass_fields__ if f != "raw"}
+        check_field_types(cls, {k: v for k, v in data.items() if k in known}, "config.json")
         if data.get("model_type", "openvla") != "openvla":
             raise CheckpointError(f"config.json has model_type '{data['model_type']}', expected 'openvla'")
         if not data["use_fused_vision_backbone"] or len(data["timm_model_ids"]) != 2:
@@ -44,13 +51,12 @@ class OpenVLAConfig:
             raise CheckpointError(f"arch_specifier '{data['arch_specifier']}' is not supported; expected '...fused-gelu-mlp'")
         if data.get("image_resize_strategy", "resize-naive") != "resize-naive":
             raise CheckpointError(f"image_resize_strategy '{data['image_resize_strategy']}' is not supported; expected 'resize-naive'")
-        known = {f for f in cls.__dataclass_fields__ if f != "raw"}
         return cls(**{k: v for k, v in data.items() if k in known}, raw=dict(data))
 
     def llama_config(self, attn_implementation: str = "sdpa") -> LlamaConfig:
         """LlamaConfig from `text_config`: only the fields that differ from LlamaConfig's defaults are stored."""
         fields = {k: v for k, v in self.text_config.items() if k not in _NOT_LLAMA_FIELDS}
-        config = LlamaConfig(**fields)
+        config = checked_llama_config(fields)
         config._attn_implementation = attn_implementation
         return config
 
@@ -65,3 +71,11 @@ class OpenVLAConfig:
             if name != "raw":
                 data[name] = getattr(self, name)
         return data
+
+
+def checked_llama_config(fields: dict[str, Any]) -> LlamaConfig:
+    """A LlamaConfig, with transformers' field validation reported as a config.json problem."""
+    try:
+        return LlamaConfig(**fields)
+    except (TypeError, ValueError, FieldValidationError) as err:
+        raise CheckpointError(f"config.json text_config is invalid: {err}; restore it from the released config.json") from err

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
-import transformers
-from transformers import AutoTokenizer
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from .checkpoint import CheckpointError, read_json
@@ -17,6 +16,7 @@ __all__ = [
     "TOKENIZER_FILES",
     "REQUIRED_TOKENIZER_FILES",
     "load_tokenizer",
+    "SentencePieceTokenizer",
     "tiny_tokenizer_dir",
     "copy_tokenizer_files",
 ]
@@ -36,48 +36,94 @@ def _check_files(ckpt_dir: Path) -> None:
     if not ckpt_dir.is_dir():
         raise CheckpointError(
             f"tokenizer directory {ckpt_dir} does not exist; point to the checkpoint folder holding "
-            "tokenizer.model and tokenizer_config.json"
+            "tokenizer.json (or tokenizer.model) and tokenizer_config.json"
         )
     for name in REQUIRED_TOKENIZER_FILES:
         if not (ckpt_dir / name).is_file():
             raise CheckpointError(
-                f"missing tokenizer file {ckpt_dir / name}; copy it from the released checkpoint "
-                "(or use copy_tokenizer_files)"
+                f"missing tokenizer file {ckpt_dir / name}; copy it from the released checkpoint together with "
+                "tokenizer.json, tokenizer.model, special_tokens_map.json and added_tokens.json (or use copy_tokenizer_files)"
             )
     if not any((ckpt_dir / name).is_file() for name in _VOCAB_FILES):
         raise CheckpointError(
-            f"missing tokenizer file {ckpt_dir / 'tokenizer.model'} (nor is there a tokenizer.json); "
-            "copy the SentencePiece model from the released checkpoint"
+            f"missing tokenizer file {ckpt_dir / 'tokenizer.json'} (nor is there a tokenizer.model); "
+            "copy tokenizer.json and tokenizer.model from the released checkpoint"
         )
 
 
-def load_tokenizer(ckpt_dir: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
-    """Load the tokenizer of a checkpoint directory offline via ``AutoTokenizer``.
+def load_tokenizer(ckpt_dir: str | os.PathLike[str]):
+    """The tokenizer of a checkpoint directory, offline, giving Llama-2's pieces for every string.
 
-    Converting ``tokenizer.model`` (when there is no ``tokenizer.json``) needs the ``protobuf`` package.
+    With ``tokenizer.json`` (released OpenVLA / OFT checkpoints ship one) the file is used exactly as written, as
+    the official code's fast tokenizer does. Without it, SentencePiece itself runs ``tokenizer.model``. Not
+    ``LlamaTokenizer``: transformers 5.x rebuilds its normaliser and then splits leading and repeated spaces
+    differently from Llama-2's SentencePiece.
     """
     ckpt_dir = Path(ckpt_dir)
     _check_files(ckpt_dir)
-    needs_conversion = not (ckpt_dir / "tokenizer.json").is_file()
-    if needs_conversion:
-        try:
-            import google.protobuf  # noqa: F401
-        except ImportError as err:
-            raise CheckpointError(
-                f"{ckpt_dir} has only tokenizer.model, and converting it requires protobuf; "
-                "run `pip install protobuf`"
-            ) from err
-    # The class named in tokenizer_config.json (LlamaTokenizer for OpenVLA), not AutoTokenizer's guess: next to
-    # a config.json whose model_type ('openvla') transformers does not know, some 5.x versions fall back to a
-    # generic backend that tokenizes the prompt differently.
-    name = read_json(ckpt_dir / "tokenizer_config.json").get("tokenizer_class") or ""
-    cls = getattr(transformers, name, None) or getattr(transformers, name.removesuffix("Fast"), None) or AutoTokenizer
+    if not (ckpt_dir / "tokenizer.json").is_file():
+        return SentencePieceTokenizer(ckpt_dir)
     previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # AutoTokenizer warns that config.json's model_type 'openvla' is unknown
+    hf_logging.set_verbosity_error()  # warns that config.json's model_type 'openvla' is unknown
     try:
-        return cls.from_pretrained(str(ckpt_dir), local_files_only=True)
+        return PreTrainedTokenizerFast.from_pretrained(str(ckpt_dir), local_files_only=True)
     finally:
         hf_logging.set_verbosity(previous)
+
+
+class SentencePieceTokenizer:
+    """Llama-2's tokenizer as SentencePiece runs it (BOS + ``sp.encode``), for checkpoint folders that ship only
+    ``tokenizer.model``; the part of the transformers tokenizer API vlacache uses. Special-token text inside a
+    string (e.g. a literal ``</s>``) is encoded as plain characters, as SentencePiece does."""
+
+    def __init__(self, folder: Path) -> None:
+        import sentencepiece
+
+        self.name_or_path = str(folder)
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        config = read_json(folder / "tokenizer_config.json")
+        self.add_bos_token = bool(config.get("add_bos_token", True))
+        self.add_eos_token = bool(config.get("add_eos_token", False))
+        added = folder / "added_tokens.json"
+        self.added_tokens: dict[str, int] = read_json(added) if added.is_file() else {}
+        specials = {**config, **(read_json(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file() else {})}
+        for role in ("bos", "eos", "unk", "pad"):
+            value = specials.get(f"{role}_token")
+            setattr(self, f"{role}_token", value.get("content") if isinstance(value, dict) else value)
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size() + len(self.added_tokens)
+
+    def __call__(self, text: str) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=self.encode(text))
+
+    def encode(self, text: str) -> list[int]:
+        ids = list(self.sp.encode(text))
+        return [self.sp.bos_id()] * self.add_bos_token + ids + [self.sp.eos_id()] * self.add_eos_token
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        if token is None:
+            return None
+        if token in self.added_tokens:
+            return self.added_tokens[token]
+        return self.sp.piece_to_id(token)
+
+    def convert_ids_to_tokens(self, ids):
+        names = {i: t for t, i in self.added_tokens.items()}
+        one = lambda i: names.get(i) or self.sp.id_to_piece(i)  # noqa: E731
+        return one(ids) if isinstance(ids, int) else [one(i) for i in ids]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        special = {self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id(), *self.added_tokens.values()}
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in special]
+        return self.sp.decode(ids)
+
+    bos_token_id = property(lambda self: self.convert_tokens_to_ids(self.bos_token))
+    eos_token_id = property(lambda self: self.convert_tokens_to_ids(self.eos_token))
+    unk_token_id = property(lambda self: self.convert_tokens_to_ids(self.unk_token))
+    pad_token_id = property(lambda self: self.convert_tokens_to_ids(self.pad_token))
 
 
 def tiny_tokenizer_dir() -> Path:

@@ -27,11 +27,14 @@ from torch import nn
 from transformers import DynamicCache
 
 from vlacache.backbone import ActionOutput, LoadConfig, PrefillOutput, PreparedInputs, validate_observation
-from vlacache.backbones.openvla.actions import resolve_unnorm_key
-from vlacache.backbones.openvla.backbone import OpenVLABackbone, batch_prompt_ids, cache_keyword, resize_images
+from vlacache.backbones.openvla.actions import load_norm_stats, resolve_unnorm_key
+from vlacache.backbones.openvla.backbone import OpenVLABackbone, batch_prompt_ids, cache_keyword
 from vlacache.backbones.openvla.checkpoint import (
     CheckpointError,
+    ensure_fits,
     load_safetensors_dir,
+    loaded_nbytes,
+    weight_files,
     load_state_dict_strict,
     load_torch_file,
     read_config,
@@ -43,12 +46,12 @@ from vlacache.backbones.openvla.model import OpenVLAModel, place_model
 from vlacache.backbones.openvla.tokenizer import load_tokenizer
 from vlacache.backbones.openvla.vision import normalize_for_towers
 from vlacache.flops import linear_flops
+from vlacache.images import center_crop, resize_for_policy
 from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
 
 from .film import VisionFiLM, average_language_embedding, film_state_to_released, released_to_film_state
 from .heads import L1RegressionActionHead, ProprioProjector, normalize_proprio, unnormalize_actions
-from vlacache.backbones.openvla.preprocess import center_crop
 
 __all__ = ["OpenVLAOFTBackbone", "STOP_TOKEN", "HEAD_PATTERN", "PROPRIO_PATTERN", "FILM_PATTERN", "META_KEY"]
 
@@ -175,10 +178,15 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
                 f"but the backbone config asks for chunk={chunk}; set chunk: {meta['chunk']}"
             )
         config = OpenVLAConfig.from_dict(raw)
+        config.norm_stats = load_norm_stats(path, config.norm_stats)
+        key = resolve_unnorm_key(config.norm_stats, unnorm_key)
         tokenizer = load_tokenizer(path)
-        state = load_safetensors_dir(path)
         with torch.device("meta"):
             model = OpenVLAModel(config, attn_implementation)
+        device = torch.device(device)
+        files, _ = weight_files(path)
+        ensure_fits(path, loaded_nbytes(files, dtype), device, dtype)
+        state = load_safetensors_dir(path, dtype, device)
         film = None
         if film_file is not None:
             with torch.device("meta"):
@@ -189,7 +197,7 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
             state.update({"vision_backbone." + k: v for k, v in vision.items()})
             film.load_state_dict(projections, strict=True, assign=True)
         load_state_dict_strict(model, state, assign=True)
-        key = resolve_unnorm_key(config.norm_stats, unnorm_key)
+        del state
         llm_dim = model.language_model.config.hidden_size
         action_dim = len(config.norm_stats[key]["action"]["q01"])
         head_file = find_part(path, HEAD_PATTERN, step, "action head")
@@ -247,7 +255,9 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         images, instructions = validate_observation(obs, self.cameras)
         batch = len(instructions)
         size = self.model.featurizer_spec.img_size
-        query = {name: resize_images(images[name], size) for name in self.cameras}
+        # official get_vla_action: resize_image_for_policy (JPEG round trip + Lanczos-3) on any frame of another size
+        query = {name: images[name] if images[name].shape[1:3] == (size, size)
+                 else torch.from_numpy(resize_for_policy(images[name].numpy(), size)) for name in self.cameras}
         if self.center_crop:
             query = {name: center_crop(image) for name, image in query.items()}
         proprio = self.normalized_proprio(obs.proprio, batch)
