@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from vlacache.config import ConfigError
 from vlacache.registry import register_strategy
-from vlacache.strategy import Candidates, PlanContext, RelevanceFilter
+from vlacache.strategy import Candidates, PlanContext, RelevanceFilter, resolve_layers
 
 
 @register_strategy("relevance", "none")
@@ -26,7 +27,8 @@ class AttentionRelevanceFilter(RelevanceFilter):
 
     mode 'threshold' (paper): scores min-max normalised per camera, tokens with score >= tau are removed.
     mode 'topk' (reference code): the top_k highest-scoring tokens per camera are removed.
-    layers: list of decoder layer indices, or null for all layers. query: 'text' rows or the 'last' row.
+    layers: decoder layers, null for all; an index (15, -1) or relative to the depth ('15/32': layer 15 of a
+    32-layer decoder, scaled). query: 'text' rows or the 'last' row.
     """
 
     @dataclass
@@ -34,7 +36,7 @@ class AttentionRelevanceFilter(RelevanceFilter):
         mode: str = "threshold"
         tau: float = 0.5
         top_k: int = 120
-        layers: list[int] | None = None
+        layers: list[Any] | None = None
         query: str = "text"
 
     def __init__(self, config=None) -> None:
@@ -44,10 +46,15 @@ class AttentionRelevanceFilter(RelevanceFilter):
         if self.config.query not in ("text", "last"):
             raise ConfigError(f"relevance 'attention': query must be 'text' or 'last', got '{self.config.query}'")
         self.query = self.config.query
+        if self.config.layers is not None:
+            resolve_layers(self.config.layers, 1 << 20, "relevance 'attention'")  # the syntax, at construction
 
     def required_layers(self, num_layers: int) -> tuple[int, ...]:
         layers = self.config.layers
-        return tuple(range(num_layers)) if layers is None else tuple(layers)
+        return tuple(range(num_layers)) if layers is None else resolve_layers(layers, num_layers, "relevance 'attention'")
+
+    def check(self, num_layers: int) -> None:
+        self.required_layers(num_layers)
 
     def filter(self, ctx: PlanContext, candidates: dict[str, Candidates]) -> dict[str, Candidates]:
         if ctx.stats is None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from vlacache.registry import register_strategy
-from vlacache.strategy import LayerScheduler, PlanContext
+from vlacache.strategy import LayerScheduler, PlanContext, resolve_layers
 
 
 @register_strategy("scheduler", "constant")
@@ -55,25 +56,33 @@ class EntropyAdaptiveScheduler(LayerScheduler):
 @register_strategy("scheduler", "entropy-minmax")
 class EntropyMinMaxScheduler(LayerScheduler):
     """The public reference code's variant: score^l = 1 - minmax(E)^l; the fraction is updated only at
-    apply_layers, moving towards the score by `damping` of the gap when the score is higher; layers before
-    the first apply layer compute everything."""
+    apply_layers (indices, or relative to the depth as '9/32'), moving towards the score by `damping` of the gap
+    when the score is higher; layers before the first apply layer compute everything."""
 
     needs_entropy = True
 
     @dataclass
     class Config:
-        apply_layers: list[int] = field(default_factory=lambda: [2, 6, 9, 11])
+        apply_layers: list[Any] = field(default_factory=lambda: ["2/32", "6/32", "9/32", "11/32"])
         damping: float = 0.55
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        resolve_layers(self.config.apply_layers, 1 << 20, "scheduler 'entropy-minmax'")  # the syntax, at construction
+
+    def check(self, num_layers: int) -> None:
+        resolve_layers(self.config.apply_layers, num_layers, "scheduler 'entropy-minmax'")
 
     def fractions(self, ctx: PlanContext) -> list[float]:
         entropy = layer_entropy(ctx)
         if entropy is None:
             return [0.0] * ctx.num_layers
+        apply = resolve_layers(self.config.apply_layers, ctx.num_layers, "scheduler 'entropy-minmax'")
         spread = (entropy.max() - entropy.min()).clamp_min(1e-12)
         score = 1.0 - (entropy - entropy.min()) / spread
         out, current = [], 0.0
         for layer in range(ctx.num_layers):
-            if layer in self.config.apply_layers and float(score[layer]) > current:
+            if layer in apply and float(score[layer]) > current:
                 current += self.config.damping * (float(score[layer]) - current)
             out.append(current)
         return out

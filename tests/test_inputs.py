@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+import vlacache
 from vlacache import CachedVLA, InputError, Observation
+from vlacache.backbone import LoadConfig, resolve_device
+from vlacache.types import NonFiniteOutputError
 
 GOOD = np.zeros((256, 256, 3), dtype=np.uint8)
 INSTRUCTION = "pick up the bowl"
@@ -22,6 +25,11 @@ INSTRUCTION = "pick up the bowl"
     (Observation({"primary": GOOD}, "   "), "instruction is empty"),
     (Observation({"primary": np.stack([GOOD] * 2)}, [INSTRUCTION] * 3), "3 instructions for a batch of 2"),
     (Observation({"primary": [[1, 2, 3]]}, INSTRUCTION), "numpy array or torch tensor"),
+    (Observation({"primary": GOOD}, None), "instruction is None"),
+    (Observation({"primary": GOOD}, 42), "string or a list of strings, got int"),
+    (Observation({"primary": np.zeros((0, 256, 256, 3), np.uint8)}, INSTRUCTION), "batch is empty"),
+    (Observation(GOOD, INSTRUCTION), r"images must map camera names to images, got ndarray.*'primary'"),
+    (Observation([GOOD], INSTRUCTION), "images must map camera names to images, got list"),
 ])
 def test_bad_observations(tiny, obs, message):
     with pytest.raises(InputError, match=message):
@@ -42,3 +50,62 @@ def test_float_images_and_batches_work(tiny):
     batch = vla.predict(Observation({"primary": np.stack([GOOD, GOOD + 128])}, INSTRUCTION))
     assert batch.actions.shape == (2, 1, 7)
     np.testing.assert_allclose(batch.actions[1], as_uint8.actions[0], atol=1e-5)
+
+
+def test_attach_needs_a_backbone(tiny):
+    for thing in (tiny.model, "openvla", None):
+        with pytest.raises(InputError, match=f"needs a vlacache Backbone, got {type(thing).__name__}"):
+            vlacache.attach(thing, "static_reuse")
+    with pytest.raises(InputError, match="policy must be a CachePolicy"):
+        CachedVLA(tiny, "static_reuse")
+
+
+@pytest.mark.parametrize("how", ["detach", "with"])
+def test_predict_after_detach_raises_instead_of_reattaching(tiny, frames, how):
+    vla = vlacache.attach(tiny, "static_reuse")
+    if how == "detach":
+        vla.predict(frames[0])
+        vla.detach()
+    else:
+        with vla:
+            vla.predict(frames[0])
+    with pytest.raises(InputError, match="detached.*attach a new one"):
+        vla.predict(frames[1])
+    assert not any(layer._forward_pre_hooks for layer in tiny.decoder.layers)  # nothing re-attached
+    with vlacache.attach(tiny, "static_reuse") as fresh:
+        assert fresh.predict(frames[0]).actions.shape == (1, 1, 7)
+
+
+@pytest.mark.parametrize("where", ["logits", "actions"])
+def test_non_finite_outputs_raise(frames, where):
+    from vlacache.backbones.openvla import build_preset
+
+    broken = build_preset("tiny", seed=0)
+    if where == "logits":
+        with torch.no_grad():
+            broken.model.language_model.lm_head.weight[:5] = float("nan")
+    else:
+        broken.config.norm_stats[broken.unnorm_key]["action"]["q99"][0] = float("nan")
+    vla = CachedVLA(broken, None)
+    with pytest.raises(NonFiniteOutputError, match=f"NaN or inf {where} at step 0"):
+        vla.predict(frames[0])
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:64", "not available|does not exist: this machine has"),
+    ("gpu", "is not a device name"),
+])
+def test_unavailable_device_is_named(device, message):
+    with pytest.raises(InputError, match=message):
+        resolve_device(device)
+    with pytest.raises(InputError, match=message):
+        LoadConfig(preset="tiny", device=device).placement()
+
+
+def test_cuda_on_a_cpu_only_torch_is_named():
+    if torch.cuda.is_available():
+        assert resolve_device("cuda") == torch.device("cuda")
+        return
+    with pytest.raises(InputError, match=r"'cuda' is not available: .*; use device=cpu \(or auto\)"):
+        LoadConfig(preset="tiny", device="cuda").placement()
+    assert resolve_device("auto") == torch.device("cpu")

@@ -143,3 +143,39 @@ def test_register_strategy_extension_and_errors():
         CachePolicy.from_config({"selector": {"name": "pixel-cosine", "tua": 0.9}})
     with pytest.raises(RegistryError, match="Valid kinds"):
         register_strategy("selektor", "x")
+
+
+def test_layers_relative_to_the_depth():
+    from vlacache.strategy import resolve_layers
+
+    assert resolve_layers(["15/32"], 32, "x") == (15,)
+    assert resolve_layers(["2/32", "6/32", "9/32", "11/32"], 32, "x") == (2, 6, 9, 11)
+    assert resolve_layers(["15/32"], 4, "x") == (1,) and resolve_layers(["2/32", "6/32", "9/32", "11/32"], 4, "x") == (0, 1)
+    assert resolve_layers([0, -1, "31/32"], 8, "x") == (0, 7)
+    for bad, message in ((["32/32"], "0 <= i < n"), (["middle"], "neither an index"), ([8], "does not exist in this 8-layer")):
+        with pytest.raises(ConfigError, match=message):
+            resolve_layers(bad, 8, "x")
+    with pytest.raises(ConfigError, match="neither an index"):
+        build_strategy("relevance", {"name": "attention", "layers": ["half"]})
+
+
+@pytest.mark.parametrize("backbone", ["openvla", "openvla-oft", "cogact"])
+@pytest.mark.parametrize("policy", ["reference_code", "reference_code_oft"])
+def test_reference_code_policies_run_on_every_preset(frames, backbone, policy):
+    from vlacache.experiment import build_backbone
+
+    model = build_backbone({"name": backbone, "preset": "tiny", "device": "cpu"})
+    depth = len(model.decoder.layers)
+    with vlacache.attach(model, policy) as vla:
+        steps = [vla.predict(obs) for obs in frames[:3]]
+        assert vla.policy.stats_request(depth).layers == tuple(range(depth))  # entropy of all, relevance of 15/32
+        assert vla.policy.relevance.required_layers(depth) == (15 * depth // 32,)
+    assert all(np.isfinite(s.actions).all() for s in steps)
+
+
+def test_absolute_layer_beyond_the_depth_fails_at_attach(tiny):
+    policy = {"label": "x", "selector": {"name": "pixel-cosine"},
+              "relevance": {"name": "attention", "mode": "topk", "layers": [15]}}
+    with pytest.raises(ConfigError, match=r"layer 15 does not exist in this \d+-layer decoder.*'15/32'"):
+        vlacache.attach(tiny, policy)
+    assert not any(layer._forward_pre_hooks for layer in tiny.decoder.layers)

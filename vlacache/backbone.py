@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -53,11 +53,24 @@ class ActionOutput:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else as torch spells it."""
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else as torch spells it, if this machine has it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise InputError(f"device '{device}' is not a device name ({error}); use cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"this torch ({torch.__version__}) is a CPU-only build" if torch.version.cuda is None
+                   else "no CUDA device is visible")
+            raise InputError(f"device '{device}' is not available: {why}; use device=cpu (or auto), or install a CUDA build of torch")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InputError(f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device '{device}' is not available on this machine; use device=cpu or auto")
+    return resolved
 
 
 @dataclass
@@ -173,6 +186,13 @@ def validate_observation(obs: Observation, cameras: Sequence[str]) -> tuple[dict
     """Check an observation against the cameras a backbone needs; return uint8 images [B, H, W, 3] and instructions."""
     if not isinstance(obs, Observation):
         raise InputError(f"expected a vlacache Observation, got {type(obs).__name__}")
+    if not isinstance(obs.images, Mapping):
+        raise InputError(
+            f"Observation.images must map camera names to images, got {type(obs.images).__name__}; "
+            f"pass e.g. images={{'{cameras[0]}': frame}} (this backbone reads {list(cameras)})"
+        )
+    if obs.instruction is None:
+        raise InputError("Observation.instruction is None; pass the task in words, e.g. 'pick up the black bowl'")
     missing = [c for c in cameras if c not in obs.images]
     if missing:
         raise InputError(
@@ -183,7 +203,11 @@ def validate_observation(obs: Observation, cameras: Sequence[str]) -> tuple[dict
     if len(set(batch.values())) != 1:
         raise InputError(f"cameras have different batch sizes: {batch}")
     size = next(iter(batch.values()))
+    if size == 0:
+        raise InputError("the observation's batch is empty (0 images); pass at least one image per camera")
     instruction = obs.instruction
+    if not isinstance(instruction, (str, list, tuple)):
+        raise InputError(f"instruction must be a string or a list of strings, got {type(instruction).__name__}")
     instructions = (instruction,) * size if isinstance(instruction, str) else tuple(instruction)
     if not all(isinstance(i, str) for i in instructions):
         raise InputError("instruction must be a string or a list of strings")

@@ -72,6 +72,11 @@ class CachePolicy:
             label=config.label,
         )
 
+    def check(self, num_layers: int) -> None:
+        """Fail at attach time if a component's settings cannot run on a decoder of this depth."""
+        for component in (self.selector, self.relevance, self.scheduler, self.gate):
+            component.check(num_layers)
+
     @property
     def enabled(self) -> bool:
         """False for the no-cache policy (selector 'none'): run the model untouched."""

@@ -15,7 +15,7 @@ from .flops import decode_flops, prefill_flops
 from .policy import CachePolicy, PolicyConfig
 from .strategy import PlanContext
 from .timing import StepTimer
-from .types import Observation, ReusePlan, StepStats
+from .types import InputError, NonFiniteOutputError, Observation, ReusePlan, StepStats
 
 # The sections of a control step, in order; their sum plus bookkeeping is the step's wall time ("total").
 LATENCY_PARTS = ("prepare", "vision", "select", "prefill", "decode")
@@ -40,10 +40,20 @@ class CachedVLA:
     """
 
     def __init__(self, backbone: Backbone, policy: CachePolicy | None = None, sync_timing: bool = True) -> None:
+        if not isinstance(backbone, Backbone):
+            raise InputError(
+                f"vlacache needs a vlacache Backbone, got {type(backbone).__name__}; load one with e.g. "
+                "OpenVLABackbone.from_pretrained(path) or build_backbone({'name': 'openvla', 'checkpoint': path})"
+            )
+        if policy is not None and not isinstance(policy, CachePolicy):
+            raise InputError(f"policy must be a CachePolicy (or use vlacache.attach with a name/YAML/dict), got {type(policy).__name__}")
+        self.closed = False
         self.backbone = backbone
         self.policy = policy
         self.sync_timing = sync_timing
         self.engine = CacheEngine(backbone.decoder)
+        if policy is not None:
+            policy.check(self.engine.num_layers)
         if self.caching:
             self.engine.attach()
 
@@ -57,7 +67,9 @@ class CachedVLA:
         self.backbone.reset()
 
     def detach(self) -> None:
+        """Remove the hooks; this CachedVLA cannot predict afterwards (attach a new one)."""
         self.engine.detach()
+        self.closed = True
 
     def __enter__(self) -> "CachedVLA":
         return self
@@ -68,6 +80,11 @@ class CachedVLA:
     @torch.inference_mode()
     def predict(self, obs: Observation, plan: ReusePlan | None = None) -> StepResult:
         """Predict actions for one observation. `plan` overrides the policy's plan (for tests and benchmarks)."""
+        if self.closed:
+            raise InputError(
+                "this CachedVLA is detached (detach() or the end of its `with` block); attach a new one: "
+                "vla = vlacache.attach(backbone, policy)"
+            )
         backbone, engine = self.backbone, self.engine
         timer = StepTimer(backbone.device, sync=self.sync_timing)
         timer.start()
@@ -108,6 +125,7 @@ class CachedVLA:
             prefill = backbone.prefill(embeds, inputs, cache)
         with timer.section("decode"):
             decoded = backbone.decode(prefill, inputs, cache)
+        check_finite(prefill.logits, decoded.actions, engine.episode.step)
         step_index = engine.episode.step
         if engine.in_step:
             engine.end_step(inputs.query_images)
@@ -146,6 +164,18 @@ class CachedVLA:
             latency_ms=latency,
             device_ms=device_ms,
             episode_reset=fresh,
+        )
+
+
+def check_finite(logits: torch.Tensor, actions: np.ndarray, step: int) -> None:
+    """Raise instead of returning actions computed from NaN / inf."""
+    bad = [name for name, ok in (("logits", bool(torch.isfinite(logits).all())), ("actions", bool(np.isfinite(actions).all())))
+           if not ok]
+    if bad:
+        raise NonFiniteOutputError(
+            f"the model produced NaN or inf {' and '.join(bad)} at step {step} of the episode; no actions are returned. "
+            "Check the checkpoint's weights and statistics (dataset_statistics.json), or load in bfloat16/float32 "
+            "instead of float16"
         )
 
 

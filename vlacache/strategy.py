@@ -13,12 +13,41 @@ A new strategy is one class with a `Config` dataclass for its parameters and one
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
+from .config import ConfigError
 from .types import AttentionStats, TokenLayout
+
+_RELATIVE = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+
+
+def resolve_layers(specs: Sequence[Any], num_layers: int, owner: str) -> tuple[int, ...]:
+    """Decoder layer indices from a config list. An int is an absolute index (negative counts from the end);
+    "i/n" is layer i of an n-layer decoder scaled to this one's depth, floor(i * num_layers / n), so a setting
+    written for Llama-2-7B's 32 layers ("15/32": its middle layer) runs on a decoder of any depth."""
+    out = set()
+    for spec in specs:
+        match = _RELATIVE.fullmatch(spec) if isinstance(spec, str) else None
+        if match:
+            i, n = int(match.group(1)), int(match.group(2))
+            if not 0 <= i < n:
+                raise ConfigError(f"{owner}: relative layer '{spec}' must name layer i of n with 0 <= i < n")
+            out.add(i * num_layers // n)
+        elif isinstance(spec, int) and not isinstance(spec, bool):
+            index = spec + num_layers if spec < 0 else spec
+            if not 0 <= index < num_layers:
+                raise ConfigError(
+                    f"{owner}: layer {spec} does not exist in this {num_layers}-layer decoder; give it relative to "
+                    f"the depth, e.g. '{spec}/32' for layer {spec} of a 32-layer decoder"
+                )
+            out.add(index)
+        else:
+            raise ConfigError(f"{owner}: layer {spec!r} is neither an index (e.g. 15, -1) nor a relative layer (e.g. '15/32')")
+    return tuple(sorted(out))
 
 
 @dataclass
@@ -57,6 +86,9 @@ class Strategy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+    def check(self, num_layers: int) -> None:
+        """Fail with a ConfigError, at attach time, if the settings cannot run on a decoder of this depth."""
 
 
 class TokenSelector(Strategy):

@@ -13,6 +13,10 @@ class InputError(ValueError):
     """Bad user input (images, instruction, batch); the message says what is wrong and how to fix it."""
 
 
+class NonFiniteOutputError(RuntimeError):
+    """The model produced NaN or inf logits or actions; no actions are returned."""
+
+
 @dataclass
 class Observation:
     """What the robot sees at one control step.
