@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,19 +24,54 @@ def embedded_frames_path() -> Path:
 
 
 def load_recording(path: str | Path) -> tuple[dict[str, np.ndarray], str, np.ndarray | None]:
-    """Read a recording: per-camera uint8 frames [T, H, W, 3], the instruction, optional proprio [T, d]."""
+    """Read a recording: per-camera uint8 frames [T, H, W, 3], the instruction, optional proprio [T, d]. Anything
+    else fails with an InputError naming the file and what it lacks."""
     path = Path(path)
+    fix = "record one with `vlacache record CONFIG --out FILE.npz`"
     if not path.exists():
-        raise InputError(f"recording not found: {path}")
-    with np.load(path, allow_pickle=False) as data:
-        cameras = {k[len(IMAGE_PREFIX):]: data[k] for k in data.files if k.startswith(IMAGE_PREFIX)}
-        if not cameras or "instruction" not in data.files:
-            raise InputError(f"{path} is not a vlacache recording (needs '{IMAGE_PREFIX}<camera>' arrays and 'instruction')")
-        instruction = str(data["instruction"])
-        proprio = data["proprio"] if "proprio" in data.files else None
+        raise InputError(f"recording not found: {path}; {fix}")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not a vlacache recording (.npz); {fix}")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+    except OSError as error:
+        raise InputError(f"cannot read the recording {path} ({error.strerror or error}); {fix}") from None
+    if magic == b"\x93NUMPY":
+        raise InputError(f"{path} is not a vlacache recording: it holds a single .npy array, not an .npz archive; {fix}")
+    if not magic.startswith(b"PK"):
+        raise InputError(f"{path} is not a vlacache recording: it is not an .npz (zip) archive; {fix}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:  # a directory, not a numpy file, pickled objects, truncated
+        raise InputError(f"{path} is not a vlacache recording: it is not an .npz archive ({error}); {fix}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise InputError(f"{path} is not a vlacache recording: not an .npz archive; {fix}")
+    with data:
+        names = list(data.files)
+        missing = []
+        if not any(k.startswith(IMAGE_PREFIX) for k in names):
+            missing.append(f"'{IMAGE_PREFIX}<camera>' frame arrays")
+        if "instruction" not in names:
+            missing.append("'instruction'")
+        if missing:
+            raise InputError(f"{path} is not a vlacache recording: it lacks {' and '.join(missing)} "
+                             f"(it holds: {', '.join(names) or 'nothing'}); {fix}")
+        try:
+            cameras = {k[len(IMAGE_PREFIX):]: data[k] for k in names if k.startswith(IMAGE_PREFIX)}
+            instruction = str(data["instruction"])
+            proprio = data["proprio"] if "proprio" in names else None
+        except (OSError, ValueError, EOFError) as error:  # pickled object arrays, a corrupt member
+            raise InputError(f"{path} is not a readable vlacache recording ({error}); {fix}") from None
+    for camera, frames in cameras.items():
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+            raise InputError(f"{path}: '{IMAGE_PREFIX}{camera}' must be uint8 frames [T>0, H, W, 3], got "
+                             f"{frames.dtype} {list(frames.shape)}; {fix}")
     lengths = {c: len(f) for c, f in cameras.items()}
     if len(set(lengths.values())) != 1:
-        raise InputError(f"{path}: cameras have different frame counts {lengths}")
+        raise InputError(f"{path}: cameras have different frame counts {lengths}; {fix}")
+    if proprio is not None and len(proprio) != next(iter(lengths.values())):
+        raise InputError(f"{path}: 'proprio' has {len(proprio)} rows for {next(iter(lengths.values()))} frames; {fix}")
     return cameras, instruction, proprio
 
 
@@ -57,6 +93,19 @@ class ReplayEnv(Env):
         path: str | None = None
         max_steps: int | None = None
         repeats: int = 1
+
+    @staticmethod
+    def data_identity(config: "ReplayEnv.Config") -> dict[str, Any]:
+        """The recording's identity for the run fingerprint (`vlacache run`'s run.json): its size and content
+        hash, i.e. what is replayed, not where it lies."""
+        path = Path(config.path or embedded_frames_path())
+        if not path.is_file():
+            return {"missing": str(path)}
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
     def __init__(self, config: "ReplayEnv.Config | None" = None) -> None:
         self.config = config or self.Config()

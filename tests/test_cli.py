@@ -66,8 +66,74 @@ def test_bench_writes_the_promised_json(tmp_path):
     (("run", "--quiet", "backbone.presett=tiny"), "unknown key 'presett'"),
     (("run", "missing.yaml"), "config file not found"),
     (("bench", "tiny", "--out", "x.json", "policy.selector.name=pixel"), "unknown selector strategy 'pixel'"),
+    (("run", "--quiet", "max_steps=[1"), "override 'max_steps=[1': the value does not parse as YAML"),
+    (("run", "--quiet", "max_steps=0"), "max_steps must be a positive integer (or null), got 0; e.g. max_steps="),
+    (("run", "--quiet", "episodes=-1"), "episodes must be a non-negative integer (or null), got -1"),
+    (("run", "--quiet", "execute_chunk=-2"), "execute_chunk must be a positive integer (or null), got -2"),
+    (("run", "--quiet", "env={name: replay, path: notes.txt}"),
+     "notes.txt is not a vlacache recording: it is not an .npz (zip) archive; record one with `vlacache record"),
+    (("run", "--quiet", "env={name: replay, path: arrays.npz}"),
+     "arrays.npz is not a vlacache recording: it lacks 'image__<camera>' frame arrays and 'instruction' (it holds: x)"),
 ])
-def test_bad_configs_exit_2_with_a_message(tmp_path, args, message):
-    out = vlacache(*args, cwd=tmp_path)
-    assert out.returncode == 2
-    assert message in out.stderr and "Traceback" not in out.stderr
+def test_bad_inputs_exit_2_with_one_line(tmp_path, args, message):
+    write_bad_recordings(tmp_path)
+    out = vlacache(*args, f"output_dir={tmp_path}/out", cwd=tmp_path) if args[0] == "run" else vlacache(*args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    errors = [x for x in out.stderr.splitlines() if x.startswith("vlacache: error:")]
+    assert len(errors) == 1 and message in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def write_bad_recordings(folder):
+    import numpy as np
+
+    (folder / "notes.txt").write_text("not a recording")
+    np.savez(folder / "arrays.npz", x=np.zeros(3))
+    np.save(folder / "frames.npy", np.zeros((2, 8, 8, 3), np.uint8))
+    np.savez(folder / "gray.npz", image__primary=np.zeros((2, 8, 8), np.uint8), instruction=np.asarray("go"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (("run", "--quiet", "max_steps=-5"), "max_steps must be a positive integer"),
+    (("run", "--quiet", "max_retries=-1"), "max_retries must be a non-negative integer, got -1"),
+    (("run", "--quiet", "launcher.devices=0"), "launcher.devices must be a positive integer"),
+    (("bench", "tiny", "--out", "x.json", "repeats=0"), "repeats must be a positive integer"),
+    (("bench", "tiny", "--out", "x.json", "env.path=frames.npy"), "frames.npy is not a vlacache recording: it holds a single"),
+    (("run", "--quiet", "env.path=gray.npz"), "'image__primary' must be uint8 frames [T>0, H, W, 3], got uint8 [2, 8, 8]"),
+    (("run", "--quiet", "env.path=."), "is a directory, not a vlacache recording"),
+    (("bench", "tiny", "--out", "."), "cannot write the bench report . (Is a directory"),
+])
+def test_more_bad_inputs_in_process(tmp_path, monkeypatch, capsys, args, message):
+    """The same one-line exit 2 for further bad values (in-process: each console-script start costs seconds)."""
+    from vlacache.cli import main
+
+    write_bad_recordings(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, f"output_dir={tmp_path}/out"] if args[0] == "run" else list(args)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vlacache: error: ") and message in err, err
+
+
+@pytest.mark.parametrize("error", ["checkpoint", "registry", "assets", "input"])
+def test_every_input_error_class_is_one_line_and_exit_2(monkeypatch, capsys, error):
+    """What backbones and envs raise for bad checkpoints, devices, names and assets is caught as bad input."""
+    import vlacache.eval.runner as runner
+    from vlacache import InputError
+    from vlacache.backbones.openvla.checkpoint import CheckpointError
+    from vlacache.cli import main
+    from vlacache.envs.simpler import MissingAssetsError
+    from vlacache.registry import RegistryError
+
+    raised = {"checkpoint": CheckpointError("/ckpt/x: missing key 'a'\nin model.safetensors; fix the checkpoint"),
+              "registry": RegistryError("unknown backbone 'x'; registered: openvla"),
+              "assets": MissingAssetsError("bridge assets missing; fetch them"),
+              "input": InputError("device cuda:3 does not exist; use backbone.device=cpu")}[error]
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(runner, "launch", fail)
+    assert main(["run", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vlacache: error: ") and "Traceback" not in err
+    assert str(raised).split("\n")[0] in err

@@ -396,3 +396,13 @@ def test_realistic_reuse_matches_reference(cog, frames, plan_kind):
     torch.testing.assert_close(feature, hidden[:, -1], atol=1e-5, rtol=0)
     assert (no_reuse[:, -1] - hidden[:, -1]).abs().max() > 5e-5  # ignoring the reuse would fail the tolerance
     np.testing.assert_allclose(normalized, cog.sample_normalized(hidden[:, -1]), atol=1e-3, rtol=0)
+
+
+def test_bench_self_checks_compare_calls_with_the_same_noise(frames):
+    """The bench's exactness checks with the default (fresh per call) noise: each compared call is an episode's
+    first, so zero reuse is bit-identical."""
+    from vlacache.eval.bench import self_checks
+
+    checks = self_checks(build_preset("tiny", seed=0), frames[:2])
+    assert checks["zero_reuse_max_abs_diff"] == 0.0
+    assert checks["identical_frame_max_abs_diff"] < 1e-2

@@ -77,3 +77,29 @@ def test_unnorm_key_falls_back_to_no_noops():
     assert resolve_unnorm_key(stats, "libero_spatial") == "libero_spatial_no_noops"
     with pytest.raises(Exception, match="bridge_orig"):
         resolve_unnorm_key(stats, "libero_goal")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("max_steps=[1", r"override 'max_steps=\[1': the value does not parse as YAML"),
+    ("env={name: replay", r"override 'env=\{name: replay': the value does not parse as YAML"),
+    ("max_steps=0", r"max_steps must be a positive integer \(or null\), got 0; e\.g\. max_steps=50"),
+    ("max_steps=-1", "max_steps must be a positive integer"),
+    ("episodes=-3", r"episodes must be a non-negative integer \(or null\), got -3"),
+    ("execute_chunk=-1", "execute_chunk must be a positive integer"),
+    ("execute_chunk=0", "execute_chunk must be a positive integer"),
+    ("max_retries=-1", "max_retries must be a non-negative integer"),
+    ("launcher.num_nodes=0", "launcher.num_nodes must be a positive integer"),
+    ("policies=[]", "policies is empty"),
+])
+def test_values_that_cannot_run_fail_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ExperimentConfig, "default", "experiment", [override])
+
+
+def test_limits_that_can_run_are_accepted():
+    config = load_config(ExperimentConfig, "default", "experiment",
+                         ["max_steps=null", "episodes=0", "execute_chunk=1", "max_retries=0", "retry_errors=false"])
+    assert config.max_steps is None and config.episodes == 0 and config.retry_errors is False
+    assert ExperimentConfig().retry_errors is True and ExperimentConfig().max_retries == 2
+    with pytest.raises(ConfigError, match="warmup must be a non-negative integer"):
+        load_config(BenchConfig, "tiny", "bench", ["warmup=-1"])

@@ -1,5 +1,5 @@
-"""The experiment runner: JSONL per episode, resume after an interruption, errors recorded, Fabric sharding,
-perturbations and recordings (issue 4, items 3-7)."""
+"""The experiment runner: JSONL per episode, resume after an interruption, errors recorded, counted and retried,
+Fabric sharding, perturbations and recordings (issue 4, items 3-7)."""
 
 import json
 import signal
@@ -14,7 +14,7 @@ from test_cli import SCRIPT, vlacache
 from vlacache import Observation, register_env
 from vlacache.env import Env, EpisodeSpec
 from vlacache.experiment import ExperimentConfig, build_env
-from vlacache.run import run_experiment
+from vlacache.eval.runner import run_experiment
 
 
 @register_env("test-flaky")
@@ -64,10 +64,14 @@ def test_errors_are_recorded_and_the_run_goes_on(tmp_path):
     for field in ("latency_ms", "flops_mean", "reuse_ratio", "seed", "task", "wall_s"):
         assert field in ok[0]
     assert set(ok[0]["latency_ms"]["prefill"]) == {"mean", "p50", "p95"}
+    assert all(r["attempts"] == 1 for r in records)
     by_policy = {r["policy"]: r for r in rows}
-    assert by_policy["no-cache"]["errors"] == 1 and by_policy["no-cache"]["success/flaky"] == 0.5
+    # success over ALL attempted episodes: the errored one counts as a failure, never silently excluded
+    assert by_policy["no-cache"]["errors"] == 1 and by_policy["no-cache"]["episodes"] == 3
+    assert by_policy["no-cache"]["success/flaky"] == 1 / 3
     summary = (tmp_path / "summary.md").read_text()
-    assert "SR flaky" in summary and "| no-cache | 50.0%" in summary
+    assert "SR flaky" in summary and "| no-cache | 33.3%" in summary
+    assert "counts as a failure" in summary
     assert (tmp_path / "summary.csv").read_text().startswith("policy,success/flaky")
     assert (tmp_path / "summary.png").stat().st_size > 10_000
 
@@ -105,6 +109,9 @@ def test_sharded_over_two_processes_with_fabric(tmp_path):
 
     rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
     assert {(r["policy"], r["episodes"]) for r in rows} == {("no-cache", "3"), ("static-reuse", "3")}
+    # both ranks shared the one run's lock, released at the end; both policies' fingerprints are recorded
+    assert not (tmp_path / "run.lock").exists()
+    assert set(json.loads((tmp_path / "run.json").read_text())["policies"]) == {"no-cache", "static-reuse"}
 
 
 def test_dynamic_background_changes_the_band_and_defeats_static_reuse():
@@ -142,3 +149,71 @@ def test_record_then_replay(tmp_path):
         assert obs.instruction == ref.instruction
         obs, ref = replay.step(None)[0], original.step(None)[0]
     assert replay.max_steps == 4
+
+
+@register_env("test-flaky-while")
+class FlakyWhileEnv(FlakyEnv):
+    """FlakyEnv whose episode 1 raises while the file `marker` exists (same config, so resumes are allowed)."""
+
+    @dataclass
+    class Config:
+        marker: str = ""
+        fail_on: int = 1
+
+    def step(self, action):
+        if self.episode.init_state == self.config.fail_on and not Path(self.config.marker).exists():
+            self.config.fail_on = -1  # the simulator works again
+        return super().step(action)
+
+
+def test_errored_episodes_are_retried_on_resume_up_to_max_retries(tmp_path):
+    marker = tmp_path / "simulator_broken"
+    marker.touch()
+    config = dict(name="retry", env={"name": "test-flaky-while", "marker": str(marker)}, policies=["no_cache"],
+                  output_dir=str(tmp_path / "out"), max_retries=2)
+
+    def attempts_of(state):
+        return [(r["attempts"], r["error"] is not None) for r in lines(tmp_path / "out" / "episodes.jsonl")
+                if r["init_state"] == state]
+
+    for _ in range(4):  # the first attempt, two retries, then the cap: no fourth attempt
+        rows = run_experiment(ExperimentConfig(**config), progress=False)
+    assert attempts_of(1) == [(1, True), (2, True), (3, True)]
+    assert attempts_of(0) == [(1, False)] and attempts_of(2) == [(1, False)]  # finished episodes never re-run
+    assert rows[0]["errors"] == 1 and rows[0]["episodes"] == 3
+
+    marker.unlink()  # fixed; a higher cap is not part of the fingerprint
+    rows = run_experiment(ExperimentConfig(**{**config, "max_retries": 3}), progress=False)
+    assert attempts_of(1)[-1] == (4, False)
+    assert rows[0]["errors"] == 0 and rows[0]["episodes"] == 3 and rows[0]["success/flaky"] == 1 / 3
+
+    marker.touch()
+    run_experiment(ExperimentConfig(**{**config, "retry_errors": False}), progress=False)
+    assert len(attempts_of(1)) == 4  # nothing errored is left, nothing re-runs
+
+
+@register_env("test-nan-success")
+class NanSuccessEnv(FlakyEnv):
+    """Episode 1 reports success=NaN, episode 2 success=None: env bugs, not verdicts."""
+
+    @dataclass
+    class Config:
+        fail_on: int = -1
+
+    def step(self, action):
+        obs, reward, done, info = super().step(action)
+        bad = {1: float("nan"), 2: None}
+        if self.episode.init_state in bad:
+            info = {**info, "success": bad[self.episode.init_state]}
+        return obs, reward, done, info
+
+
+def test_a_nan_or_none_success_is_an_error_record(tmp_path):
+    config = ExperimentConfig(name="nan", env={"name": "test-nan-success"}, policies=["no_cache"],
+                              output_dir=str(tmp_path), retry_errors=False)
+    rows = run_experiment(config, progress=False)
+    records = {r["init_state"]: r for r in lines(tmp_path / "episodes.jsonl")}
+    assert records[0]["success"] is True and records[0]["error"] is None
+    for state, text in ((1, "success=nan"), (2, "success=None")):
+        assert records[state]["success"] is None and text in records[state]["error"]
+    assert rows[0]["errors"] == 2 and rows[0]["success/flaky"] == 1 / 3

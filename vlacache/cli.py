@@ -1,4 +1,7 @@
-"""The `vlacache` command: list, bench, run."""
+"""The `vlacache` command: list, bench, run, record.
+
+A bad input (config, override, checkpoint, recording, output location, a results directory that must not be
+mixed) ends with one line `vlacache: error: <problem>; <fix>` on stderr and exit code 2, before any compute."""
 
 from __future__ import annotations
 
@@ -7,10 +10,15 @@ import json
 import sys
 from pathlib import Path
 
+from .backbones.openvla.checkpoint import CheckpointError
 from .config import ConfigError
+from .envs.simpler import MissingAssetsError
+from .registry import RegistryError
 from .types import InputError
 
 EXIT_BAD_INPUT = 2
+# what a user can fix (the message says how); anything else is a bug and keeps its traceback
+BAD_INPUT = (ConfigError, InputError, CheckpointError, RegistryError, MissingAssetsError, KeyError, FileNotFoundError)
 
 
 def _list(args) -> int:
@@ -32,13 +40,13 @@ def _list(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import run_bench
+    from .eval.bench import run_bench
+    from .eval.results import check_writable_file
     from .experiment import BenchConfig, load_config
 
     config = load_config(BenchConfig, args.config, "bench", args.overrides)
+    out = check_writable_file(args.out, "the bench report", "pass a writable path, e.g. --out /tmp/bench.json")
     report = run_bench(config, progress=not args.quiet)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     s = report["summary"]
     print(
@@ -53,10 +61,10 @@ def _bench(args) -> int:
 
 def _run(args) -> int:
     from .experiment import ExperimentConfig, load_config
-    from .run import launch, print_summary
+    from .eval.runner import launch, print_summary
 
     config = load_config(ExperimentConfig, args.config or "default", "experiment", args.overrides)
-    rows = launch(config, progress=not args.quiet)
+    rows = launch(config, progress=not args.quiet, restart=args.restart)
     if rows:
         print_summary(rows)
         out = Path(config.output_dir)
@@ -67,7 +75,7 @@ def _run(args) -> int:
 
 def _record(args) -> int:
     from .experiment import ExperimentConfig, load_config
-    from .recording import record_episode
+    from .eval.recording import record_episode
 
     config = load_config(ExperimentConfig, args.config, "experiment", args.overrides)
     path = record_episode(config, args.out, max_steps=args.steps, episode_index=args.episode, progress=not args.quiet)
@@ -91,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="experiment YAML path or shipped name (configs/experiment/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=4")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--restart", action="store_true",
+                   help="start over in output_dir: its previous results move to output_dir/restarted-<time>/ "
+                        "(never deleted) instead of being resumed")
     p.set_defaults(func=_run)
     p = sub.add_parser("record", help="record one episode's observations (all cameras, proprio, instruction) for replay")
     p.add_argument("config", help="experiment YAML path or shipped name; its first policy drives the env")
@@ -124,10 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vlacache: interrupted. Finished episodes are saved; run the same command again to resume.", file=sys.stderr)
         return 130
-    except (ConfigError, InputError, KeyError, FileNotFoundError) as error:
+    except BAD_INPUT as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"vlacache: error: {message}", file=sys.stderr)
+        print(f"vlacache: error: {one_line(message)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def one_line(message: object) -> str:
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
 if __name__ == "__main__":

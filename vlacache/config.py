@@ -93,14 +93,26 @@ def load_yaml(path: Path) -> DictConfig:
 
 def apply_overrides(config: DictConfig, overrides: list[str]) -> DictConfig:
     """Apply command-line `key.sub=value` overrides; a key that does not exist is an error."""
+    import yaml
+
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. backbone.device=cpu)")
-        key, _ = item.split("=", 1)
+        key, value = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"override '{item}' has no key; write key=value (e.g. max_steps=4)")
         head = key.split(".")[0]
         if head not in config:
             check_keys({head: None}, list(config.keys()), "the config's top level")
+        try:
+            yaml.safe_load(value)
+            OmegaConf.from_dotlist([item])
+        except (yaml.YAMLError, OmegaConfBaseException) as error:
+            problem = getattr(error, "problem", None) or str(error).strip().splitlines()[-1]
+            raise ConfigError(
+                f"override '{item}': the value does not parse as YAML ({problem}); fix it (e.g. {key}=[1, 2] for a "
+                f"list) or quote it as a string ({key}='\"{value}\"')") from None
     try:
         return OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as error:
+    except (yaml.YAMLError, OmegaConfBaseException) as error:
         raise ConfigError(f"cannot apply overrides {overrides}: {error}") from None

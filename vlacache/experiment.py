@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from .backbone import Backbone
-from .config import apply_overrides, check_keys, load_yaml, resolve_component, resolve_config_path, to_plain, typed
+from .config import (ConfigError, apply_overrides, check_keys, load_yaml, resolve_component, resolve_config_path,
+                     to_plain, typed)
 from .env import Env
-from .policy import CachePolicy
+from .policy import CachePolicy, PolicyConfig
 from .registry import BACKBONES, ENVS, PERTURBATIONS
 
 
@@ -22,6 +23,17 @@ class LauncherConfig:
     devices: int = 1
     num_nodes: int = 1
     accelerator: str = "auto"
+
+
+def _positive(value: int | None, key: str, example: str, allow_zero: bool = False, nullable: bool = True) -> None:
+    """A count that must be > 0 (>= 0 with allow_zero); None allowed when nullable."""
+    if value is None and nullable:
+        return
+    low = 0 if allow_zero else 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        what = "a non-negative integer" if allow_zero else "a positive integer"
+        null = " (or null)" if nullable else ""
+        raise ConfigError(f"{key} must be {what}{null}, got {value!r}; e.g. {key}={example}")
 
 
 @dataclass
@@ -39,6 +51,22 @@ class ExperimentConfig:
     videos: bool = False
     output_dir: str = "runs/${name}"
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    retry_errors: bool = True  # on resume, run again the episodes whose last attempt raised an error
+    max_retries: int = 2  # ... at most this many times (the record's `attempts` counts them)
+
+    def check(self) -> "ExperimentConfig":
+        """Values that type-check but cannot run; raises ConfigError naming the key and a valid value."""
+        _positive(self.max_steps, "max_steps", "50 (null: the env's own limit)")
+        _positive(self.episodes, "episodes", "10 (null: every episode the env lists)", allow_zero=True)
+        _positive(self.execute_chunk, "execute_chunk", "1 (null: the whole predicted chunk)")
+        _positive(self.max_retries, "max_retries", "2", allow_zero=True, nullable=False)
+        _positive(self.launcher.devices, "launcher.devices", "1", nullable=False)
+        _positive(self.launcher.num_nodes, "launcher.num_nodes", "1", nullable=False)
+        if not self.policies:
+            raise ConfigError("policies is empty; list at least one, e.g. policies=[no_cache,vla_cache]")
+        if not str(self.output_dir).strip():
+            raise ConfigError("output_dir is empty; e.g. output_dir=runs/my_experiment")
+        return self
 
 
 @dataclass
@@ -53,6 +81,12 @@ class BenchConfig:
     warmup: int = 1
     repeats: int = 3
 
+    def check(self) -> "BenchConfig":
+        _positive(self.max_steps, "max_steps", "8 (null: the whole recording)")
+        _positive(self.warmup, "warmup", "1", allow_zero=True, nullable=False)
+        _positive(self.repeats, "repeats", "3", nullable=False)
+        return self
+
 
 def load_config(schema: type, source: str | Path | None, group: str, overrides: list[str] | None = None):
     """Read YAML (a path or a shipped name in configs/<group>/), apply key=value overrides, type-check."""
@@ -63,7 +97,8 @@ def load_config(schema: type, source: str | Path | None, group: str, overrides: 
         for key in raw:  # a YAML component (backbone, env, ...) replaces the default one, never merges into it
             OmegaConf.update(base, key, raw[key], merge=False)
     base = apply_overrides(base, overrides or [])
-    return typed(schema, OmegaConf.to_container(base, resolve=True), f"the {group} config")
+    config = typed(schema, OmegaConf.to_container(base, resolve=True), f"the {group} config")
+    return config.check() if hasattr(config, "check") else config
 
 
 def build_backbone(spec: Mapping[str, Any] | str) -> Backbone:
@@ -83,5 +118,16 @@ def build_env(spec: Mapping[str, Any] | str, perturbation: Mapping[str, Any] | N
     return env
 
 
+def resolve_policy_config(spec: Any) -> PolicyConfig:
+    """A policy spec (shipped name, YAML path, mapping or PolicyConfig) as its PolicyConfig, nothing built."""
+    if isinstance(spec, PolicyConfig):
+        return spec
+    if isinstance(spec, (str, Path)):
+        spec = load_yaml(resolve_config_path(spec, "policy"))
+    spec = dict(to_plain(spec))
+    check_keys(spec, list(PolicyConfig.__dataclass_fields__), "the policy config")
+    return PolicyConfig(**spec)
+
+
 def build_policy(spec: Any) -> CachePolicy:
-    return CachePolicy.from_config(spec if not isinstance(spec, DictConfig) else to_plain(spec))
+    return CachePolicy.from_config(resolve_policy_config(spec))

@@ -36,7 +36,7 @@ import torch
 from transformers import DynamicCache
 
 from vlacache.backbone import ActionOutput, Backbone, LoadConfig, PrefillOutput, PreparedInputs
-from vlacache.backbones.openvla.actions import load_norm_stats, resolve_unnorm_key, unnormalize
+from vlacache.backbones.openvla.actions import STATS_FILE, load_norm_stats, resolve_unnorm_key, unnormalize
 from vlacache.backbones.openvla.backbone import cache_keyword, prepare_prismatic
 from vlacache.backbones.openvla.checkpoint import CheckpointError, ensure_fits, load_state_dict_strict, read_json
 from vlacache.backbones.openvla.model import OpenVLAModel
@@ -47,7 +47,7 @@ from vlacache.types import InputError, Observation
 
 from .action_model import ActionModel, DDIMSampler, sample_actions
 from .checkpoint import (
-    CHECKPOINT_DIR, CONFIG_FILE, LAYOUT_HINT, STATS_FILE, find_checkpoint, map_to_model, materialize, read_checkpoint,
+    CHECKPOINT_DIR, CONFIG_FILE, LAYOUT_HINT, find_checkpoint, map_to_model, materialize, read_checkpoint,
     to_sections,
 )
 from .config import CogACTConfig, action_fields_from_weights

@@ -24,12 +24,10 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from vlacache.backbones.openvla.actions import STATS_FILE
-from vlacache.backbones.openvla.checkpoint import CheckpointError, read_json
+from vlacache.backbones.openvla.checkpoint import CheckpointError
 
 SECTIONS = ("vision_backbone", "projector", "llm_backbone", "action_model")
 CONFIG_FILE = "config.json"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from vlacache.backbones.openvla.tiny import PRESETS as OPENVLA_PRESETS
-from vlacache.backbones.openvla.tiny import _LIBERO_Q01, _LIBERO_Q99, _TINY_VOCAB
+from vlacache.backbones.openvla.tiny import _TINY_VOCAB, libero_action_stats
 from vlacache.backbones.openvla.tokenizer import load_tokenizer, tiny_tokenizer_dir
 from vlacache.types import InputError
 
@@ -25,8 +25,7 @@ def preset_config(name: str) -> CogACTConfig:
     preset = PRESETS[name]
     text = dict(model_type="llama", vocab_size=_TINY_VOCAB, pad_token_id=512, max_position_embeddings=2048,
                 rms_norm_eps=1e-5, **preset["llm"])
-    stats = {"action": {"q01": _LIBERO_Q01, "q99": _LIBERO_Q99, "mask": [True] * 6 + [False],
-                        "mean": [0.0] * 7, "std": [1.0] * 7, "min": _LIBERO_Q01, "max": _LIBERO_Q99}}
+    stats = libero_action_stats()
     data = {
         "vision_backbone_id": "vlacache-tiny-dinosiglip-224px",
         "llm_backbone_id": f"vlacache-{name}-llama",

@@ -24,14 +24,19 @@ _LIBERO_Q01 = [-0.75, -0.80, -0.94, -0.12, -0.17, -0.21, 0.0]
 _LIBERO_Q99 = [0.94, 0.86, 0.94, 0.13, 0.17, 0.29, 1.0]
 
 
+def libero_action_stats() -> dict:
+    """A fresh {"action": {q01, q99, mask, ...}} entry with LIBERO-like bounds (each preset owns its copy)."""
+    return {"action": {"q01": list(_LIBERO_Q01), "q99": list(_LIBERO_Q99), "mask": [True] * 6 + [False],
+                       "mean": [0.0] * 7, "std": [1.0] * 7, "min": list(_LIBERO_Q01), "max": list(_LIBERO_Q99)}}
+
+
 def preset_config(name: str) -> OpenVLAConfig:
     """An OpenVLA config.json (original field layout) for a random-weight preset."""
     if name not in PRESETS:
         raise InputError(f"unknown OpenVLA preset '{name}'; presets: {', '.join(PRESETS)}")
     text = dict(model_type="llama", vocab_size=_TINY_VOCAB, pad_token_id=512, max_position_embeddings=2048,
                 rms_norm_eps=1e-6, **PRESETS[name])
-    stats = {"action": {"q01": _LIBERO_Q01, "q99": _LIBERO_Q99, "mask": [True] * 6 + [False],
-                        "mean": [0.0] * 7, "std": [1.0] * 7, "min": _LIBERO_Q01, "max": _LIBERO_Q99}}
+    stats = libero_action_stats()
     data = {
         "model_type": "openvla",
         "architectures": ["OpenVLAForActionPrediction"],

@@ -1,4 +1,5 @@
-"""`vlacache bench`: baseline vs cached inference over one frame sequence, measured in the same run."""
+"""`vlacache bench` (vlacache.eval.bench): baseline vs cached inference over one frame sequence, measured in the
+same run."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from .experiment import BenchConfig, build_backbone, build_env, build_policy
-from .runtime import LATENCY_PARTS, CachedVLA, StepResult
-from .types import Observation, ReusePlan
+from ..experiment import BenchConfig, build_backbone, build_env, build_policy
+from ..runtime import LATENCY_PARTS, CachedVLA, StepResult
+from ..types import Observation, ReusePlan
 
 PARTS = LATENCY_PARTS + ("total",)
 
@@ -35,6 +36,13 @@ def _max_diff(a: StepResult, b: StepResult) -> float:
     return max(logits, actions)
 
 
+def _first_call(vla: CachedVLA, obs: Observation, plan: ReusePlan | None = None) -> StepResult:
+    """predict() as the first call of an episode for the backbone's own state (e.g. CogACT's noise generator),
+    so two variants compared call by call see the same randomness; the engine's cache is left as it is."""
+    vla.backbone.reset()
+    return vla.predict(obs, plan=plan)
+
+
 def self_checks(backbone, frames: list[Observation]) -> dict[str, float]:
     """Exactness on this model: zero reuse vs no cache, and identical frames with everything reused."""
     layers = len(backbone.decoder.layers)
@@ -44,14 +52,15 @@ def self_checks(backbone, frames: list[Observation]) -> dict[str, float]:
     try:
         zero = 0.0
         for obs in frames[:2]:
-            zero = max(zero, _max_diff(baseline.predict(obs), probe.predict(obs, plan=ReusePlan.empty(1, layers))))
+            pair = _first_call(baseline, obs), _first_call(probe, obs, ReusePlan.empty(1, layers))
+            zero = max(zero, _max_diff(*pair))
         probe.reset()
         first = frames[0]
         probe.predict(first)
         layout = backbone.prepare(first).layout
         everything = torch.cat([span.positions() for span in layout.vision.values()])[None]
-        reused = probe.predict(first, plan=ReusePlan([everything] * layers))
-        identical = _max_diff(baseline.predict(first), reused)
+        reused = _first_call(probe, first, ReusePlan([everything] * layers))
+        identical = _max_diff(_first_call(baseline, first), reused)
     finally:
         probe.detach()
     return {"zero_reuse_max_abs_diff": zero, "identical_frame_max_abs_diff": identical}
@@ -62,6 +71,7 @@ def _median(values: list[float]) -> float:
 
 
 def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    config.check()
     backbone = build_backbone(config.backbone)
     policy = build_policy(config.policy)
     frames = collect_frames(build_env(config.env), config.max_steps)

@@ -1,4 +1,5 @@
-"""`vlacache record`: one episode's observations to a compact file that the replay env plays back."""
+"""`vlacache record` (vlacache.eval.recording): one episode's observations to a compact file that the replay env
+plays back."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .experiment import ExperimentConfig, build_backbone, build_env, build_policy
-from .runtime import CachedVLA
+from ..experiment import ExperimentConfig, build_backbone, build_env, build_policy
+from ..runtime import CachedVLA
+from .results import check_writable_file
 
 
 def record_episode(config: ExperimentConfig, out: str | Path, max_steps: int | None = None, episode_index: int = 0,
@@ -16,6 +18,8 @@ def record_episode(config: ExperimentConfig, out: str | Path, max_steps: int | N
     """Drive the env with the experiment's first policy and save every observation it produced."""
     from vlacache.envs.replay import save_recording
 
+    config.check()
+    out = check_writable_file(out, "the recording", "pass a writable path, e.g. --out /tmp/episode.npz")
     env = build_env(config.env, config.perturbation)
     episodes = env.episodes()
     if not 0 <= episode_index < len(episodes):

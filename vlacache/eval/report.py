@@ -1,4 +1,7 @@
-"""The paper's table (summary.md / summary.csv) and plots from episode records."""
+"""The paper's table (summary.md / summary.csv) and plots from episode records.
+
+Success is counted over ALL attempted episodes: an episode whose latest attempt raised an error counts as a
+failure, and the error count stands beside it; nothing is silently excluded."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .runtime import LATENCY_PARTS
+from ..runtime import LATENCY_PARTS
 
 
 def suite_of(task: str) -> str:
@@ -17,6 +20,14 @@ def suite_of(task: str) -> str:
 def _mean(values):
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return statistics.mean(values) if values else None
+
+
+def success_rate(records: list[dict]) -> float | None:
+    """Successes over every attempted episode (errored ones count as failures); None when the env reports no
+    success at all for these episodes (e.g. the replay env)."""
+    if not records or not any(isinstance(r.get("success"), bool) for r in records):
+        return None
+    return sum(r.get("success") is True and r.get("error") is None for r in records) / len(records)
 
 
 def summarize(records: list[dict], policy_order: list[str]) -> tuple[list[str], list[dict]]:
@@ -29,10 +40,8 @@ def summarize(records: list[dict], policy_order: list[str]) -> tuple[list[str], 
             continue
         ok = [r for r in mine if r.get("error") is None]
         row = {"policy": policy, "episodes": len(mine), "errors": len(mine) - len(ok)}
-        scored = [r for r in ok if r.get("success") is not None]
         for suite in suites:
-            in_suite = [r["success"] for r in scored if suite_of(r["task"]) == suite]
-            row[f"success/{suite}"] = statistics.mean(in_suite) if in_suite else None
+            row[f"success/{suite}"] = success_rate([r for r in mine if suite_of(r["task"]) == suite])
         row["success/mean"] = _mean([row[f"success/{s}"] for s in suites])
         row["tflops"] = _mean([r["flops_mean"] / 1e12 for r in ok if r.get("flops_mean") is not None])
         for part in LATENCY_PARTS + ("total",):
@@ -70,9 +79,12 @@ def write_tables(out: Path, suites: list[str], rows: list[dict]) -> None:
     lines = ["| " + " | ".join(title for _, title, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(_fmt(row.get(key), kind) for key, _, kind in cols) + " |" for row in rows]
     notes = (
-        "\nSR: success rate (n/a: the env reports no success). TFLOPs/query: decoder + vision per policy query "
-        "(2 x MACs). latency: mean end-to-end wall time of a policy query; query Hz = 1000 / latency. reuse: "
-        "share of visual tokens whose K/V were reused, averaged over layers and queries.\n"
+        "\nSR: success rate over ALL attempted episodes: an episode whose last attempt raised an error counts as a "
+        "failure (errors: how many did; a re-run of the same command retries them, see `retry_errors`, "
+        "`max_retries`); n/a: the env reports no success. TFLOPs/query: decoder + vision per policy query "
+        "(2 x MACs), latency and reuse over the episodes without error. latency: mean end-to-end wall time of a "
+        "policy query; query Hz = 1000 / latency. reuse: share of visual tokens whose K/V were reused, averaged "
+        "over layers and queries.\n"
     )
     (out / "summary.md").write_text("\n".join(lines) + "\n" + notes)
     with open(out / "summary.csv", "w", newline="") as handle:

@@ -1,0 +1,228 @@
+"""Result files can never be mixed up or lost: fingerprints refuse a resume of a different run (`--restart`
+moves the old results aside), torn lines are repaired and reported, one run per output dir (lock), unwritable
+locations are refused before any compute."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_cli import SCRIPT, vlacache
+from test_runner import lines
+
+import vlacache.eval.runner as runner
+from vlacache import InputError
+from vlacache.eval.fingerprint import checkpoint_identity, experiment_fingerprints
+from vlacache.eval.lock import acquire_lock
+from vlacache.eval.results import ResultsConflict, ResultStore, load_records, repair_jsonl
+from vlacache.experiment import ExperimentConfig
+
+QUICK = ["policies=[no_cache]", "max_steps=2", "--quiet"]
+
+
+def quick_config(out, **overrides):
+    values = dict(name="quick", env={"name": "test-flaky"}, policies=["no_cache"], output_dir=str(out))
+    return ExperimentConfig(**{**values, **overrides})
+
+
+def one_error_line(stderr):
+    errors = [x for x in stderr.splitlines() if x.startswith("vlacache: error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+# -- fingerprints ---------------------------------------------------------------------------------------------
+
+def test_fingerprint_counts_what_decides_outcomes_and_nothing_else(tmp_path):
+    base = quick_config(tmp_path, policies=["no_cache", "static_reuse"], max_steps=3)
+    prints = experiment_fingerprints(base)
+    assert set(prints) == {"no-cache", "static-reuse"}
+    fp = prints["static-reuse"]
+    assert fp["policy"]["selector"] == {"name": "pixel-cosine", "tau": 0.996, "top_k": 100}
+    assert fp["backbone"]["preset"] == "tiny" and fp["backbone"]["seed"] == 0 and fp["max_steps"] == 3
+    assert fp["env"]["name"] == "test-flaky" and fp["code"]["vlacache"]
+    assert set(fp) == {"policy", "backbone", "checkpoint", "env", "perturbation", "max_steps", "execute_chunk",
+                       "episodes", "code"}
+    # not outcome-deciding: name, output_dir, videos, launcher, retries, the device index of a rank
+    same = quick_config(tmp_path / "elsewhere", name="other", policies=["no_cache", "static_reuse"], max_steps=3,
+                        videos=True, retry_errors=False, max_retries=5,
+                        backbone={"name": "openvla", "preset": "tiny", "device": "cpu"})
+    same.launcher.devices = 4
+    assert experiment_fingerprints(same) == prints
+    # the same label with new parameters is a change
+    tweaked = {"label": "static-reuse", "selector": {"name": "pixel-cosine", "tau": 0.99, "top_k": 100},
+               "scheduler": {"name": "constant", "fraction": 1.0}}
+    assert experiment_fingerprints(quick_config(tmp_path, policies=[tweaked], max_steps=3))["static-reuse"] != fp
+
+
+def test_checkpoint_identity_is_names_sizes_and_mtimes(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "checkpoints").mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "checkpoints" / "step-1.pt").write_bytes(b"x" * 10)
+    identity = checkpoint_identity(ckpt)
+    assert set(identity["files"]) == {"config.json", "checkpoints/step-1.pt"}
+    assert identity["files"]["checkpoints/step-1.pt"][0] == 10
+    os.utime(ckpt / "config.json", ns=(1, 1))  # a re-downloaded or re-trained file
+    assert checkpoint_identity(ckpt) != identity
+    assert checkpoint_identity(tmp_path / "nope") == {"missing": str(tmp_path / "nope")}
+
+
+def test_resume_with_a_changed_config_is_refused_naming_what_changed(tmp_path):
+    out = tmp_path / "run"
+    first = vlacache("run", "default", *QUICK, f"output_dir={out}")
+    assert first.returncode == 0, first.stderr
+    before = lines(out / "episodes.jsonl")
+
+    changed = vlacache("run", "default", "policies=[no_cache]", "max_steps=3", "backbone.seed=1", "--quiet",
+                       f"output_dir={out}")
+    assert changed.returncode == 2
+    line = one_error_line(changed.stderr)
+    assert "policy 'no-cache' changed" in line and "backbone.seed (0 -> 1)" in line and "max_steps (2 -> 3)" in line
+    assert "output_dir=" in line and "--restart" in line
+    assert lines(out / "episodes.jsonl") == before  # nothing touched
+
+    policy = "policies=[{label: no-cache, selector: {name: none}, scheduler: {name: constant, fraction: 0.5}}]"
+    relabelled = vlacache("run", "default", policy, "max_steps=2", "--quiet", f"output_dir={out}")
+    assert relabelled.returncode == 2 and "policy.scheduler.fraction (1.0 -> 0.5)" in one_error_line(relabelled.stderr)
+
+    # adding a policy is allowed, and a field that decides nothing (name) is not a change
+    added = vlacache("run", "default", "policies=[no_cache,static_reuse]", "max_steps=2", "name=renamed", "--quiet",
+                     f"output_dir={out}")
+    assert added.returncode == 0, added.stderr
+    after = lines(out / "episodes.jsonl")
+    assert after[:1] == before and [r["policy"] for r in after] == ["no-cache", "static-reuse"]
+
+    restarted = vlacache("run", "default", "policies=[no_cache]", "max_steps=3", "--quiet", "--restart",
+                         f"output_dir={out}")
+    assert restarted.returncode == 0, restarted.stderr
+    aside = [p for p in out.iterdir() if p.name.startswith("restarted-")]
+    assert len(aside) == 1 and "moved the previous results" in restarted.stderr and str(aside[0]) in restarted.stderr
+    assert lines(aside[0] / "episodes.jsonl") == after  # never deleted
+    assert (aside[0] / "run.json").exists() and (aside[0] / "summary.md").exists()
+    assert [(r["policy"], r["queries"]) for r in lines(out / "episodes.jsonl")] == [("no-cache", 3)]
+    assert set(json.loads((out / "run.json").read_text())["policies"]) == {"no-cache"}
+
+
+def test_results_without_a_fingerprint_are_not_resumed(tmp_path, monkeypatch):
+    legacy = {"policy": "no-cache", "task": "flaky/t0", "init_state": 0, "seed": 7, "success": True, "error": None}
+    (tmp_path / "episodes.jsonl").write_text(json.dumps(legacy) + "\n")
+    monkeypatch.setattr(runner, "build_backbone", lambda spec: pytest.fail("built the backbone"))
+    with pytest.raises(ResultsConflict, match="'no-cache' has results but no fingerprint.*--restart"):
+        runner.run_experiment(quick_config(tmp_path), progress=False)
+
+
+# -- torn lines -----------------------------------------------------------------------------------------------
+
+def test_a_torn_last_line_is_moved_aside_and_reported_never_lost(tmp_path, capsys):
+    runner.run_experiment(quick_config(tmp_path, retry_errors=False), progress=False)
+    path = tmp_path / "episodes.jsonl"
+    data = path.read_bytes()
+    assert len(lines(path)) == 3
+    cut = data.rindex(b"\n", 0, len(data) - 1) + 40
+    path.write_bytes(data[:cut])  # killed while writing the last record
+    capsys.readouterr()
+
+    runner.run_experiment(quick_config(tmp_path, retry_errors=False), progress=False)
+    err = capsys.readouterr().err
+    torn = tmp_path / "episodes.jsonl.torn"
+    assert "vlacache: warning:" in err and str(path) in err and str(torn) in err
+    assert torn.read_bytes() == data[data.rindex(b"\n", 0, len(data) - 1) + 1: cut] + b"\n"
+    records = lines(path)  # every line parses: the re-run record was not glued onto the torn one
+    assert sorted(r["init_state"] for r in records) == [0, 1, 2]
+
+
+def test_result_store_repairs_before_appending(tmp_path, capsys):
+    store = ResultStore(tmp_path / "episodes.jsonl")
+    record = {"policy": "p", "task": "t", "init_state": 0, "seed": 0, "error": None}
+    store.append(record)
+    with open(store.path, "a") as handle:
+        handle.write('{"policy": "p", "task": "t", "init_st')
+    assert len(load_records([store.path], quiet=True)) == 1
+    fresh = ResultStore(store.path)
+    fresh.append({**record, "init_state": 1})
+    assert [r["init_state"] for r in lines(store.path)] == [0, 1]
+    assert (tmp_path / "episodes.jsonl.torn").read_text() == '{"policy": "p", "task": "t", "init_st\n'
+    assert "torn line" in capsys.readouterr().err
+    assert repair_jsonl(store.path) is None  # nothing left to repair
+
+
+# -- one run per directory ------------------------------------------------------------------------------------
+
+def test_a_second_run_on_the_same_dir_is_refused_naming_the_first(tmp_path):
+    out = tmp_path / "run"
+    args = [SCRIPT, "run", "default", "env.repeats=500", "policies=[no_cache]", "max_steps=2", f"output_dir={out}",
+            "--quiet"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "run.lock").exists():
+            time.sleep(0.1)
+        second = vlacache("run", "default", "env.repeats=500", *QUICK, f"output_dir={out}")
+        assert second.returncode == 2
+        line = one_error_line(second.stderr)
+        assert f"pid {first.pid} on host {socket.gethostname()}" in line and "in use by another vlacache run" in line
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+    assert not (out / "run.lock").exists()  # released on Ctrl-C
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = {"pid": dead.pid, "host": socket.gethostname(), "started": "2020-01-01 00:00:00", "token": "old"}
+    (tmp_path / "run.lock").write_text(json.dumps(stale))
+    runner.run_experiment(quick_config(tmp_path), progress=False)
+    err = capsys.readouterr().err
+    assert "taking over the stale lock" in err and f"pid {dead.pid}" in err
+    assert len(lines(tmp_path / "episodes.jsonl")) == 3 and not (tmp_path / "run.lock").exists()
+
+
+def test_a_lock_of_another_host_is_never_taken_over(tmp_path):
+    other = {"pid": 1, "host": "some-other-node", "started": "2020-01-01 00:00:00", "token": "theirs"}
+    (tmp_path / "run.lock").write_text(json.dumps(other))
+    with pytest.raises(ResultsConflict, match="pid 1 on host some-other-node"):
+        acquire_lock(tmp_path, "mine")
+    joined = acquire_lock(tmp_path, "theirs")  # a rank of that same run joins it, and leaves it in place
+    assert not joined.owner
+    joined.release()
+    assert (tmp_path / "run.lock").exists()
+
+
+# -- unwritable locations -------------------------------------------------------------------------------------
+
+def unwritable(tmp_path):
+    """Locations no process can write, root included: below a regular file, and in /proc."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    return [blocker / "out", Path("/proc/vlacache-out")]
+
+
+def test_an_unwritable_output_dir_is_refused_before_building_anything(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "build_backbone", lambda spec: pytest.fail("built the backbone"))
+    for out in unwritable(tmp_path):
+        with pytest.raises(InputError, match=f"cannot write to output_dir {out}.*writable output_dir="):
+            runner.run_experiment(quick_config(out), progress=False)
+    if os.geteuid() != 0:  # permissions bind everyone but root
+        locked = tmp_path / "read_only"
+        locked.mkdir()
+        locked.chmod(0o555)
+        with pytest.raises(InputError, match="cannot write to output_dir"):
+            runner.run_experiment(quick_config(locked), progress=False)
+
+
+def test_cli_refuses_unwritable_outputs(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    run = vlacache("run", "default", *QUICK, f"output_dir={blocker}/out")
+    assert run.returncode == 2 and f"cannot write to output_dir {blocker}/out" in one_error_line(run.stderr)
+    bench = vlacache("bench", "tiny", "--out", str(blocker / "b.json"), "--quiet")
+    assert bench.returncode == 2 and f"cannot write the bench report {blocker}/b.json" in one_error_line(bench.stderr)
+    record = vlacache("record", "default", "--out", str(blocker / "r.npz"), "--steps", "2", "--quiet")
+    assert record.returncode == 2 and "cannot write the recording" in one_error_line(record.stderr)

@@ -1,0 +1,268 @@
+"""`vlacache run` (vlacache.eval.runner): every policy of an experiment over the env's episodes, resumable,
+sharded, reported.
+
+Before any compute, the output directory is claimed (`results.py`): it must be writable, `run.lock` refuses a
+second run on it, torn lines left by a crash are moved aside, and each policy's fingerprint (`fingerprint.py`)
+must match the one its earlier results were made under (`--restart` moves them aside instead). Then each
+finished episode is appended at once to a JSONL file; a re-run of the same command skips what is there and
+retries episodes whose last attempt raised (`retry_errors`, up to `max_retries` more attempts); Ctrl-C loses at
+most the running episode; an exception inside one episode is recorded as that episode's error and the run goes
+on. With `launcher.devices` x `launcher.num_nodes` > 1, Lightning Fabric starts one process per device, each
+takes every n-th episode and writes its own JSONL; rank 0 merges them and writes the report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from contextlib import contextmanager
+from itertools import groupby
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from ..env import Env, EpisodeSpec
+from ..experiment import ExperimentConfig, build_backbone, build_env, build_policy
+from ..runtime import CachedVLA
+from ..types import StepStats
+from .fingerprint import check_fingerprints, experiment_fingerprints
+from .lock import OutputLock, acquire_lock, run_token
+from .report import LATENCY_PARTS, summarize, write_plots, write_tables
+from .results import (ResultStore, attempts, check_writable_dir, load_records, move_aside, note, record_key,
+                      repair_jsonl, result_files)
+
+
+def episode_record(policy: str, episode: EpisodeSpec, steps: list[StepStats], **extra: Any) -> dict[str, Any]:
+    """One JSONL line: the episode, its outcome and its per-query statistics (means, p50, p95)."""
+    latency = {}
+    for part in LATENCY_PARTS + ("total",):
+        values = np.array([s.latency_ms[part] for s in steps]) if steps else np.array([np.nan])
+        latency[part] = {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)), "p95": float(np.percentile(values, 95))}
+    visual = steps[0].num_visual if steps else 0
+    per_layer = [float(np.mean(x)) / visual for x in zip(*(s.reused_per_layer for s in steps))] if steps and visual else []
+    return {
+        "policy": policy,
+        "task": episode.task,
+        "init_state": episode.init_state,
+        "seed": episode.seed,
+        "queries": len(steps),
+        "latency_ms": latency,
+        "flops_mean": float(np.mean([s.flops["total"] for s in steps])) if steps else None,
+        "reuse_ratio": float(np.mean([s.reuse_ratio for s in steps])) if steps else None,
+        "reused_per_layer": per_layer,
+        **extra,
+    }
+
+
+def verdict(info: dict[str, Any]) -> bool | None:
+    """The env's success verdict: None when it reports none (the replay env); a reported None / NaN is an
+    error (raised, so the episode's record carries it), never a success and never skipped."""
+    if "success" not in info:
+        return None
+    value = info["success"]
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        raise ValueError(f"the env reported success={value!r}, neither true nor false")
+    return bool(value)
+
+
+def run_episode(vla: CachedVLA, env: Env, episode: EpisodeSpec, config: ExperimentConfig, video_dir: Path | None,
+                attempt: int = 1) -> dict:
+    """Roll one episode out; any exception becomes the record's `error` (KeyboardInterrupt propagates).
+    `attempt`: how many times this episode has now been run (retries of errored episodes count up)."""
+    steps: list[StepStats] = []
+    env_steps, success, error, frames = 0, None, None, []
+    start = time.perf_counter()
+    try:
+        vla.reset()
+        obs = env.reset(episode)
+        limit = config.max_steps or env.max_steps
+        done, info = False, {}
+        while not done and env_steps < limit:
+            if video_dir is not None:
+                frames.append(np.asarray(obs.images["primary"]))
+            result = vla.predict(obs)
+            steps.append(result.stats)
+            chunk = result.actions[0]
+            for action in chunk[: config.execute_chunk or len(chunk)]:
+                obs, _, done, info = env.step(action)
+                env_steps += 1
+                if done or env_steps >= limit:
+                    break
+        success = verdict(info)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # recorded, never silent: the report counts errors per policy
+        error = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exc(limit=6))
+    if video_dir is not None and frames:
+        save_gif(video_dir / f"{vla.policy.label}__{episode.key.replace('|', '_').replace('/', '-')}.gif", frames)
+    return episode_record(
+        vla.policy.label, episode, steps, success=success, env_steps=env_steps, error=error,
+        wall_s=time.perf_counter() - start, attempts=attempt, finished_at=time.time(),
+    )
+
+
+def save_gif(path: Path, frames: list[np.ndarray]) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
+
+
+@contextmanager
+def claim_output(config: ExperimentConfig, restart: bool = False, world: int = 1) -> Iterator[OutputLock]:
+    """Everything that can refuse a run, before any compute: the configs resolve (fingerprints), the output dir
+    is writable, no other run holds it, torn lines are moved aside, and each policy's earlier results were made
+    under the same fingerprint (`restart`: move them aside instead). Yields the lock; the process that took it
+    releases it on exit, the other ranks of the same run join it."""
+    config.check()
+    fingerprints = experiment_fingerprints(config)
+    out = Path(config.output_dir)
+    check_writable_dir(out)
+    lock = acquire_lock(out, run_token(world))
+    try:
+        if lock.owner:
+            if restart:
+                moved = move_aside(out)
+                if moved is not None:
+                    note(f"--restart: moved the previous results of {out} to {moved}")
+            for path in result_files(out):
+                repair_jsonl(path)
+        if lock.owner or not restart:  # under --restart the owner has moved the old results aside
+            recorded = {r["policy"] for r in load_records(result_files(out), quiet=not lock.owner)}
+            check_fingerprints(out, fingerprints, recorded, write=lock.owner)
+        yield lock
+    finally:
+        lock.release()
+
+
+def run_experiment(config: ExperimentConfig, progress: bool = True, restart: bool = False) -> list[dict]:
+    """Run (or resume) the whole experiment in this process; return the summary rows."""
+    with claim_output(config, restart):
+        return run_shard(config, progress)
+
+
+def pending(config: ExperimentConfig, work: list[tuple[Any, EpisodeSpec]], out: Path) -> list[tuple[Any, EpisodeSpec, int]]:
+    """(policy, episode, attempt) still to run: never recorded, or errored with retries left."""
+    latest = {record_key(r): r for r in load_records(result_files(out), quiet=True)}
+    todo = []
+    for policy, episode in work:
+        record = latest.get(f"{policy.label}::{episode.key}")
+        if record is None:
+            todo.append((policy, episode, 1))
+        elif record.get("error") is not None and config.retry_errors and attempts(record) <= config.max_retries:
+            todo.append((policy, episode, attempts(record) + 1))
+    return todo
+
+
+def run_shard(config: ExperimentConfig, progress: bool = True, rank: int = 0, world: int = 1) -> list[dict]:
+    """This rank's share of the episodes (the output dir already claimed); summary rows on rank 0."""
+    out = Path(config.output_dir)
+    store = ResultStore(out / ("episodes.jsonl" if world == 1 else f"episodes.rank{rank}.jsonl"))
+    policies = [build_policy(spec) for spec in config.policies]
+    labels = [p.label for p in policies]
+    env = build_env(config.env, config.perturbation)
+    try:
+        episodes = env.episodes()[: config.episodes]
+        work = [(p, e) for p in policies for e in episodes][rank::world]
+        todo = pending(config, work, out)
+        if todo:
+            backbone = build_backbone(config.backbone)
+            video_dir = out / "videos" if config.videos else None
+            bar = tqdm(total=len(todo), desc=f"{config.name}" + (f" [rank {rank}]" if world > 1 else ""),
+                       disable=not progress, unit="episode")
+            wins = finished = errors = 0
+            try:
+                for policy, group in groupby(todo, key=lambda item: item[0]):
+                    with CachedVLA(backbone, policy) as vla:
+                        for _, episode, attempt in group:
+                            record = run_episode(vla, env, episode, config, video_dir, attempt)
+                            store.append(record)
+                            finished += 1
+                            wins += record["success"] is True
+                            errors += record["error"] is not None
+                            bar.set_postfix(policy=policy.label, success=f"{wins}/{finished}", errors=errors)
+                            bar.update()
+            finally:
+                bar.close()
+    finally:
+        env.close()
+    if rank != 0:
+        return []
+    return report(out, labels)
+
+
+def report(out: Path, labels: list[str]) -> list[dict]:
+    """Merge every rank's JSONL and write summary.md, summary.csv and summary.png."""
+    records = load_records(result_files(out))
+    suites, rows = summarize(records, labels)
+    write_tables(out, suites, rows)
+    write_plots(out, rows)
+    return rows
+
+
+def launch(config: ExperimentConfig, progress: bool = True, restart: bool = False) -> list[dict]:
+    """Run on one process, or shard over Lightning Fabric processes (devices x num_nodes). The process that
+    claims the output dir hands its run token to the processes Fabric starts, so they join its lock."""
+    config.check()
+    launcher = config.launcher
+    world = launcher.devices * launcher.num_nodes
+    if world <= 1:
+        return run_experiment(config, progress, restart)
+    with claim_output(config, restart, world) as lock:
+        from lightning.fabric import Fabric
+
+        fabric = Fabric(accelerator=launcher.accelerator, devices=launcher.devices, num_nodes=launcher.num_nodes,
+                        strategy="ddp")
+        previous = os.environ.get("VLACACHE_RUN_TOKEN")
+        os.environ["VLACACHE_RUN_TOKEN"] = lock.token
+        try:
+            fabric.launch()
+        finally:
+            if previous is None:
+                os.environ.pop("VLACACHE_RUN_TOKEN", None)
+            else:
+                os.environ["VLACACHE_RUN_TOKEN"] = previous
+        fabric.barrier()  # every rank starts after the lock holder has prepared the directory
+        if fabric.device.type == "cuda":
+            config.backbone = {**config.backbone, "device": str(fabric.device)}
+        run_shard(config, progress and fabric.global_rank == 0, fabric.global_rank, fabric.world_size)
+        fabric.barrier()
+        rows = report(Path(config.output_dir), [build_policy(s).label for s in config.policies]) if fabric.global_rank == 0 else []
+        fabric.barrier()  # the lock holder may be any rank: it releases only once the report is written
+        return rows
+
+
+def print_summary(rows: list[dict], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .report import _fmt, table_columns
+
+    suites = sorted({k.split("/", 1)[1] for row in rows for k in row if k.startswith("success/") and k != "success/mean"})
+    cols = table_columns(suites)
+    table = Table(title="vlacache run: per policy (means over queries)")
+    for _, title, _ in cols:
+        table.add_column(title, justify="left" if title == "policy" else "right")
+    for row in rows:
+        table.add_row(*[_fmt(row.get(key), kind) for key, _, kind in cols])
+    console = console or Console()
+    if console.width < 170:
+        console = Console(width=170)
+    console.print(table)
+    errors = sum(row.get("errors") or 0 for row in rows)
+    if errors:
+        console.print(
+            f"Note: {errors} episode(s) raised an error; SR counts them as failures. The messages are in the\n"
+            "'error' field of episodes*.jsonl; running the same command again retries them (retry_errors, max_retries)."
+        )
+    if any(row["reuse_ratio"] == 0 for row in rows if row["policy"] != "no-cache"):
+        console.print(
+            "Note: a policy with 0% reuse found nothing it judged safe to reuse. With random weights (the tiny\n"
+            "presets) attention entropy does not fall with depth, so the entropy-adaptive schedule of vla-cache\n"
+            "reuses nothing; trained checkpoints behave as in the paper. See docs/ARCHITECTURE.md."
+        )
