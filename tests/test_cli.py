@@ -59,6 +59,10 @@ def test_bench_writes_the_promised_json(tmp_path):
     assert set(step["latency_cached_ms"]) == {"prepare", "vision", "select", "prefill", "decode", "total"}
     assert step["reuse_ratio"] > 0 and min(step["tokens_per_layer"]) < max(report["steps"][0]["tokens_per_layer"])
     assert report["machine"]["torch"]
+    deviation = report["summary"]["action_abs_diff"]  # |a_cached - a_nocache| per action dimension
+    assert set(deviation) == {"mean", "p50", "p95", "max"} and all(len(v) == 7 for v in deviation.values())
+    worst = max(s["action_max_abs_diff"] for s in report["steps"])
+    assert max(deviation["max"]) == pytest.approx(worst) and min(deviation["p50"]) >= 0
 
 
 @pytest.mark.parametrize("args,message", [

@@ -14,7 +14,7 @@ from vlacache import CachedVLA, InputError, Observation, ReusePlan
 from vlacache.backbones.openvla.checkpoint import CheckpointError
 from vlacache.backbones.openvla_oft import OpenVLAOFTBackbone, build_preset
 from vlacache.backbones.openvla_oft.backbone import STOP_TOKEN
-from vlacache.backbones.openvla_oft.heads import normalize_proprio, unnormalize_actions
+from vlacache.backbones.openvla_oft.heads import normalize_q99, unnormalize_actions
 from vlacache.images import center_crop
 from vlacache.backbones.openvla_oft.tiny import LIBERO_PROPRIO_Q01, LIBERO_PROPRIO_Q99
 from vlacache.registry import BACKBONES
@@ -93,7 +93,7 @@ def test_embeddings_zero_placeholders_stop_proprio_and_per_camera_towers(oft, sc
     assert torch.count_nonzero(embeds[:, layout.text.stop - 1]) > 0
     assert torch.equal(embeds[0, -1], table[STOP_TOKEN]) and torch.equal(embeds[0, 0], table[oft.tokenizer.bos_token_id])
     assert torch.equal(embeds[0, layout.text.start:layout.text.stop], table[inputs.model_inputs["input_ids"][0, 1:]])
-    proprio = torch.from_numpy(normalize_proprio(obs.proprio[None], oft.config.norm_stats[oft.unnorm_key]["proprio"])).float()
+    proprio = torch.from_numpy(normalize_q99(obs.proprio[None], oft.config.norm_stats[oft.unnorm_key]["proprio"])).float()
     with torch.no_grad():
         torch.testing.assert_close(embeds[0, 513], oft.proprio_projector(proprio)[0], atol=1e-6, rtol=0)
         pixels = inputs.model_inputs["pixel_values"]
@@ -163,11 +163,11 @@ def test_proprio_normalisation_and_errors(oft, scenes):
     q01, q99 = np.array(LIBERO_PROPRIO_Q01), np.array(LIBERO_PROPRIO_Q99)
     p = np.array(PROPRIO, dtype=np.float64)
     expected = 2 * (p - q01) / (q99 - q01 + 1e-8) - 1
-    np.testing.assert_allclose(normalize_proprio(p, stats), np.clip(expected, -1, 1), atol=1e-12)
-    assert normalize_proprio(q99 + 5, stats).max() == 1.0 and normalize_proprio(q01 - 5, stats).min() == -1.0
-    np.testing.assert_allclose(normalize_proprio(q01, stats), -1.0, atol=1e-6)
+    np.testing.assert_allclose(normalize_q99(p, stats), np.clip(expected, -1, 1), atol=1e-12)
+    assert normalize_q99(q99 + 5, stats).max() == 1.0 and normalize_q99(q01 - 5, stats).min() == -1.0
+    np.testing.assert_allclose(normalize_q99(q01, stats), -1.0, atol=1e-6)
     masked = dict(stats, mask=[True] * 7 + [False])
-    assert normalize_proprio(np.full(8, 0.5), masked)[-1] == 0.5
+    assert normalize_q99(np.full(8, 0.5), masked)[-1] == 0.5
     inputs = oft.prepare(observe(scenes, 0))
     np.testing.assert_allclose(inputs.model_inputs["proprio"][0].numpy(), np.clip(expected, -1, 1), atol=1e-6)
     with pytest.raises(InputError, match="proprio=np.float32\\[8\\]"):

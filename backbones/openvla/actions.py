@@ -66,6 +66,13 @@ def tokens_to_normalized(tokens: np.ndarray, text_vocab_size: int, n_bins: int =
     return centres[index]
 
 
+def normalized_to_tokens(normalized: np.ndarray, text_vocab_size: int, n_bins: int = 256) -> np.ndarray:
+    """OpenVLA's ActionTokenizer: clip to [-1, 1], bin d = digitize(x, linspace(-1, 1, n_bins)) in [1, n_bins],
+    token text_vocab_size - d (the inverse of `tokens_to_normalized` up to the bin width)."""
+    bins = np.linspace(-1.0, 1.0, n_bins)
+    return (text_vocab_size - np.digitize(np.clip(normalized, -1.0, 1.0), bins)).astype(np.int64)
+
+
 def resolve_unnorm_key(norm_stats: dict[str, Any], key: str | None) -> str:
     """The dataset whose statistics un-normalise actions; required when the checkpoint has several.
     As the official LIBERO evaluation does, 'libero_spatial' falls back to 'libero_spatial_no_noops' (and back)."""

@@ -18,7 +18,9 @@ from vlacache.images import center_crop
 from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
 
-from .actions import STATS_FILE, load_norm_stats, resolve_unnorm_key, tokens_to_normalized, unnormalize
+from .actions import (
+    STATS_FILE, load_norm_stats, normalized_to_tokens, resolve_unnorm_key, tokens_to_normalized, unnormalize,
+)
 from .checkpoint import (
     ensure_fits, load_safetensors_dir, load_state_dict_strict, loaded_nbytes, read_config, save_safetensors_dir,
     weight_files,
@@ -154,6 +156,29 @@ class OpenVLABackbone(Backbone):
             tokens.append(token)
         tokens = torch.stack(tokens, dim=1)
         return ActionOutput(actions=self.tokens_to_actions(tokens.cpu().numpy())[:, None], tokens=tokens)
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules behaviour cloning trains (vlacache train)."""
+        return {"model": self.model}
+
+    def bc_loss(self, obs: Observation, actions: np.ndarray) -> torch.Tensor:
+        """Behaviour cloning: cross-entropy of the 7 action tokens of `actions[:, 0]` (normalised with the
+        checkpoint's BOUNDS_Q99 statistics and binned as OpenVLA's ActionTokenizer), teacher-forced after the
+        prompt exactly as `decode` reads them. actions: [B, >=1, 7] in the model's convention."""
+        inputs = self.prepare(obs)
+        stats = self.config.norm_stats[self.unnorm_key]["action"]
+        low, high = np.asarray(stats["q01"], dtype=np.float64), np.asarray(stats["q99"], dtype=np.float64)
+        mask = np.asarray(stats.get("mask", [True] * len(low)), dtype=bool)
+        x = np.asarray(actions[:, 0], dtype=np.float64)
+        normalized = np.where(mask, 2.0 * (x - low) / (high - low + 1e-8) - 1.0, x)
+        targets = torch.from_numpy(normalized_to_tokens(normalized, self.config.text_vocab_size, self.config.n_action_bins))
+        targets = targets.to(self.device)
+        ids = torch.cat([inputs.model_inputs["input_ids"], targets[:, :-1]], dim=1)
+        embeds = self.model.embed(inputs.model_inputs["pixel_values"], ids)
+        positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+        logits = self.model.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=False,
+                                           logits_to_keep=targets.shape[1]).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def tokens_to_actions(self, tokens: np.ndarray) -> np.ndarray:
         normalized = tokens_to_normalized(tokens, self.config.text_vocab_size, self.config.n_action_bins)

@@ -9,14 +9,21 @@ from vlacache.types import InputError
 from .config import OpenVLAConfig
 from .model import OpenVLAModel, place_model
 from .tokenizer import load_tokenizer, tiny_tokenizer_dir
+from .vision import get_vit_spec
 
 _TINY_TOWERS = ["vlacache-tiny-dinov2-reg4", "vlacache-tiny-siglip"]
 # The tiny tokenizer has 512 pieces + <PAD>; the model vocabulary is padded to a multiple of 64 like OpenVLA's.
 _TINY_VOCAB = 576
 
+_MICRO_TOWERS = ["vlacache-micro-dinov2-reg4", "vlacache-micro-siglip"]
+
+# Decoder sizes, and the vision towers (224 px, 14 px patches unless named) of each preset.
 PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
     "cpu-25m": dict(hidden_size=768, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=12),
+    # the micro-policies (vlacache train): 128 px cameras, an 8 x 8 patch grid, a 4 x 128 decoder
+    "micro": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                  towers=_MICRO_TOWERS),
 }
 
 # LIBERO-like statistics so the un-normalised actions have realistic ranges.
@@ -34,8 +41,10 @@ def preset_config(name: str) -> OpenVLAConfig:
     """An OpenVLA config.json (original field layout) for a random-weight preset."""
     if name not in PRESETS:
         raise InputError(f"unknown OpenVLA preset '{name}'; presets: {', '.join(PRESETS)}")
+    sizes = dict(PRESETS[name])
+    towers = sizes.pop("towers", _TINY_TOWERS)
     text = dict(model_type="llama", vocab_size=_TINY_VOCAB, pad_token_id=512, max_position_embeddings=2048,
-                rms_norm_eps=1e-6, **PRESETS[name])
+                rms_norm_eps=1e-6, **sizes)
     stats = libero_action_stats()
     data = {
         "model_type": "openvla",
@@ -44,9 +53,9 @@ def preset_config(name: str) -> OpenVLAConfig:
         "llm_backbone_id": f"vlacache-{name}-llama",
         "arch_specifier": "no-align+fused-gelu-mlp",
         "use_fused_vision_backbone": True,
-        "timm_model_ids": list(_TINY_TOWERS),
+        "timm_model_ids": list(towers),
         "timm_override_act_layers": [None, None],
-        "image_sizes": [224, 224],
+        "image_sizes": [get_vit_spec(t).img_size for t in towers],
         "image_resize_strategy": "resize-naive",
         "n_action_bins": 256,
         "pad_token_id": 512,

@@ -105,6 +105,15 @@ VIT_SPECS: dict[str, ViTSpec] = {
         embed_dim=48, depth=3, num_heads=2, mlp_dim=96, class_token=False, reg_tokens=0,
         layer_scale=False, global_pool="map", mean=_HALF, std=_HALF,
     ),
+    # The micro-policies trained here (vlacache train): 128 px images, 16 px patches, an 8 x 8 grid per camera.
+    "vlacache-micro-dinov2-reg4": ViTSpec(
+        embed_dim=64, depth=4, num_heads=4, mlp_dim=128, class_token=True, reg_tokens=4,
+        layer_scale=True, global_pool="token", mean=_IMAGENET_MEAN, std=_IMAGENET_STD, img_size=128, patch_size=16,
+    ),
+    "vlacache-micro-siglip": ViTSpec(
+        embed_dim=64, depth=4, num_heads=4, mlp_dim=128, class_token=False, reg_tokens=0,
+        layer_scale=False, global_pool="map", mean=_HALF, std=_HALF, img_size=128, patch_size=16,
+    ),
 }
 
 

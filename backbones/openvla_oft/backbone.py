@@ -51,7 +51,7 @@ from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
 
 from .film import VisionFiLM, average_language_embedding, film_state_to_released, released_to_film_state
-from .heads import L1RegressionActionHead, ProprioProjector, normalize_proprio, unnormalize_actions
+from .heads import L1RegressionActionHead, ProprioProjector, normalize_q99, unnormalize_actions
 
 __all__ = ["OpenVLAOFTBackbone", "STOP_TOKEN", "HEAD_PATTERN", "PROPRIO_PATTERN", "FILM_PATTERN", "META_KEY"]
 
@@ -320,7 +320,7 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
             raise InputError(f"proprio has shape {values.shape}; this checkpoint expects [{dims}] or [batch={batch}, {dims}]")
         if not np.all(np.isfinite(values)):
             raise InputError("proprio contains NaN or inf")
-        return normalize_proprio(values, self.config.norm_stats[self.unnorm_key]["proprio"])
+        return normalize_q99(values, self.config.norm_stats[self.unnorm_key]["proprio"])
 
     def embed(self, inputs: PreparedInputs) -> torch.Tensor:
         pixel_values, input_ids = inputs.model_inputs["pixel_values"], inputs.model_inputs["input_ids"]
@@ -384,6 +384,22 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         """Action rows' hidden states [B, chunk * 7, D] -> normalised actions [B, chunk, 7] (about [-1, 1])."""
         dtype = next(self.action_head.parameters()).dtype
         return self.action_head.predict_action(action_hidden.to(dtype), self.chunk)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        parts = {"model": self.model, "action_head": self.action_head, "proprio_projector": self.proprio_projector,
+                 "film": self.film}
+        return {name: part for name, part in parts.items() if part is not None}
+
+    def bc_loss(self, obs: Observation, actions: np.ndarray) -> torch.Tensor:
+        """Behaviour cloning: L1 between the head's normalised chunk and `actions[:, :chunk]` normalised with the
+        checkpoint's BOUNDS_Q99 statistics (OFT's objective), through the same forward as inference."""
+        inputs = self.prepare(obs)
+        hidden = self.run_decoder(self.embed(inputs), None)
+        readout = inputs.layout.extra["readout"]
+        predicted = self.normalized_actions(hidden[:, readout.start:readout.stop]).float()
+        stats = self.config.norm_stats[self.unnorm_key]["action"]
+        target = torch.from_numpy(normalize_q99(actions[:, : self.chunk], stats, "action")).float().to(predicted.device)
+        return torch.nn.functional.l1_loss(predicted, target)
 
     def unnormalize(self, normalized: np.ndarray) -> np.ndarray:
         return unnormalize_actions(normalized, self.config.norm_stats[self.unnorm_key]["action"]).astype(np.float32)

@@ -19,7 +19,7 @@ __all__ = [
     "MLPResNetBlock",
     "MLPResNet",
     "L1RegressionActionHead",
-    "normalize_proprio",
+    "normalize_q99",
     "unnormalize_actions",
 ]
 
@@ -93,10 +93,11 @@ def _bounds(stats: dict[str, Any], what: str) -> tuple[np.ndarray, np.ndarray, n
     return low, high, mask
 
 
-def normalize_proprio(proprio: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
-    """BOUNDS_Q99: 2 (p - q01) / (q99 - q01 + 1e-8) - 1 where mask (p elsewhere), then clipped to [-1, 1]."""
-    low, high, mask = _bounds(stats, "proprio")
-    p = np.asarray(proprio, dtype=np.float64)
+def normalize_q99(values: np.ndarray, stats: dict[str, Any], what: str = "proprio") -> np.ndarray:
+    """BOUNDS_Q99: 2 (p - q01) / (q99 - q01 + 1e-8) - 1 where mask (p elsewhere), then clipped to [-1, 1].
+    `what="action"` normalises actions the same way (the training targets)."""
+    low, high, mask = _bounds(stats, what)
+    p = np.asarray(values, dtype=np.float64)
     return np.clip(np.where(mask, 2.0 * (p - low) / (high - low + 1e-8) - 1.0, p), -1.0, 1.0)
 
 

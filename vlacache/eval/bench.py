@@ -7,6 +7,7 @@ import platform
 import statistics
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from tqdm import tqdm
@@ -66,6 +67,14 @@ def self_checks(backbone, frames: list[Observation]) -> dict[str, float]:
     return {"zero_reuse_max_abs_diff": zero, "identical_frame_max_abs_diff": identical}
 
 
+def action_deviation(baseline: list[np.ndarray], cached: list[np.ndarray]) -> dict[str, list[float]]:
+    """|a_cached - a_nocache| per action dimension over every step and chunk entry: mean, p50, p95, max (the
+    distribution that says what a cache policy does to the actions, without a simulator)."""
+    diff = np.concatenate([np.abs(c - b).reshape(-1, b.shape[-1]) for b, c in zip(baseline, cached)])
+    return {"mean": diff.mean(0).tolist(), "p50": np.percentile(diff, 50, axis=0).tolist(),
+            "p95": np.percentile(diff, 95, axis=0).tolist(), "max": diff.max(0).tolist()}
+
+
 def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
@@ -114,6 +123,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         c = _median([s["latency_cached_ms"][part] for s in reuse_steps])
         summary[f"{part}_ms_baseline"], summary[f"{part}_ms_cached"] = b, c
         summary[f"{part}_speedup"] = b / c if c > 0 else float("nan")
+    summary["action_abs_diff"] = action_deviation(
+        [per_step["baseline"][t][-1].actions for t in range(len(frames))],
+        [per_step["cached"][t][-1].actions for t in range(len(frames))])
     fb = statistics.mean(s["flops_baseline"]["total"] for s in steps)
     fc = statistics.mean(s["flops_cached"]["total"] for s in steps)
     summary.update(flops_baseline=fb, flops_cached=fc, flops_ratio=fc / fb)
