@@ -8,6 +8,11 @@ Protocol (openvla/experiments/robot/libero/run_libero_eval.py, and the OFT fork)
   * per episode: seed, `env.reset()` (a hard reset that reloads the model), `set_init_state(init_states[i])`,
     then `num_settle_steps` no-op steps [0,0,0,0,0,0,-1] so objects settle; those do not count against
     `max_steps` (220 spatial / 280 object / 300 goal / 520 libero_10 / 400 libero_90).
+  * `placement: sampled` (demonstrations, not the evaluation protocol): no shipped state; the task's own
+    placement sampler draws the scene from the seed (`env.seed(seed); env.reset()`), then the settle steps.
+    Episodes are tasks x seeds with `init_state = -1`. Evaluation always runs the 50 shipped states (never
+    the sampler), so training scenes are drawn apart from them; demonstrations use seeds from 100000 on
+    (vlacache.train.demos), far from the evaluation seed (7) as well.
   * images: agentview and eye-in-hand, rotated 180 degrees (`img[::-1, ::-1]`), uint8 at `resolution` (256).
     With `model_resize` (e.g. 224) the env resizes as the OpenVLA/OFT LIBERO evaluations do (their training
     pipeline's JPEG round trip + Lanczos-3, bit-identical to TensorFlow's: vlacache.images); otherwise the backbone
@@ -61,8 +66,56 @@ NUM_INIT_STATES = 50
 PROTOCOLS = ("openvla", "oft")
 GRIPPER_MODES = ("openvla", "raw")
 RENDERERS = ("egl", "osmesa")
+PLACEMENTS = ("shipped", "sampled")
+SAMPLED = -1  # EpisodeSpec.init_state of a scene drawn by the placement sampler
 SETTLE_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 ROBOSUITE_HORIZON = 1000  # robosuite's default horizon, raised only if an episode could run longer
+
+
+@dataclass(frozen=True)
+class Pose:
+    """A body's or site's pose in the world frame (metres). quat is (x, y, z, w), robosuite's order.
+
+    lo / hi: the world axis-aligned box around the collision geoms of a body and its child bodies, local_lo /
+    local_hi: their box in the body's frame (an oriented box: pos + R(quat) @ local), None for a site;
+    size: a region site's extent as LIBERO declares it, parent: the body it belongs to (sites only).
+    """
+
+    pos: np.ndarray
+    quat: np.ndarray
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    size: np.ndarray | None = None
+    parent: str | None = None  # a site's object or fixture (e.g. 'basket_1'), None for a table / floor region
+    local_lo: np.ndarray | None = None  # the same collision geoms' box in the body's own frame (bodies only)
+    local_hi: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PrivilegedState:
+    """What a scripted expert reads from the simulator (LiberoEnv.privileged_state), never what a policy sees.
+
+    goal: the bddl goal predicates, lower case, e.g. ('on', 'akita_black_bowl_1', 'plate_1') or
+    ('in', 'alphabet_soup_1', 'basket_1_contain_region'); an argument is an object, a fixture or a site.
+    """
+
+    eef_pos: np.ndarray  # (3,) grip site, as proprio[:3]
+    eef_quat: np.ndarray  # (4,) x, y, z, w of the hand, as robosuite's robot0_eef_quat
+    gripper_qpos: np.ndarray  # (2,) finger joints, as proprio[6:]
+    gripper_opening: float  # distance between the fingers' joints, metres (~0.08 open, ~0 closed)
+    objects: dict[str, Pose]  # movable objects
+    fixtures: dict[str, Pose]  # fixed furniture (cabinet, stove, ...); the table and floor are not listed
+    sites: dict[str, Pose]  # bddl regions (e.g. 'main_table_plate_region', 'basket_1_contain_region')
+    goal: tuple[tuple[str, ...], ...]
+    obj_of_interest: tuple[str, ...]
+    base_pos: np.ndarray  # (3,) the robot's base (its reach is measured from here)
+
+    def pose(self, name: str) -> Pose:
+        """The pose of an object, fixture or site by its bddl name."""
+        for table in (self.objects, self.fixtures, self.sites):
+            if name in table:
+                return table[name]
+        raise KeyError(f"'{name}' is no object, fixture or site of this task")
 
 
 def to_libero_action(action: Any, gripper: str = "openvla") -> np.ndarray:
@@ -98,6 +151,15 @@ def quat2axisangle(quat: np.ndarray) -> np.ndarray:
     if math.isclose(den, 0.0):
         return np.zeros(3)
     return np.array([x, y, z]) * 2.0 * math.acos(w) / den
+
+
+def _mat2quat(mat: np.ndarray) -> np.ndarray:
+    """3x3 rotation matrix -> quaternion (x, y, z, w)."""
+    import mujoco
+
+    wxyz = np.zeros(4)
+    mujoco.mju_mat2Quat(wxyz, np.asarray(mat, dtype=np.float64).reshape(9))
+    return wxyz[[1, 2, 3, 0]]
 
 
 def _installed(distribution: str) -> bool:
@@ -168,7 +230,8 @@ def _render_hint(renderer: str, error: BaseException) -> str:
 class LiberoEnv(Env):
     """A LIBERO suite (libero_spatial / object / goal / 10 / 90) under the OpenVLA(-OFT) evaluation protocol.
 
-    Episodes are every selected task x initial state x seed; `EpisodeSpec.task` is '<suite>/<task index>'.
+    Episodes are every selected task x initial state x seed (placement: sampled: task x seed, init_state -1);
+    `EpisodeSpec.task` is '<suite>/<task index>'. `privileged_state()` gives a scripted expert the true poses.
     One simulator is kept and reused while consecutive episodes share a task.
     """
 
@@ -182,9 +245,10 @@ class LiberoEnv(Env):
         gripper: str = "openvla"  # openvla: model g in [0,1], 1=open -> LIBERO -1=open; raw: pass through
         resolution: int = 256  # rendered camera size (square); the backbone resizes
         model_resize: int | None = None  # e.g. 224: JPEG round trip + Lanczos-3 resize, as the LIBERO evaluations
-        num_settle_steps: int = 10  # no-op steps after set_init_state (not counted in max_steps)
+        num_settle_steps: int = 10  # no-op steps after the initial state is set (not counted in max_steps)
         max_steps: int | None = None  # None = the suite's limit (SUITE_MAX_STEPS)
         renderer: str = "egl"  # egl | osmesa (CPU: Mesa llvmpipe)
+        placement: str = "shipped"  # shipped: the 50 init states | sampled: the task's placement sampler, per seed
 
     def __init__(self, config: "LiberoEnv.Config | None" = None) -> None:
         self.config = config = config or self.Config()
@@ -202,6 +266,10 @@ class LiberoEnv(Env):
             raise InputError(f"max_steps must be >= 1 (or null for the suite limit), got {config.max_steps}")
         if not config.seeds:
             raise InputError("seeds must list at least one seed, e.g. [7]")
+        if config.placement not in PLACEMENTS:
+            raise InputError(f"placement '{config.placement}' is not one of {list(PLACEMENTS)}")
+        if config.placement == "sampled" and config.init_states is not None:
+            raise InputError("init_states index the shipped states; with placement: sampled leave it null (seeds pick the scenes)")
         num_tasks = SUITE_NUM_TASKS[config.suite]
         self.task_ids = self._select(config.tasks, num_tasks, "tasks")
         self.init_state_ids = self._select(config.init_states, NUM_INIT_STATES, "init_states")
@@ -218,6 +286,7 @@ class LiberoEnv(Env):
         self.task_id: int | None = None
         self.episode: EpisodeSpec | None = None
         self.raw_obs: dict[str, Any] | None = None  # the last raw robosuite observation (unflipped)
+        self._boxes_model = None  # the MuJoCo model the cached geom -> body tables of _body_boxes belong to
         self.t = 0
         self._done = True
 
@@ -240,6 +309,9 @@ class LiberoEnv(Env):
         return str(self.task(task_id).language)
 
     def episodes(self) -> list[EpisodeSpec]:
+        if self.config.placement == "sampled":
+            return [EpisodeSpec(task=f"{self.config.suite}/{t}", init_state=SAMPLED, seed=int(s))
+                    for t in self.task_ids for s in self.config.seeds]
         return [
             EpisodeSpec(task=f"{self.config.suite}/{t}", init_state=i, seed=int(s))
             for t in self.task_ids
@@ -297,13 +369,24 @@ class LiberoEnv(Env):
     def reset(self, episode: EpisodeSpec | None = None) -> Observation:
         episode = episode or self.episodes()[0]
         task_id = self.task_index(episode.task)
-        states = self.init_states(task_id)
-        if not 0 <= episode.init_state < len(states):
-            raise InputError(f"init_state {episode.init_state} out of range: {self.config.suite}/{task_id} has {len(states)}")
+        sampled = self.config.placement == "sampled"
+        if sampled and episode.init_state != SAMPLED:
+            raise InputError(f"placement: sampled draws scenes from seeds; the episode's init_state must be {SAMPLED}, got {episode.init_state}")
+        if not sampled:
+            states = self.init_states(task_id)
+            if not 0 <= episode.init_state < len(states):
+                raise InputError(f"init_state {episode.init_state} out of range: {self.config.suite}/{task_id} has {len(states)}")
         env = self._make_env(task_id)
-        env.seed(int(episode.seed))  # LIBERO seeds numpy's global RNG
-        env.reset()
-        raw = env.set_init_state(states[episode.init_state])
+        if sampled:
+            # Each hard reset appends the task's open/close and on/off samplers to this list again without
+            # emptying it, so later resets draw more numbers first and a seed would give another scene.
+            initializers = getattr(env.env, "object_property_initializers", None)
+            if isinstance(initializers, list):
+                initializers.clear()
+        env.seed(int(episode.seed))  # LIBERO seeds numpy's global RNG, which its placement samplers draw from
+        raw = env.reset()
+        if not sampled:
+            raw = env.set_init_state(states[episode.init_state])
         for _ in range(self.config.num_settle_steps):
             raw, _, _, _ = env.step(list(SETTLE_ACTION))
         self.task_id, self.episode, self.t, self._done = task_id, episode, 0, False
@@ -336,6 +419,77 @@ class LiberoEnv(Env):
             [raw["robot0_eef_pos"], quat2axisangle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
         ).astype(np.float32)
         return Observation(images=images, instruction=self.instruction(self.task_id), proprio=proprio)
+
+    # -- privileged state (scripted experts) ----------------------------------------------------------------
+    def privileged_state(self) -> PrivilegedState:
+        """The simulator's ground truth for the current step: end effector, gripper, every object's, fixture's
+        and region's pose, and the task's goal predicates (see PrivilegedState)."""
+        if self._env is None or self.task_id is None:
+            raise InputError("call reset() before privileged_state()")
+        domain = self._env.env  # the robosuite task behind LIBERO's wrapper
+        sim, robot = domain.sim, domain.robots[0]
+        model, data = sim.model._model, sim.data._data
+        lo, hi, local_lo, local_hi = self._body_boxes(model, data)
+
+        def body(name: str) -> Pose:
+            bid = domain.obj_body_id[name]
+            box = np.isfinite(lo[bid]).all()
+            return Pose(pos=data.xpos[bid].copy(), quat=data.xquat[bid][[1, 2, 3, 0]].copy(),
+                        lo=lo[bid] if box else None, hi=hi[bid] if box else None,
+                        local_lo=local_lo[bid] if box else None, local_hi=local_hi[bid] if box else None)
+
+        def site(name: str) -> Pose:
+            region = domain.object_sites_dict[name]
+            return Pose(pos=np.array(sim.data.get_site_xpos(name)), quat=_mat2quat(sim.data.get_site_xmat(name)),
+                        size=np.asarray(getattr(region, "size", np.zeros(3)), dtype=np.float64),
+                        parent=getattr(region, "parent_name", None))
+
+        fingers = np.array([data.qpos[i] for i in robot._ref_gripper_joint_pos_indexes])
+        problem = domain.parsed_problem
+        return PrivilegedState(
+            eef_pos=data.site_xpos[robot.eef_site_id].copy(),
+            eef_quat=data.xquat[model.body(robot.robot_model.eef_name).id][[1, 2, 3, 0]].copy(),
+            gripper_qpos=fingers,
+            gripper_opening=float(fingers[0] - fingers[1]),
+            objects={n: body(n) for n in domain.objects_dict},
+            fixtures={n: body(n) for n in domain.fixtures_dict if n in domain.obj_body_id},
+            sites={n: site(n) for n in domain.object_sites_dict},
+            goal=tuple(tuple(str(a) for a in g) for g in problem["goal_state"]),
+            obj_of_interest=tuple(str(n) for n in domain.obj_of_interest),
+            base_pos=data.xpos[model.body(robot.robot_model.root_body).id].copy(),
+        )
+
+    def _body_boxes(self, model, data) -> tuple[np.ndarray, ...]:
+        """Per body, around the collision geoms of its subtree: the world axis-aligned box (lo, hi) and the box
+        in the body's own frame (local_lo, local_hi), each [nbody, 3]; +-inf for a body without such geoms."""
+        if self._boxes_model is not model:  # the hard reset reloads the model each episode
+            collide = np.flatnonzero((model.geom_contype | model.geom_conaffinity) != 0)
+            ancestors = [[b] for b in range(model.nbody)]
+            for b in range(model.nbody):
+                p = b
+                while p != 0:
+                    p = int(model.body_parentid[p])
+                    ancestors[b].append(p)
+            owners = [(g, a) for g in collide for a in ancestors[model.geom_bodyid[g]]]
+            self._boxes_model = model
+            self._box_geoms = np.array([g for g, _ in owners], dtype=np.int64)
+            self._box_bodies = np.array([a for _, a in owners], dtype=np.int64)
+        geoms, bodies = self._box_geoms, self._box_bodies
+        rot = data.geom_xmat[geoms].reshape(-1, 3, 3)
+        center = data.geom_xpos[geoms] + np.einsum("nij,nj->ni", rot, model.geom_aabb[geoms, :3])
+        half = model.geom_aabb[geoms, 3:]
+        body_rot = data.xmat[bodies].reshape(-1, 3, 3)
+        local_rot = np.einsum("nji,njk->nik", body_rot, rot)  # geom frame in its owner body's frame
+        local_center = np.einsum("nji,nj->ni", body_rot, center - data.xpos[bodies])
+        boxes = []
+        for c, e in ((center, np.einsum("nij,nj->ni", np.abs(rot), half)),
+                     (local_center, np.einsum("nij,nj->ni", np.abs(local_rot), half))):
+            lo = np.full((model.nbody, 3), np.inf)
+            hi = np.full((model.nbody, 3), -np.inf)
+            np.minimum.at(lo, bodies, c - e)
+            np.maximum.at(hi, bodies, c + e)
+            boxes += [lo, hi]
+        return tuple(boxes)
 
     def close(self) -> None:
         env, self._env, self._env_task, self._done = self._env, None, None, True

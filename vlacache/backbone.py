@@ -141,6 +141,14 @@ class Backbone(ABC):
     def reset(self) -> None:
         """Forget per-episode state of the backbone itself (e.g. an action ensemble). Called by CachedVLA.reset()."""
 
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The modules `vlacache train` optimises (a backbone that can be trained overrides this and bc_loss)."""
+        raise InputError(f"{type(self).__name__} does not support vlacache train (no behaviour-cloning objective)")
+
+    def bc_loss(self, obs: Observation, actions: np.ndarray) -> torch.Tensor:
+        """The behaviour-cloning loss of a batch of observations and the demonstrated actions [B, chunk, dim]."""
+        raise InputError(f"{type(self).__name__} does not support vlacache train (no behaviour-cloning objective)")
+
     def decode_passes(self) -> int:
         """Decoder forward passes after the prefill (for FLOPs)."""
         return 0

@@ -1,4 +1,4 @@
-"""The `vlacache` command: list, bench, run, record.
+"""The `vlacache` command: list, bench, run, record, demos, train.
 
 A bad input (config, override, checkpoint, recording, output location, a results directory that must not be
 mixed) ends with one line `vlacache: error: <problem>; <fix>` on stderr and exit code 2, before any compute."""
@@ -83,6 +83,30 @@ def _record(args) -> int:
     return 0
 
 
+def _demos(args) -> int:
+    from .experiment import load_config
+    from .train.demos import DemosConfig, record_demos
+
+    config = load_config(DemosConfig, args.config, "demos", args.overrides)
+    summary = record_demos(config, progress=not args.quiet)
+    print(f"expert success {summary['succeeded']}/{summary['attempted']} episodes; per task:")
+    for task, row in summary["per_task"].items():
+        print(f"  {task:<20} {row['succeeded']}/{row['attempted']}")
+    print(f"wrote {config.output_dir} (index.jsonl, one .npz per stored episode, dataset_statistics.json, summary.json)")
+    return 0
+
+
+def _train(args) -> int:
+    from .experiment import load_config
+    from .train.bc import TrainConfig, train
+
+    config = load_config(TrainConfig, args.config, "train", args.overrides)
+    policy = train(config, progress=not args.quiet)
+    print(f"wrote {policy} (the released layout: load it with backbone.checkpoint={policy}) and "
+          f"{config.output_dir}/loss_curves.csv / .png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlacache", description="VLA-Cache: adaptive token caching for VLA policies")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episode", type=int, default=0, help="index into the env's episode list")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_record)
+    p = sub.add_parser("demos", help="record scripted-expert LIBERO demonstrations (resumable, parallel)")
+    p.add_argument("config", help="demos YAML path or shipped name (configs/demos/), e.g. libero_spatial")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. episodes_per_task=10 workers=2")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_demos)
+    p = sub.add_parser("train", help="behaviour cloning of a backbone on demonstrations (Lightning, resumable)")
+    p.add_argument("config", help="train YAML path or shipped name (configs/train/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 demos=data/demos/libero_spatial")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
     return parser
 
 

@@ -1,0 +1,113 @@
+"""`vlacache train`: real Lightning steps on a demonstration folder, checkpoint + resume, export in the released
+layout and load-back key for key."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from vlacache import CachedVLA, Observation
+from vlacache.backbones.openvla import OpenVLABackbone
+from vlacache.backbones.openvla_oft import OpenVLAOFTBackbone
+from vlacache.train.bc import TrainConfig, batches_by_prompt, DemoSamples, train
+from vlacache.train.demos import INDEX, load_demos, write_statistics
+
+INSTRUCTIONS = ["pick up the black bowl next to the ramekin and place it on the plate",
+                "pick up the black bowl on the stove and place it on the plate"]
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    """Four short episodes in the format `vlacache demos` writes (index.jsonl, one .npz per episode)."""
+    folder = tmp_path_factory.mktemp("demos")
+    rng = np.random.default_rng(0)
+    with open(folder / INDEX, "w") as index:
+        for e in range(4):
+            steps = 10 + e
+            name = f"libero_spatial_task{e % 2}_seed{100000 + e}.npz"
+            ramp = np.linspace(0, 255, 128, dtype=np.float32)
+            image = np.stack([np.broadcast_to(ramp, (128, 128))] * 3, -1)
+            frames = np.stack([np.roll(image, 3 * t, axis=1) for t in range(steps)]).astype(np.uint8)
+            actions = np.concatenate([rng.uniform(-0.8, 0.8, (steps, 6)), (np.arange(steps) < 5)[:, None]], 1)
+            np.savez_compressed(folder / name, primary=frames, wrist=frames[:, ::-1], proprio=rng.normal(size=(steps, 8)).astype(np.float32),
+                                actions=actions.astype(np.float32), instruction=np.array(INSTRUCTIONS[e % 2]),
+                                task=np.array(f"libero_spatial/{e % 2}"), seed=np.array(100000 + e))
+            index.write(json.dumps({"task": f"libero_spatial/{e % 2}", "seed": 100000 + e, "success": True,
+                                    "steps": steps, "file": name, "wall_s": 1.0}) + "\n")
+        index.write(json.dumps({"task": "libero_spatial/1", "seed": 100009, "success": False, "steps": 220,
+                                "file": None, "wall_s": 1.0}) + "\n")
+    write_statistics(folder, "libero_spatial")
+    return folder
+
+
+def config(demo_folder, out, **overrides):
+    base = dict(backbone={"name": "openvla-oft", "preset": "micro", "device": "cpu"}, demos=str(demo_folder),
+                epochs=1, batch_size=4, warmup_steps=2, val_fraction=0.25, output_dir=str(out), threads=1)
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_batches_share_one_prompt_length(demo_folder):
+    from vlacache.backbones.openvla import build_preset
+
+    backbone = build_preset("micro")
+    samples = DemoSamples(list(load_demos(demo_folder)), chunk=8)
+    lengths = {text: len(backbone.prompt_ids(text)) for text in INSTRUCTIONS}
+    assert len(set(lengths.values())) == 2  # the two instructions tokenize to different lengths
+    batches = batches_by_prompt(samples, lambda t: lengths[t], 4, True, 0)
+    assert sorted(i for b in batches for i in b) == list(range(len(samples)))
+    for batch in batches:
+        assert len({lengths[samples.episodes[samples.index[i][0]]["instruction"]] for i in batch}) == 1
+    item = samples[len(samples) - 1]  # the last step: the chunk repeats the episode's last action
+    assert item["actions"].shape == (8, 7) and np.all(item["actions"] == item["actions"][0])
+
+
+@pytest.mark.parametrize("kind, cls", [("openvla-oft", OpenVLAOFTBackbone), ("openvla", OpenVLABackbone)])
+def test_training_steps_export_in_the_released_layout(demo_folder, tmp_path, kind, cls):
+    out = tmp_path / kind
+    policy = train(config(demo_folder, out, backbone={"name": kind, "preset": "micro", "device": "cpu"},
+                          chunk=8 if kind == "openvla-oft" else 1), progress=False)
+    statistics = json.loads((demo_folder / "dataset_statistics.json").read_text())
+    loaded = cls.from_pretrained(policy)  # strict: every key of the released layout, nothing else
+    assert loaded.unnorm_key == "libero_spatial" and loaded.config.norm_stats == statistics
+    rows = list((out / "loss_curves.csv").read_text().splitlines())
+    assert rows[0] == "epoch,train_loss,val_loss" and len(rows) == 2 and all(rows[1].split(","))
+    assert (out / "loss_curves.png").stat().st_size > 0 and (out / "checkpoints" / "last.ckpt").is_file()
+    weights = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    trained = {k.removeprefix("parts.model."): v for k, v in weights.items() if k.startswith("parts.model.")}
+    exported = loaded.model.state_dict()
+    assert set(trained) == set(exported)
+    for key, value in trained.items():  # exported in bf16: the trained weights, rounded
+        assert torch.equal(exported[key], value.to(torch.bfloat16).to(exported[key].dtype)), key
+    initial = cls.from_config(cls.Config(preset="micro", device="cpu"))
+    assert not torch.equal(initial.model.projector.fc1.weight, loaded.model.projector.fc1.weight)
+    demo = load_demos(demo_folder)[0]
+    obs = Observation({"primary": demo["primary"][0], "wrist": demo["wrist"][0]}, demo["instruction"], demo["proprio"][0])
+    actions = CachedVLA(loaded, None).predict(obs).actions
+    assert actions.shape == ((1, 8, 7) if kind == "openvla-oft" else (1, 1, 7)) and np.isfinite(actions).all()
+
+
+def test_an_interrupted_training_resumes_from_its_last_checkpoint(demo_folder, tmp_path):
+    out = tmp_path / "resume"
+    train(config(demo_folder, out, epochs=1), progress=False)
+    first = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    train(config(demo_folder, out, epochs=2), progress=False)  # the same command with a longer budget
+    second = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert first["epoch"] == 0 and second["epoch"] == 1
+    assert second["global_step"] == 2 * first["global_step"]  # epoch 0 was not trained again
+    epochs = [row.split(",")[0] for row in (out / "loss_curves.csv").read_text().splitlines()[1:]]
+    assert epochs == ["0", "1"]  # both runs' losses in one curve
+
+
+def test_train_cli(demo_folder, tmp_path):
+    out = tmp_path / "cli"
+    script = [sys.executable, "-m", "vlacache.cli"]
+    done = subprocess.run([*script, "train", "micro_oft_libero_spatial", f"demos={demo_folder}", f"output_dir={out}",
+                           "epochs=1", "batch_size=8", "threads=1", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out / 'policy'}" in done.stdout
+    bad = subprocess.run([*script, "train", "micro_oft_libero_spatial", f"demos={tmp_path / 'nothing'}", "--quiet"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "holds no index.jsonl" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

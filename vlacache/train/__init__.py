@@ -1,0 +1,1 @@
+"""Training room: scripted-expert demonstrations (expert, demos); behaviour cloning comes later."""

@@ -1,0 +1,299 @@
+"""`vlacache train`: behaviour cloning of a backbone (trained from scratch) on recorded demonstrations.
+
+The model is the project's own backbone class (e.g. the `micro` OpenVLA-OFT or OpenVLA preset); its objective is
+the backbone's `bc_loss` (OFT: L1 on the normalised action chunk; OpenVLA: cross-entropy on the 7 action
+tokens), through the same `prepare` / `embed` / decoder path as inference, so what is trained is what runs.
+The action (and proprio) statistics come from the demonstrations' `dataset_statistics.json` and are saved with
+the model. Lightning runs the loop: a checkpoint every epoch, resume from the last one after an interruption,
+seeded and deterministic, a progress bar, a validation split by episode, and loss curves (CSV + PNG).
+The result is saved in the backbone's released layout (`from_pretrained` loads it key for key).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from ..backbone import Backbone
+from ..config import ConfigError
+from ..types import Observation
+from .demos import load_demos
+
+__all__ = ["TrainConfig", "DemoSamples", "BehaviourCloning", "train"]
+
+
+@dataclass
+class TrainConfig:
+    """`vlacache train CONFIG`: what to train, on which demonstrations, how long, where to write."""
+
+    name: str = "micro"
+    backbone: dict = field(default_factory=lambda: {"name": "openvla-oft", "preset": "micro", "device": "cpu"})
+    demos: str = "???"  # a folder written by `vlacache demos`
+    unnorm_key: str | None = None  # the dataset key of the saved statistics (default: the demos' only key)
+    chunk: int = 8  # actions per sample (OFT: the chunk; OpenVLA learns the first)
+    epochs: int = 20
+    max_steps: int = -1  # optimizer steps in all (-1: epochs decide)
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    val_fraction: float = 0.1  # share of EPISODES held out for validation
+    shift_pixels: int = 8  # random image shift (pad + crop), per sample and camera
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    save_dtype: str = "bfloat16"  # dtype of the exported weights
+    output_dir: str = "runs/train/${name}"
+
+    def check(self) -> "TrainConfig":
+        problems = [
+            (self.chunk >= 1, "chunk must be >= 1"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (0 <= self.val_fraction < 1, "val_fraction must lie in [0, 1)"),
+            (self.shift_pixels >= 0, "shift_pixels must be >= 0"),
+            (self.save_dtype in ("float32", "bfloat16", "float16"), "save_dtype must be float32, bfloat16 or float16"),
+        ]
+        bad = [message for ok, message in problems if not ok]
+        if bad:
+            raise ConfigError(f"the train config: {'; '.join(bad)}")
+        return self
+
+
+class DemoSamples(torch.utils.data.Dataset):
+    """Every (episode, step) of some demonstration episodes as one training sample: both cameras, proprio,
+    instruction and the next `chunk` actions (the last action repeated past the episode's end)."""
+
+    def __init__(self, episodes: list[dict[str, Any]], chunk: int, shift_pixels: int = 0) -> None:
+        self.episodes, self.chunk, self.shift = episodes, chunk, shift_pixels
+        self.index = [(e, t) for e, episode in enumerate(episodes) for t in range(len(episode["actions"]))]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        e, t = self.index[i]
+        episode = self.episodes[e]
+        steps = np.minimum(np.arange(t, t + self.chunk), len(episode["actions"]) - 1)
+        return {
+            "primary": self._shifted(episode["primary"][t]),
+            "wrist": self._shifted(episode["wrist"][t]),
+            "proprio": episode["proprio"][t],
+            "actions": episode["actions"][steps],
+            "instruction": episode["instruction"],
+        }
+
+    def _shifted(self, image: np.ndarray) -> np.ndarray:
+        if not self.shift:
+            return image
+        s = self.shift
+        padded = np.pad(image, ((s, s), (s, s), (0, 0)), mode="edge")
+        dy, dx = random.randint(0, 2 * s), random.randint(0, 2 * s)
+        return padded[dy : dy + image.shape[0], dx : dx + image.shape[1]]
+
+
+def batches_by_prompt(samples: DemoSamples, prompt_length, batch_size: int, shuffle: bool, seed: int) -> list[list[int]]:
+    """Batches whose instructions tokenize to one length (a backbone's batch shares one prompt length)."""
+    groups: dict[int, list[int]] = {}
+    lengths = {}
+    for i, (e, _) in enumerate(samples.index):
+        text = samples.episodes[e]["instruction"]
+        if text not in lengths:
+            lengths[text] = prompt_length(text)
+        groups.setdefault(lengths[text], []).append(i)
+    rng = random.Random(seed)
+    out = []
+    for members in groups.values():
+        if shuffle:
+            rng.shuffle(members)
+        out += [members[k : k + batch_size] for k in range(0, len(members), batch_size)]
+    if shuffle:
+        rng.shuffle(out)
+    return out
+
+
+class PromptLengthBatches(torch.utils.data.Sampler):
+    """A batch sampler over `batches_by_prompt`, reshuffled every epoch (deterministically from the seed)."""
+
+    def __init__(self, samples: DemoSamples, prompt_length, batch_size: int, shuffle: bool, seed: int) -> None:
+        self.samples, self.prompt_length, self.batch_size, self.shuffle, self.seed = samples, prompt_length, batch_size, shuffle, seed
+        self.epoch = 0
+        self._count = len(batches_by_prompt(samples, prompt_length, batch_size, False, seed))
+
+    def __iter__(self):
+        batches = batches_by_prompt(self.samples, self.prompt_length, self.batch_size, self.shuffle, self.seed + self.epoch)
+        self.epoch += 1
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "observation": Observation(
+            images={"primary": np.stack([x["primary"] for x in items]), "wrist": np.stack([x["wrist"] for x in items])},
+            instruction=[x["instruction"] for x in items],
+            proprio=np.stack([x["proprio"] for x in items]),
+        ),
+        "actions": np.stack([x["actions"] for x in items]),
+    }
+
+
+class BehaviourCloning(L.LightningModule):
+    """The backbone's trainable modules and its `bc_loss`; AdamW with linear warmup and cosine decay."""
+
+    def __init__(self, backbone: Backbone, config: TrainConfig) -> None:
+        super().__init__()
+        self.backbone, self.config = backbone, config
+        self.parts = torch.nn.ModuleDict(backbone.trainable_modules())
+
+    def on_fit_start(self) -> None:
+        self.parts.train()  # backbones are built for inference (eval mode)
+
+    def training_step(self, batch, _):
+        loss = self.backbone.bc_loss(batch["observation"], batch["actions"])
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["actions"]))
+        return loss
+
+    def validation_step(self, batch, _):
+        loss = self.backbone.bc_loss(batch["observation"], batch["actions"])
+        self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=len(batch["actions"]))
+
+    def configure_optimizers(self):
+        config = self.config
+        optimizer = torch.optim.AdamW(self.parts.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+
+        def factor(step: int) -> float:
+            if step < config.warmup_steps:
+                return (step + 1) / config.warmup_steps
+            progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def split_episodes(episodes: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out whole episodes (never steps of a training episode) for validation, spread over tasks."""
+    order = list(range(len(episodes)))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(val_fraction * len(episodes)))
+    if val_fraction > 0 and len(episodes) > 1:
+        n_val = max(1, n_val)
+    val = set(order[:n_val])
+    return [e for i, e in enumerate(episodes) if i not in val], [e for i, e in enumerate(episodes) if i in val]
+
+
+def train(config: TrainConfig, progress: bool = True) -> Path:
+    """Train (or resume) and export; returns the folder of the saved policy."""
+    from ..experiment import build_backbone
+
+    config.check()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    demos = load_demos(config.demos)
+    stats_all = demos.statistics or {}
+    key = config.unnorm_key or (next(iter(stats_all)) if len(stats_all) == 1 else None)
+    if key not in stats_all:
+        raise ConfigError(f"unnorm_key {config.unnorm_key!r}: the demos' statistics have {sorted(stats_all)}; set unnorm_key")
+    backbone = build_backbone(config.backbone)
+    backbone.config.norm_stats = {key: stats_all[key]}
+    backbone.unnorm_key = key
+    episodes = list(demos)
+    if not episodes:
+        raise ConfigError(f"{config.demos} holds no successful demonstration; record some with `vlacache demos`")
+    train_eps, val_eps = split_episodes(episodes, config.val_fraction, config.seed)
+    prompt_length = lambda text: len(backbone.prompt_ids(text))  # noqa: E731
+    train_set = DemoSamples(train_eps, config.chunk, config.shift_pixels)
+    loaders = {
+        "train_dataloaders": torch.utils.data.DataLoader(
+            train_set, batch_sampler=PromptLengthBatches(train_set, prompt_length, config.batch_size, True, config.seed),
+            collate_fn=collate),
+    }
+    if val_eps:
+        val_set = DemoSamples(val_eps, config.chunk, 0)
+        loaders["val_dataloaders"] = torch.utils.data.DataLoader(
+            val_set, batch_sampler=PromptLengthBatches(val_set, prompt_length, config.batch_size, False, config.seed),
+            collate_fn=collate)
+    module = BehaviourCloning(backbone, config)
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=-1,
+                                                      every_n_epochs=1)
+    trainer = L.Trainer(
+        accelerator="cpu" if backbone.device.type == "cpu" else "auto", devices=1, max_epochs=config.epochs,
+        max_steps=config.max_steps, callbacks=[checkpoints], logger=L.pytorch.loggers.CSVLogger(out, name="logs"),
+        enable_progress_bar=progress, deterministic="warn", log_every_n_steps=10, num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
+    last = out / "checkpoints" / "last.ckpt"
+    trainer.fit(module, ckpt_path=str(last) if last.is_file() else None, **loaders)
+    write_loss_curves(out)
+    policy_dir = out / "policy"
+    export(backbone, policy_dir, config.save_dtype)
+    (out / "train_config.json").write_text(json.dumps(config.__dict__, indent=1, default=str))
+    return policy_dir
+
+
+def export(backbone: Backbone, folder: Path, dtype: str) -> None:
+    """Save in the released layout, in `dtype` (the micro-policies ship in bf16)."""
+    target = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    modules = backbone.trainable_modules()
+    previous = {name: next(m.parameters()).dtype for name, m in modules.items()}
+    for module in modules.values():
+        module.to(target)
+    try:
+        backbone.save_pretrained(folder)
+    finally:
+        for name, module in modules.items():
+            module.to(previous[name])
+
+
+def write_loss_curves(out: Path) -> None:
+    """logs/version_*/metrics.csv (one per run of the command; a resumed run writes a new version) ->
+    loss_curves.csv (epoch, train, val) and loss_curves.png."""
+    import csv
+
+    rows: dict[int, dict[str, float]] = {}
+    versions = sorted((out / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    for metrics in versions:
+        with open(metrics) as handle:
+            for row in csv.DictReader(handle):
+                epoch = int(float(row["epoch"])) if row.get("epoch") else None
+                for name in ("train_loss_epoch", "val_loss"):
+                    if epoch is not None and row.get(name):
+                        rows.setdefault(epoch, {})[name] = float(row[name])
+    if not rows:
+        return
+    with open(out / "loss_curves.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "train_loss", "val_loss"])
+        for epoch in sorted(rows):
+            writer.writerow([epoch, rows[epoch].get("train_loss_epoch", ""), rows[epoch].get("val_loss", "")])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, label in (("train_loss_epoch", "train"), ("val_loss", "validation")):
+        points = [(e, r[name]) for e, r in sorted(rows.items()) if name in r]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=100)
+    plt.close(fig)

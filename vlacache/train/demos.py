@@ -1,0 +1,333 @@
+"""Scripted-expert demonstrations for LIBERO, recorded as a policy sees them (`record_demos`, `load_demos`).
+
+The expert (vlacache.train.expert) drives the same `LiberoEnv` adapter the evaluation uses, so every stored
+observation is exactly a policy's input: the flipped agent view and the wrist camera at `resolution`, the 8-d
+proprio and the instruction. The stored action is the expert's CLEAN action for that observation (model
+convention: 6 arm values in [-1, 1], gripper 1 = open / 0 = close); with noise on, the executed action differs
+(DART), so the data holds the corrections back from the perturbed states.
+
+Output folder:
+  <suite>_task<k>_seed<s>.npz   one per SUCCESSFUL episode (compressed): primary / wrist [T, H, W, 3] uint8,
+                                 proprio [T, 8] float32, actions [T, 7] float32, instruction, task, seed
+  index.jsonl                    one line per attempted episode: task, seed, success, steps, file (or null),
+                                 wall_s, recoveries (and error, when it raised); appended with fsync
+  dataset_statistics.json        OpenVLA / OFT normalisation statistics of the stored episodes
+  summary.json                   the expert's success rate per task
+  settings.json                  env, expert and noise settings; a resume with other ones is refused
+Failed expert episodes are counted in the index and the summary, never stored. Re-running the same config
+skips every (task, seed) already in the index, except those that raised, which are tried again.
+Scenes come from the task's placement sampler (`placement: sampled`), seeds from `first_seed` (100000) on:
+evaluation uses LIBERO's shipped initial states, so no demonstration repeats an evaluation episode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from vlacache.config import resolve_component, typed
+from vlacache.env import EpisodeSpec
+from vlacache.registry import ENVS
+from vlacache.train.expert import ActionNoise, ExpertConfig, NoiseConfig, PickPlaceExpert
+
+INDEX = "index.jsonl"
+STATISTICS = "dataset_statistics.json"
+SUMMARY = "summary.json"
+SETTINGS = "settings.json"  # env (seeds and tasks aside), expert and noise: a resume must match them
+ARM_DIMS = 6  # normalised action dims (the gripper is not: mask false)
+
+
+@dataclass
+class DemosConfig:
+    """What to record. `env` is an env spec as `vlacache run` takes it (name: libero, ...); without `seeds` in it,
+    the seeds are first_seed .. first_seed + episodes_per_task - 1 for every task."""
+
+    env: dict[str, Any] = field(default_factory=lambda: {
+        "name": "libero", "suite": "libero_spatial", "placement": "sampled", "resolution": 128})
+    episodes_per_task: int = 50
+    first_seed: int = 100000
+    expert: dict[str, Any] = field(default_factory=dict)  # ExpertConfig overrides
+    noise: dict[str, Any] = field(default_factory=lambda: {"sigma": 0.15, "burst_prob": 0.04})  # NoiseConfig; {} = off
+    output_dir: str = "demos"
+    workers: int = 1
+
+    def env_spec(self) -> dict[str, Any]:
+        """The env spec with placement and seeds filled in."""
+        spec = dict(self.env)
+        spec.setdefault("placement", "sampled")
+        if spec.get("name") != "libero":
+            raise ValueError(f"demonstrations are recorded in the LIBERO env (name: libero), got name: {spec.get('name')}")
+        if spec["placement"] != "sampled":
+            raise ValueError("demonstrations use placement: sampled; the shipped initial states are the evaluation episodes")
+        if "seeds" not in spec:
+            if self.episodes_per_task < 1:
+                raise ValueError(f"episodes_per_task must be >= 1, got {self.episodes_per_task}")
+            spec["seeds"] = list(range(self.first_seed, self.first_seed + self.episodes_per_task))
+        return spec
+
+    def check(self) -> "DemosConfig":
+        """Fail early, naming the key, on anything the recording would trip over (nothing is built)."""
+        resolve_component(ENVS, self.env_spec(), "env")
+        typed(ExpertConfig, self.expert, "the expert config")
+        typed(NoiseConfig, self.noise, "the noise config")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        return self
+
+
+# -- one episode (in a worker process, or in this one) -----------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(env_spec: dict[str, Any], expert: dict[str, Any], noise: dict[str, Any]) -> None:
+    cls, env_config = resolve_component(ENVS, env_spec, "env")
+    _WORKER.update(env=cls(env_config), expert=PickPlaceExpert(typed(ExpertConfig, expert, "the expert config")),
+                   noise=typed(NoiseConfig, noise, "the noise config"))
+
+
+def _run_episode(episode: EpisodeSpec) -> dict[str, Any]:
+    """Roll the expert out in the worker's env; the arrays come back only for a success."""
+    env, expert = _WORKER["env"], _WORKER["expert"]
+    start = time.perf_counter()
+    record: dict[str, Any] = {"task": episode.task, "seed": int(episode.seed)}
+    try:
+        obs = env.reset(episode)
+        expert.reset()
+        noise = ActionNoise(_WORKER["noise"], seed=[env.task_index(episode.task), int(episode.seed)])
+        frames: dict[str, list[np.ndarray]] = {"primary": [], "wrist": []}
+        proprio, actions = [], []
+        done, info = False, {"success": False}
+        while not done:
+            action = expert.act(env.privileged_state())
+            for camera, images in frames.items():
+                images.append(obs.images[camera])
+            proprio.append(obs.proprio)
+            actions.append(action)
+            obs, _, done, info = env.step(noise(action))
+        record.update(success=bool(info["success"]), steps=len(actions), recoveries=expert.recoveries)
+        if record["success"]:
+            record["arrays"] = {
+                "primary": np.stack(frames["primary"]).astype(np.uint8),
+                "wrist": np.stack(frames["wrist"]).astype(np.uint8),
+                "proprio": np.stack(proprio).astype(np.float32),
+                "actions": np.stack(actions).astype(np.float32),
+                "instruction": obs.instruction,
+            }
+    except Exception as e:  # a simulator or expert error is this episode's outcome, the run goes on
+        record.update(success=False, steps=env.t if env.task_id is not None else 0, error=f"{type(e).__name__}: {e}")
+    record["wall_s"] = round(time.perf_counter() - start, 2)
+    return record
+
+
+# -- the recorder ----------------------------------------------------------------------------------------------
+def record_demos(config: DemosConfig, progress: bool = True) -> dict[str, Any]:
+    """Record every (task, seed) of `config` not yet in the output folder's index; returns the summary."""
+    config.check()
+    spec = config.env_spec()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cls, env_config = resolve_component(ENVS, spec, "env")
+    suite = env_config.suite
+    _claim(out, config)
+    done = {(r["task"], r["seed"]) for r in read_index(out) if "error" not in r}
+    listing = cls(env_config)  # lists the episodes; builds no simulator
+    pending = [e for e in listing.episodes() if (e.task, e.seed) not in done]
+    listing.close()
+    bar = tqdm(total=len(pending), desc=f"demos {suite}", unit="ep", disable=not progress)
+    stored = 0
+    try:
+        for n, record in enumerate(_records(pending, spec, config), 1):
+            stored += _write(out, suite, record)
+            bar.update(1)
+            bar.set_postfix(stored=stored, success=f"{stored / n:.0%}")
+    finally:
+        bar.close()
+    write_statistics(out, suite)
+    summary = summarize(out, suite)
+    summary.update(expert=dataclasses.asdict(typed(ExpertConfig, config.expert, "the expert config")),
+                   noise=dataclasses.asdict(typed(NoiseConfig, config.noise, "the noise config")), env=spec)
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _claim(out: Path, config: DemosConfig) -> None:
+    """Write the folder's recording settings, or check that a resume uses the same ones (only seeds may differ)."""
+    spec = {k: v for k, v in config.env_spec().items() if k not in ("seeds", "tasks")}
+    settings = json.loads(json.dumps({
+        "env": dataclasses.asdict(resolve_component(ENVS, spec, "env")[1]) | {"seeds": None, "tasks": None},
+        "expert": dataclasses.asdict(typed(ExpertConfig, config.expert, "the expert config")),
+        "noise": dataclasses.asdict(typed(NoiseConfig, config.noise, "the noise config")),
+    }))
+    path = out / SETTINGS
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = [f"{group}.{key}" for group in settings for key in settings[group]
+                   if old.get(group, {}).get(key) != settings[group][key]]
+        if changed:
+            raise ValueError(f"{out} holds demos recorded with other settings ({', '.join(changed)}); "
+                             "record into another output_dir")
+        return
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _records(pending: list[EpisodeSpec], spec: dict[str, Any], config: DemosConfig) -> Iterator[dict[str, Any]]:
+    """Episode records as they finish: in this process for one worker, else in `workers` spawned processes."""
+    if not pending:
+        return
+    args = (spec, config.expert, config.noise)
+    if config.workers == 1:
+        _init_worker(*args)
+        try:
+            for episode in pending:
+                yield _run_episode(episode)
+        finally:
+            _WORKER.pop("env").close()
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker, initargs=args) as pool:
+        futures = [pool.submit(_run_episode, episode) for episode in pending]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _write(out: Path, suite: str, record: dict[str, Any]) -> int:
+    """Store a success's arrays (atomically), then append its index line; returns 1 if an episode was stored."""
+    arrays = record.pop("arrays", None)
+    record["file"] = None
+    if arrays is not None:
+        task_id = int(record["task"].rpartition("/")[2])
+        name = f"{suite}_task{task_id}_seed{record['seed']}.npz"
+        partial = out / f".{name}.partial.npz"
+        np.savez_compressed(partial, primary=arrays["primary"], wrist=arrays["wrist"], proprio=arrays["proprio"],
+                            actions=arrays["actions"], instruction=np.array(arrays["instruction"]),
+                            task=np.array(record["task"]), seed=np.array(record["seed"], dtype=np.int64))
+        os.replace(partial, out / name)
+        record["file"] = name
+    line = json.dumps({k: record[k] for k in ("task", "seed", "success", "steps", "file", "wall_s", "recoveries", "error")
+                       if k in record})
+    index = out / INDEX
+    with open(index, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a line torn by a kill: end it, so this record stays whole
+                f.write(b"\n")
+        f.write(line.encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return int(arrays is not None)
+
+
+def read_index(folder: str | Path) -> list[dict[str, Any]]:
+    """Every complete line of a demo folder's index.jsonl (the latest per task and seed); torn lines skipped."""
+    path = Path(folder) / INDEX
+    latest: dict[tuple[str, int], dict[str, Any]] = {}
+    if not path.exists():
+        return []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            latest[(record["task"], record["seed"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError):
+            warnings.warn(f"{path}:{number}: not a complete record (a run killed mid-write?), skipped", stacklevel=2)
+    return list(latest.values())
+
+
+# -- statistics and summary ----------------------------------------------------------------------------------
+def write_statistics(folder: str | Path, suite: str) -> dict[str, Any]:
+    """dataset_statistics.json over every stored episode, in the OpenVLA / OFT layout, keyed by suite."""
+    demos = load_demos(folder)
+    episodes = [demos.load(i, ("actions", "proprio")) for i in range(len(demos))]
+    actions = [e["actions"] for e in episodes]
+    proprio = [e["proprio"] for e in episodes]
+    stats: dict[str, Any] = {"num_transitions": int(sum(len(a) for a in actions)), "num_trajectories": len(actions)}
+    if actions:
+        stats["action"] = {**_moments(np.concatenate(actions)), "mask": [True] * ARM_DIMS + [False]}
+        stats["proprio"] = _moments(np.concatenate(proprio))
+    result = {suite: stats}
+    (Path(folder) / STATISTICS).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _moments(x: np.ndarray) -> dict[str, list[float]]:
+    x = x.astype(np.float64)
+    return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(), "max": x.max(0).tolist(), "min": x.min(0).tolist(),
+            "q01": np.quantile(x, 0.01, axis=0).tolist(), "q99": np.quantile(x, 0.99, axis=0).tolist()}
+
+
+def summarize(folder: str | Path, suite: str) -> dict[str, Any]:
+    """The expert's success per task over every attempted episode in the index (an error counts as a failure)."""
+    records = read_index(folder)
+    per_task: dict[str, dict[str, Any]] = {}
+    for task in sorted({r["task"] for r in records}, key=lambda t: int(t.rpartition("/")[2])):
+        rows = [r for r in records if r["task"] == task]
+        wins = [r for r in rows if r["success"]]
+        per_task[task] = {
+            "attempted": len(rows), "succeeded": len(wins), "success_rate": len(wins) / len(rows),
+            "errors": sum("error" in r for r in rows),
+            "mean_steps": float(np.mean([r["steps"] for r in wins])) if wins else None,
+            "mean_wall_s": float(np.mean([r["wall_s"] for r in rows])),
+            "recoveries": int(sum(r.get("recoveries", 0) for r in rows)),
+        }
+    attempted = sum(t["attempted"] for t in per_task.values())
+    succeeded = sum(t["succeeded"] for t in per_task.values())
+    return {"suite": suite, "attempted": attempted, "succeeded": succeeded,
+            "success_rate": succeeded / attempted if attempted else None, "per_task": per_task}
+
+
+# -- reading ----------------------------------------------------------------------------------------------------
+class DemoSet:
+    """A demo folder: `index` (every attempted episode), `episodes` (the stored ones); `demos[i]` loads the i-th
+    stored episode's arrays (primary, wrist, proprio, actions, instruction, task, seed) on demand."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        if not (self.folder / INDEX).exists():
+            raise FileNotFoundError(f"{self.folder} holds no {INDEX}: not a demo folder (record_demos writes one)")
+        self.index = read_index(self.folder)
+        self.episodes = sorted((r for r in self.index if r.get("file")),
+                               key=lambda r: (int(r["task"].rpartition("/")[2]), r["seed"]))
+        stats = self.folder / STATISTICS
+        self.statistics = json.loads(stats.read_text()) if stats.exists() else None
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.load(i)
+
+    def load(self, i: int, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The i-th stored episode's arrays (only `keys`, e.g. ('actions',), to skip decompressing images)."""
+        with np.load(self.folder / self.episodes[i]["file"]) as data:
+            arrays = {k: data[k] for k in (keys or data.files)}
+        for key in ("instruction", "task"):
+            if key in arrays:
+                arrays[key] = str(arrays[key])
+        if "seed" in arrays:
+            arrays["seed"] = int(arrays["seed"])
+        return arrays
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[i] for i in range(len(self)))
+
+
+def load_demos(folder: str | Path) -> DemoSet:
+    """Open a folder written by `record_demos` (index read now, episode arrays when indexed)."""
+    return DemoSet(folder)
