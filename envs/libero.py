@@ -269,7 +269,8 @@ class LiberoEnv(Env):
         if config.placement not in PLACEMENTS:
             raise InputError(f"placement '{config.placement}' is not one of {list(PLACEMENTS)}")
         if config.placement == "sampled" and config.init_states is not None:
-            raise InputError("init_states index the shipped states; with placement: sampled leave it null (seeds pick the scenes)")
+            raise InputError("init_states index the shipped states; with placement: sampled leave it null "
+                             "(seeds pick the scenes)")
         num_tasks = SUITE_NUM_TASKS[config.suite]
         self.task_ids = self._select(config.tasks, num_tasks, "tasks")
         self.init_state_ids = self._select(config.init_states, NUM_INIT_STATES, "init_states")
@@ -371,7 +372,8 @@ class LiberoEnv(Env):
         task_id = self.task_index(episode.task)
         sampled = self.config.placement == "sampled"
         if sampled and episode.init_state != SAMPLED:
-            raise InputError(f"placement: sampled draws scenes from seeds; the episode's init_state must be {SAMPLED}, got {episode.init_state}")
+            raise InputError(f"placement: sampled draws scenes from seeds; the episode's init_state must be {SAMPLED}, "
+                             f"got {episode.init_state}")
         if not sampled:
             states = self.init_states(task_id)
             if not 0 <= episode.init_state < len(states):

@@ -139,4 +139,5 @@ def test_record_resume_and_failed_episode(tmp_path):
 def test_config_refuses_evaluation_states():
     with pytest.raises(ValueError, match="sampled"):
         DemosConfig(env={"name": "libero", "placement": "shipped"}).check()
-    assert DemosConfig(env={"name": "libero"}, episodes_per_task=3, first_seed=100000).env_spec()["seeds"] == [100000, 100001, 100002]
+    spec = DemosConfig(env={"name": "libero"}, episodes_per_task=3, first_seed=100000).env_spec()
+    assert spec["seeds"] == [100000, 100001, 100002] and spec["placement"] == "sampled"

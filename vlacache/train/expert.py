@@ -18,7 +18,8 @@ Grasps: an object narrower than the open gripper is taken across, at its middle 
 wider one (a bowl) by its rim. Among the candidate grasps (hand turned about the vertical, rim angle, shift off
 the middle) it takes the one whose open hand and fingers clear every other body's box, then the least turn, the
 least shift, the hand nearest the robot. A bowl sunk in a fixture (an open drawer) is taken along the fixture's
-long interior axis. Orientation otherwise stays at the episode's start (small corrections, `hold_orientation`).
+long interior axis. Only the yaw is steered (to the grasp's turn, 0 for most): the roll and pitch rotation values
+stay 0, as the hand keeps its start orientation by itself (`hold_orientation` steers them too).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class ExpertConfig:
 
     pos_gain: float = 4.0  # arm action per POS_UNIT of position error
     rot_gain: float = 1.0  # rotation action per ROT_UNIT of orientation error
-    hold_orientation: bool = True  # steer back to the start orientation (else zero rotation unless turning)
+    hold_orientation: bool = False  # steer roll / pitch back to the start too (else only the yaw is steered)
     clearance: float = 0.03  # margin above obstacles while travelling
     rim_inset: float = 0.012  # rim grasps: grip site this far inside the rim
     container_inset: float = 0.022  # the same for a bowl inside a fixture (room for the outer finger)
@@ -131,7 +132,7 @@ class PickPlaceExpert:
         self._grasp: _Grasp | None = None
         self._turn = 0.0  # the hand's yaw goal (that of the latest grasp)
         self._hold: np.ndarray | None = None  # where the hand stays while the gripper moves
-        self._reach = 0.0  # distance from the grip site to the held object's origin, at the grasp
+        self._grip_distance = 0.0  # distance from the grip site to the held object's origin, at the grasp
         self._last_opening: list[float] = []
         self._trail: list[np.ndarray] = []
         self._over = False  # above the current goal (descent allowed)
@@ -175,7 +176,8 @@ class PickPlaceExpert:
         travel = self._corridor_top(s, s.eef_pos[:2], goal[:2], skip=set()) + self.config.clearance + FINGER_BELOW
         turned = abs(_wrap(self._yaw(s) - g.yaw)) < self.config.yaw_tol
         target = self._route(s, goal, travel, may_descend=turned)
-        if self._arrived(s, goal) or (self._stalled() and self._near_xy(s, goal, 0.015) and s.eef_pos[2] < goal[2] + 0.03):
+        blocked_low = self._stalled() and self._near_xy(s, goal, 0.015) and s.eef_pos[2] < goal[2] + 0.03
+        if self._arrived(s, goal) or blocked_low:
             self._enter("close")
         return target, OPEN
 
@@ -187,7 +189,7 @@ class PickPlaceExpert:
         stalled = self.phase_steps > 6 and len(opening) >= 3 and abs(opening[-3] - opening[-1]) < 0.0008
         if self.phase_steps >= self.config.close_steps or stalled:
             obj, _, _ = self._parts(s)
-            self._reach = float(np.linalg.norm(obj.pos - s.eef_pos))
+            self._grip_distance = float(np.linalg.norm(obj.pos - s.eef_pos))
             self._enter("carry")
         return self._hold, CLOSE
 
@@ -196,7 +198,8 @@ class PickPlaceExpert:
         obj, dest, relation = self._parts(s)
         name = self._names(s)[0]
         # held: the fingers did not close on nothing and the object keeps its distance to the hand (it may pivot)
-        held = s.gripper_opening > 0.002 and abs(float(np.linalg.norm(obj.pos - s.eef_pos)) - self._reach) < 0.03
+        distance = float(np.linalg.norm(obj.pos - s.eef_pos))
+        held = s.gripper_opening > 0.002 and abs(distance - self._grip_distance) < 0.03
         if not held:
             self._enter("recover")
             return s.eef_pos, OPEN
@@ -209,7 +212,8 @@ class PickPlaceExpert:
         travel = max(travel, goal[2] + 0.03)
         target = self._route(s, goal, travel, may_descend=True, tol_xy=0.006)
         # a stall above the target (the arm at its reach) releases from there: a short drop still lands it
-        if self._arrived(s, goal, tol_xy=0.006) or (self._stalled() and self._near_xy(s, goal, 0.01) and s.eef_pos[2] < goal[2] + 0.06):
+        stuck_above = self._stalled() and self._near_xy(s, goal, 0.01) and s.eef_pos[2] < goal[2] + 0.06
+        if self._arrived(s, goal, tol_xy=0.006) or stuck_above:
             self._enter("release")
         return target, CLOSE
 
@@ -401,11 +405,11 @@ class PickPlaceExpert:
         peak = np.abs(move).max()
         if peak > 1.0:
             move /= peak  # keep the direction, saturate the speed
-        if c.hold_orientation or abs(self._turn) > 1e-9:
-            desired = _rotz(self._turn) @ self._rot0
-            rot = np.clip(c.rot_gain * _mat2axisangle(desired @ _quat2mat(s.eef_quat).T) / ROT_UNIT, -1.0, 1.0)
-        else:
-            rot = np.zeros(3)
+        if c.hold_orientation:  # the start orientation turned by the grasp's yaw
+            error = _mat2axisangle(_rotz(self._turn) @ self._rot0 @ _quat2mat(s.eef_quat).T)
+        else:  # only the turn about the vertical; roll and pitch are left to the arm
+            error = np.array([0.0, 0.0, _wrap(self._turn - self._yaw(s))])
+        rot = np.clip(c.rot_gain * error / ROT_UNIT, -1.0, 1.0)
         return np.concatenate([move, rot, [gripper]]).astype(np.float32)
 
 
