@@ -137,12 +137,6 @@ def to_libero_action(action: Any, gripper: str = "openvla") -> np.ndarray:
     return a
 
 
-def jpeg_lanczos_resize(image: np.ndarray, size: int) -> np.ndarray:
-    """The evaluations' `resize_image`: TF's JPEG round trip (quality 95), then its antialiased Lanczos-3 resize
-    to size x size, so inputs match the RLDS training pipeline (vlacache.images.resize_for_policy)."""
-    return resize_for_policy(image, size)
-
-
 def quat2axisangle(quat: np.ndarray) -> np.ndarray:
     """robosuite quaternion (x, y, z, w) -> axis-angle (3,), as in OFT's LIBERO utils."""
     x, y, z, w = (float(v) for v in quat)
@@ -416,7 +410,7 @@ class LiberoEnv(Env):
             "wrist": np.ascontiguousarray(raw["robot0_eye_in_hand_image"][::-1, ::-1]),
         }
         if self.config.model_resize:
-            images = {name: jpeg_lanczos_resize(image, self.config.model_resize) for name, image in images.items()}
+            images = {name: resize_for_policy(image, self.config.model_resize) for name, image in images.items()}
         proprio = np.concatenate(
             [raw["robot0_eef_pos"], quat2axisangle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
         ).astype(np.float32)

@@ -164,10 +164,10 @@ def test_model_resize_follows_the_evaluation_pipeline(env):
     """model_resize=224: the same frame, JPEG round trip + Lanczos to 224, not a plain crop or a bicubic."""
     from PIL import Image
 
-    from vlacache.envs.libero import jpeg_lanczos_resize
+    from vlacache.images import resize_for_policy
 
     obs = env.reset(env.episodes()[0])
-    small = jpeg_lanczos_resize(obs.images["primary"], 224)
+    small = resize_for_policy(obs.images["primary"], 224)
     assert small.shape == (224, 224, 3) and small.dtype == np.uint8
     bicubic = np.asarray(Image.fromarray(obs.images["primary"]).resize((224, 224), Image.BICUBIC))
     diff = np.abs(small.astype(int) - bicubic.astype(int))
@@ -176,6 +176,6 @@ def test_model_resize_follows_the_evaluation_pipeline(env):
     try:
         first = resized.reset(resized.episodes()[0])
         assert first.images["primary"].shape == (224, 224, 3) and first.images["wrist"].shape == (224, 224, 3)
-        np.testing.assert_array_equal(first.images["primary"], jpeg_lanczos_resize(resized.raw_obs["agentview_image"][::-1, ::-1].copy(), 224))
+        np.testing.assert_array_equal(first.images["primary"], resize_for_policy(resized.raw_obs["agentview_image"][::-1, ::-1].copy(), 224))
     finally:
         resized.close()

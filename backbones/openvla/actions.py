@@ -97,3 +97,21 @@ def unnormalize(normalized: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
     q01, q99 = np.asarray(action["q01"], dtype=np.float64), np.asarray(action["q99"], dtype=np.float64)
     mask = np.asarray(action.get("mask", np.ones_like(q01, dtype=bool)), dtype=bool)
     return np.where(mask, 0.5 * (normalized + 1.0) * (q99 - q01) + q01, normalized)
+
+
+def q99_bounds(stats: dict[str, Any], what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q01, q99, mask) of one statistics entry ("action" or "proprio"), as float64 / bool arrays."""
+    try:
+        low, high = np.asarray(stats["q01"], dtype=np.float64), np.asarray(stats["q99"], dtype=np.float64)
+    except KeyError as err:
+        raise InputError(f"{what} statistics lack {err.args[0]!r}; BOUNDS_Q99 normalisation needs q01 and q99") from None
+    mask = np.asarray(stats.get("mask", np.ones_like(low, dtype=bool)), dtype=bool)
+    return low, high, mask
+
+
+def normalize_q99(values: np.ndarray, stats: dict[str, Any], what: str = "proprio") -> np.ndarray:
+    """BOUNDS_Q99: 2 (p - q01) / (q99 - q01 + 1e-8) - 1 where mask (p elsewhere), then clipped to [-1, 1].
+    `what="action"` normalises actions the same way (the training targets)."""
+    low, high, mask = q99_bounds(stats, what)
+    p = np.asarray(values, dtype=np.float64)
+    return np.clip(np.where(mask, 2.0 * (p - low) / (high - low + 1e-8) - 1.0, p), -1.0, 1.0)

@@ -19,7 +19,7 @@ from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
 
 from .actions import (
-    STATS_FILE, load_norm_stats, normalized_to_tokens, resolve_unnorm_key, tokens_to_normalized, unnormalize,
+    STATS_FILE, load_norm_stats, normalize_q99, normalized_to_tokens, resolve_unnorm_key, tokens_to_normalized, unnormalize,
 )
 from .checkpoint import (
     ensure_fits, load_safetensors_dir, load_state_dict_strict, loaded_nbytes, read_config, save_safetensors_dir,
@@ -166,11 +166,7 @@ class OpenVLABackbone(Backbone):
         checkpoint's BOUNDS_Q99 statistics and binned as OpenVLA's ActionTokenizer), teacher-forced after the
         prompt exactly as `decode` reads them. actions: [B, >=1, 7] in the model's convention."""
         inputs = self.prepare(obs)
-        stats = self.config.norm_stats[self.unnorm_key]["action"]
-        low, high = np.asarray(stats["q01"], dtype=np.float64), np.asarray(stats["q99"], dtype=np.float64)
-        mask = np.asarray(stats.get("mask", [True] * len(low)), dtype=bool)
-        x = np.asarray(actions[:, 0], dtype=np.float64)
-        normalized = np.where(mask, 2.0 * (x - low) / (high - low + 1e-8) - 1.0, x)
+        normalized = normalize_q99(actions[:, 0], self.config.norm_stats[self.unnorm_key]["action"], "action")
         targets = torch.from_numpy(normalized_to_tokens(normalized, self.config.text_vocab_size, self.config.n_action_bins))
         targets = targets.to(self.device)
         ids = torch.cat([inputs.model_inputs["input_ids"], targets[:, :-1]], dim=1)

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from vlacache.backbone import ActionOutput, LoadConfig, PrefillOutput, PreparedInputs, validate_observation
-from vlacache.backbones.openvla.actions import load_norm_stats, resolve_unnorm_key
+from vlacache.backbones.openvla.actions import load_norm_stats, normalize_q99, resolve_unnorm_key
 from vlacache.backbones.openvla.backbone import OpenVLABackbone, batch_prompt_ids, cache_keyword
 from vlacache.backbones.openvla.checkpoint import (
     CheckpointError,
@@ -51,7 +51,7 @@ from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
 
 from .film import VisionFiLM, average_language_embedding, film_state_to_released, released_to_film_state
-from .heads import L1RegressionActionHead, ProprioProjector, normalize_q99, unnormalize_actions
+from .heads import L1RegressionActionHead, ProprioProjector, unnormalize_actions
 
 __all__ = ["OpenVLAOFTBackbone", "STOP_TOKEN", "HEAD_PATTERN", "PROPRIO_PATTERN", "FILM_PATTERN", "META_KEY"]
 

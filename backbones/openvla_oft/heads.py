@@ -12,14 +12,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlacache.types import InputError
+from vlacache.backbones.openvla.actions import q99_bounds
 
 __all__ = [
     "ProprioProjector",
     "MLPResNetBlock",
     "MLPResNet",
     "L1RegressionActionHead",
-    "normalize_q99",
     "unnormalize_actions",
 ]
 
@@ -84,25 +83,8 @@ class L1RegressionActionHead(nn.Module):
     forward = predict_action
 
 
-def _bounds(stats: dict[str, Any], what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    try:
-        low, high = np.asarray(stats["q01"], dtype=np.float64), np.asarray(stats["q99"], dtype=np.float64)
-    except KeyError as err:
-        raise InputError(f"{what} statistics lack {err.args[0]!r}; BOUNDS_Q99 normalisation needs q01 and q99") from None
-    mask = np.asarray(stats.get("mask", np.ones_like(low, dtype=bool)), dtype=bool)
-    return low, high, mask
-
-
-def normalize_q99(values: np.ndarray, stats: dict[str, Any], what: str = "proprio") -> np.ndarray:
-    """BOUNDS_Q99: 2 (p - q01) / (q99 - q01 + 1e-8) - 1 where mask (p elsewhere), then clipped to [-1, 1].
-    `what="action"` normalises actions the same way (the training targets)."""
-    low, high, mask = _bounds(stats, what)
-    p = np.asarray(values, dtype=np.float64)
-    return np.clip(np.where(mask, 2.0 * (p - low) / (high - low + 1e-8) - 1.0, p), -1.0, 1.0)
-
-
 def unnormalize_actions(normalized: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
     """BOUNDS_Q99 inverse, as OFT: 0.5 (x + 1)(q99 - q01 + 1e-8) + q01 where mask (x elsewhere)."""
-    low, high, mask = _bounds(stats, "action")
+    low, high, mask = q99_bounds(stats, "action")
     x = np.asarray(normalized, dtype=np.float64)
     return np.where(mask, 0.5 * (x + 1.0) * (high - low + 1e-8) + low, x)

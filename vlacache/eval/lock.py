@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..types import InputError
-from .results import ResultsConflict, _reason, warn, write_atomic
+from .results import ResultsConflict, _reason, warn, write_atomic, write_synced
 
 LOCK_NAME = "run.lock"
 
@@ -63,10 +63,7 @@ def _holder(info: dict) -> str:
 def _create_exclusive(path: Path, data: bytes) -> None:
     """Create `path` holding `data`, atomically; FileExistsError when it exists."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_synced(tmp, data)
     try:
         os.link(tmp, path)  # fails if `path` exists; never shows a half-written file
     except FileExistsError:

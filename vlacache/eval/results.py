@@ -72,13 +72,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
+def write_synced(path: Path, data: bytes, mode: str = "wb") -> None:
+    """Write (mode "wb") or append ("ab") `data` and fsync it before returning."""
+    with open(path, mode) as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_synced(tmp, data)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -99,16 +104,10 @@ def repair_jsonl(path: str | Path) -> Path | None:
             (good if _parse(raw) is not None else torn).append(raw)
     if not torn:
         if not data.endswith(b"\n"):
-            with open(path, "ab") as handle:
-                handle.write(b"\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+            write_synced(path, b"\n", "ab")
         return None
     aside = path.with_name(path.name + ".torn")
-    with open(aside, "ab") as handle:
-        handle.write(b"".join(raw + b"\n" for raw in torn))
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_synced(aside, b"".join(raw + b"\n" for raw in torn), "ab")
     write_atomic(path, b"".join(raw + b"\n" for raw in good))
     warn(f"{path}: {len(torn)} torn line(s) (written when a run was killed mid-write) moved to {aside}; "
          f"those episodes run again")
@@ -128,11 +127,7 @@ class ResultStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             repair_jsonl(self.path)
             self._repaired = True
-        line = json.dumps(record, allow_nan=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_synced(self.path, (json.dumps(record, allow_nan=True) + "\n").encode(), "ab")
 
     def records(self) -> list[dict]:
         return load_records([self.path])

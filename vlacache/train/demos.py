@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from vlacache.config import resolve_component, typed
 from vlacache.env import EpisodeSpec
+from vlacache.eval.results import ResultStore
 from vlacache.registry import ENVS
 from vlacache.train.expert import ActionNoise, ExpertConfig, NoiseConfig, PickPlaceExpert
 
@@ -218,18 +219,9 @@ def _write(out: Path, suite: str, record: dict[str, Any]) -> int:
                             task=np.array(record["task"]), seed=np.array(record["seed"], dtype=np.int64))
         os.replace(partial, out / name)
         record["file"] = name
-    line = json.dumps({k: record[k] for k in ("task", "seed", "success", "steps", "file", "wall_s", "recoveries", "error")
-                       if k in record})
-    index = out / INDEX
-    with open(index, "a+b") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":  # a line torn by a kill: end it, so this record stays whole
-                f.write(b"\n")
-        f.write(line.encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
+    line = {k: record[k] for k in ("task", "seed", "success", "steps", "file", "wall_s", "recoveries", "error")
+            if k in record}
+    ResultStore(out / INDEX).append(line)  # a line torn by a kill is moved aside first, never glued onto
     return int(arrays is not None)
 
 
