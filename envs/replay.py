@@ -75,12 +75,15 @@ def load_recording(path: str | Path) -> tuple[dict[str, np.ndarray], str, np.nda
     return cameras, instruction, proprio
 
 
-def save_recording(path: str | Path, frames: dict[str, np.ndarray], instruction: str, proprio: np.ndarray | None = None) -> None:
+def save_recording(path: str | Path, frames: dict[str, np.ndarray], instruction: str, proprio: np.ndarray | None = None,
+                   **extra: np.ndarray) -> None:
+    """Write a recording (compressed .npz): `image__<camera>` frames, the instruction, proprio, and any `extra`
+    arrays (a demonstration adds its actions, task and seed)."""
     arrays: dict[str, Any] = {IMAGE_PREFIX + c: np.asarray(f, dtype=np.uint8) for c, f in frames.items()}
     arrays["instruction"] = np.asarray(instruction)
     if proprio is not None:
         arrays["proprio"] = np.asarray(proprio, dtype=np.float32)
-    np.savez_compressed(path, **arrays)
+    np.savez_compressed(path, **arrays, **extra)
 
 
 @register_env("replay")

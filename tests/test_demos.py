@@ -9,7 +9,9 @@ import pytest
 
 from vlacache.env import EpisodeSpec
 from vlacache.envs.libero import LiberoEnv
-from vlacache.train.demos import DemosConfig, load_demos, record_demos
+from vlacache.envs.replay import load_recording
+from vlacache.eval.results import ResultStore
+from vlacache.train.demos import INDEX_FIELDS, DemosConfig, load_demos, read_index, record_demos
 from vlacache.train.expert import ActionNoise, NoiseConfig
 from vlacache.types import InputError
 
@@ -119,6 +121,10 @@ def test_record_resume_and_failed_episode(tmp_path):
     assert json.loads((tmp_path / "ok" / "summary.json").read_text())["succeeded"] == 1
 
     stored = tmp_path / "ok" / line["file"]
+    cameras, instruction, proprio = load_recording(stored)  # a demonstration is a replay recording
+    assert set(cameras) == {"primary", "wrist"} and instruction == ep["instruction"]
+    np.testing.assert_array_equal(cameras["wrist"], ep["wrist"])
+    np.testing.assert_array_equal(proprio, ep["proprio"])
     mtime = stored.stat().st_mtime_ns
     again = record_demos(config, progress=False)  # resume: the seed is in the index, nothing runs again
     assert again["attempted"] == 1
@@ -134,6 +140,19 @@ def test_record_resume_and_failed_episode(tmp_path):
     assert line["success"] is False and line["file"] is None and line["steps"] == 5
     assert not list((tmp_path / "fail").glob("*.npz")) and len(load_demos(tmp_path / "fail")) == 0
     assert json.loads((tmp_path / "fail" / "dataset_statistics.json").read_text())["libero_spatial"]["num_trajectories"] == 0
+
+
+def test_index_keeps_every_line(tmp_path):
+    """Index lines are complete records of their own kind (not episode results): appends never move them aside."""
+    index = ResultStore(tmp_path / "index.jsonl", INDEX_FIELDS)
+    for seed in (100000, 100001):
+        index.append({"task": "libero_spatial/0", "seed": seed, "success": True, "steps": 60, "file": f"{seed}.npz"})
+    ResultStore(tmp_path / "index.jsonl", INDEX_FIELDS).append(
+        {"task": "libero_spatial/1", "seed": 100000, "success": False, "steps": 220, "file": None})
+    assert not (tmp_path / "index.jsonl.torn").exists()
+    assert len(read_index(tmp_path)) == 3
+    with pytest.raises(ValueError, match="lacks"):
+        index.append({"task": "libero_spatial/0", "seed": 1})
 
 
 def test_config_refuses_evaluation_states():

@@ -51,12 +51,12 @@ def attempts(record: dict) -> int:
     return int(record.get("attempts") or 1)
 
 
-def _parse(raw: bytes) -> dict | None:
+def _parse(raw: bytes, fields: tuple[str, ...] = RECORD_FIELDS) -> dict | None:
     try:
         record = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return record if isinstance(record, dict) and all(k in record for k in RECORD_FIELDS) else None
+    return record if isinstance(record, dict) and all(k in record for k in fields) else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -88,10 +88,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def repair_jsonl(path: str | Path) -> Path | None:
-    """Move every line of `path` that is not a complete record (a crash mid-write leaves a torn last line) to
-    `<path>.torn`, with a warning; return that file, or None when nothing was torn. A complete last record
-    that only lacks its newline gets one."""
+def repair_jsonl(path: str | Path, fields: tuple[str, ...] = RECORD_FIELDS) -> Path | None:
+    """Move every line of `path` that is not a complete record (a JSON object holding `fields`; a crash
+    mid-write leaves a torn last line) to `<path>.torn`, with a warning; return that file, or None when nothing
+    was torn. A complete last record that only lacks its newline gets one."""
     path = Path(path)
     if not path.exists():
         return None
@@ -101,7 +101,7 @@ def repair_jsonl(path: str | Path) -> Path | None:
     good, torn = [], []
     for raw in data.split(b"\n"):
         if raw.strip():
-            (good if _parse(raw) is not None else torn).append(raw)
+            (good if _parse(raw, fields) is not None else torn).append(raw)
     if not torn:
         if not data.endswith(b"\n"):
             write_synced(path, b"\n", "ab")
@@ -115,17 +115,20 @@ def repair_jsonl(path: str | Path) -> Path | None:
 
 
 class ResultStore:
-    """One JSONL file of episode records, appended to by one process. Before its first append it repairs the
-    file (`repair_jsonl`), so a record is never glued onto a torn line."""
+    """One JSONL file of records holding `fields` (default: episode results), appended to by one process. Before
+    its first append it repairs the file (`repair_jsonl`), so a record is never glued onto a torn line."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path, fields: tuple[str, ...] = RECORD_FIELDS) -> None:
+        self.path, self.fields = Path(path), fields
         self._repaired = False
 
     def append(self, record: dict) -> None:
+        missing = [k for k in self.fields if k not in record]
+        if missing:
+            raise ValueError(f"a record for {self.path} lacks {missing}")
         if not self._repaired:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            repair_jsonl(self.path)
+            repair_jsonl(self.path, self.fields)
             self._repaired = True
         write_synced(self.path, (json.dumps(record, allow_nan=True) + "\n").encode(), "ab")
 

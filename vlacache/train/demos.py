@@ -7,8 +7,9 @@ convention: 6 arm values in [-1, 1], gripper 1 = open / 0 = close); with noise o
 (DART), so the data holds the corrections back from the perturbed states.
 
 Output folder:
-  <suite>_task<k>_seed<s>.npz   one per SUCCESSFUL episode (compressed): primary / wrist [T, H, W, 3] uint8,
-                                 proprio [T, 8] float32, actions [T, 7] float32, instruction, task, seed
+  <suite>_task<k>_seed<s>.npz   one per SUCCESSFUL episode, a replay recording (envs/replay.py) plus the
+                                 actions: image__primary / image__wrist [T, H, W, 3] uint8, proprio [T, 8]
+                                 float32, instruction, actions [T, 7] float32, task, seed
   index.jsonl                    one line per attempted episode: task, seed, success, steps, file (or null),
                                  wall_s, recoveries (and error, when it raised); appended with fsync
   dataset_statistics.json        OpenVLA / OFT normalisation statistics of the stored episodes
@@ -38,11 +39,13 @@ from tqdm import tqdm
 
 from vlacache.config import resolve_component, typed
 from vlacache.env import EpisodeSpec
+from vlacache.envs.replay import IMAGE_PREFIX, save_recording
 from vlacache.eval.results import ResultStore
 from vlacache.registry import ENVS
 from vlacache.train.expert import ActionNoise, ExpertConfig, NoiseConfig, PickPlaceExpert
 
 INDEX = "index.jsonl"
+INDEX_FIELDS = ("task", "seed", "success", "steps", "file")  # every complete index line holds these
 STATISTICS = "dataset_statistics.json"
 SUMMARY = "summary.json"
 SETTINGS = "settings.json"  # env (seeds and tasks aside), expert and noise: a resume must match them
@@ -143,13 +146,16 @@ def record_demos(config: DemosConfig, progress: bool = True) -> dict[str, Any]:
     _claim(out, config)
     done = {(r["task"], r["seed"]) for r in read_index(out) if "error" not in r}
     listing = cls(env_config)  # lists the episodes; builds no simulator
-    pending = [e for e in listing.episodes() if (e.task, e.seed) not in done]
+    # seed-major, so that a recording stopped early still covers every task evenly
+    pending = sorted((e for e in listing.episodes() if (e.task, e.seed) not in done),
+                     key=lambda e: (e.seed, listing.task_index(e.task)))
     listing.close()
+    index = ResultStore(out / INDEX, INDEX_FIELDS)  # a line torn by a kill is moved aside first, never glued onto
     bar = tqdm(total=len(pending), desc=f"demos {suite}", unit="ep", disable=not progress)
     stored = 0
     try:
         for n, record in enumerate(_records(pending, spec, config), 1):
-            stored += _write(out, suite, record)
+            stored += _write(out, index, suite, record)
             bar.update(1)
             bar.set_postfix(stored=stored, success=f"{stored / n:.0%}")
     finally:
@@ -206,7 +212,7 @@ def _records(pending: list[EpisodeSpec], spec: dict[str, Any], config: DemosConf
             raise
 
 
-def _write(out: Path, suite: str, record: dict[str, Any]) -> int:
+def _write(out: Path, index: ResultStore, suite: str, record: dict[str, Any]) -> int:
     """Store a success's arrays (atomically), then append its index line; returns 1 if an episode was stored."""
     arrays = record.pop("arrays", None)
     record["file"] = None
@@ -214,14 +220,14 @@ def _write(out: Path, suite: str, record: dict[str, Any]) -> int:
         task_id = int(record["task"].rpartition("/")[2])
         name = f"{suite}_task{task_id}_seed{record['seed']}.npz"
         partial = out / f".{name}.partial.npz"
-        np.savez_compressed(partial, primary=arrays["primary"], wrist=arrays["wrist"], proprio=arrays["proprio"],
-                            actions=arrays["actions"], instruction=np.array(arrays["instruction"]),
-                            task=np.array(record["task"]), seed=np.array(record["seed"], dtype=np.int64))
+        save_recording(partial, {"primary": arrays["primary"], "wrist": arrays["wrist"]}, arrays["instruction"],
+                       arrays["proprio"], actions=np.asarray(arrays["actions"], dtype=np.float32),
+                       task=np.array(record["task"]), seed=np.array(record["seed"], dtype=np.int64))
         os.replace(partial, out / name)
         record["file"] = name
     line = {k: record[k] for k in ("task", "seed", "success", "steps", "file", "wall_s", "recoveries", "error")
             if k in record}
-    ResultStore(out / INDEX).append(line)  # a line torn by a kill is moved aside first, never glued onto
+    index.append(line)
     return int(arrays is not None)
 
 
@@ -287,7 +293,8 @@ def summarize(folder: str | Path, suite: str) -> dict[str, Any]:
 # -- reading ----------------------------------------------------------------------------------------------------
 class DemoSet:
     """A demo folder: `index` (every attempted episode), `episodes` (the stored ones); `demos[i]` loads the i-th
-    stored episode's arrays (primary, wrist, proprio, actions, instruction, task, seed) on demand."""
+    stored episode's arrays (primary, wrist, proprio, actions, instruction, task, seed; cameras without the
+    recording's `image__` prefix) on demand."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -308,7 +315,8 @@ class DemoSet:
     def load(self, i: int, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
         """The i-th stored episode's arrays (only `keys`, e.g. ('actions',), to skip decompressing images)."""
         with np.load(self.folder / self.episodes[i]["file"]) as data:
-            arrays = {k: data[k] for k in (keys or data.files)}
+            names = {k.removeprefix(IMAGE_PREFIX): k for k in data.files}
+            arrays = {k: data[names[k]] for k in (keys or names)}
         for key in ("instruction", "task"):
             if key in arrays:
                 arrays[key] = str(arrays[key])
