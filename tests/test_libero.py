@@ -6,6 +6,7 @@ setup (scripts/setup.sh) installs both, so a skip would only hide a broken insta
 
 import importlib.metadata
 import math
+import mujoco
 
 import numpy as np
 import pytest
@@ -112,6 +113,26 @@ def test_reset_observation(env):
     again = env.reset(env.episodes()[1])
     np.testing.assert_array_equal(again.images["primary"], obs.images["primary"])
     np.testing.assert_array_equal(again.proprio, obs.proprio)
+
+
+def test_fast_render_is_the_same_scene_without_multisampling_and_shadows(env):
+    official = env.reset(env.episodes()[1])
+    fast_env = LiberoEnv(LiberoEnv.Config(tasks=[0], init_states=[0, 1], num_settle_steps=2, render="fast"))
+    try:
+        fast = fast_env.reset(fast_env.episodes()[1])
+        context = fast_env._env.env.sim._render_context_offscreen
+        assert fast_env._env.env.sim.model._model.vis.quality.offsamples == 0
+        assert not context.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] and not context.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION]
+        np.testing.assert_allclose(fast.proprio, official.proprio, atol=2e-3)  # the same scene (a new simulator: solver warm start)
+        for camera in ("primary", "wrist"):
+            diff = np.abs(fast.images[camera].astype(int) - official.images[camera].astype(int))
+            assert 0 < diff.mean() < 8, (camera, diff.mean())
+        again = fast_env.reset(fast_env.episodes()[1])  # every hard reset renders fast again
+        np.testing.assert_array_equal(again.images["primary"], fast.images["primary"])
+    finally:
+        fast_env.close()
+    with pytest.raises(InputError, match="render"):
+        LiberoEnv(LiberoEnv.Config(render="quick"))
 
 
 def test_steps_move_the_arm_and_close_the_gripper(env):

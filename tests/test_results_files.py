@@ -15,6 +15,7 @@ import pytest
 from test_cli import SCRIPT, vlacache
 from test_runner import lines
 
+import vlacache.eval.fingerprint as fingerprint
 import vlacache.eval.runner as runner
 from vlacache import InputError
 from vlacache.eval.fingerprint import checkpoint_identity, experiment_fingerprints
@@ -60,7 +61,7 @@ def test_fingerprint_counts_what_decides_outcomes_and_nothing_else(tmp_path):
     assert experiment_fingerprints(quick_config(tmp_path, policies=[tweaked], max_steps=3))["static-reuse"] != fp
 
 
-def test_checkpoint_identity_is_names_sizes_and_mtimes(tmp_path):
+def test_checkpoint_identity_is_names_sizes_and_content(tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
     (ckpt / "checkpoints").mkdir(parents=True)
     (ckpt / "config.json").write_text("{}")
@@ -68,8 +69,14 @@ def test_checkpoint_identity_is_names_sizes_and_mtimes(tmp_path):
     identity = checkpoint_identity(ckpt)
     assert set(identity["files"]) == {"config.json", "checkpoints/step-1.pt"}
     assert identity["files"]["checkpoints/step-1.pt"][0] == 10
-    os.utime(ckpt / "config.json", ns=(1, 1))  # a re-downloaded or re-trained file
+    os.utime(ckpt / "config.json", ns=(1, 1))  # a fresh clone of the same files: the same checkpoint
+    assert checkpoint_identity(ckpt) == identity
+    (ckpt / "checkpoints" / "step-1.pt").write_bytes(b"y" * 10)  # re-trained, same size
     assert checkpoint_identity(ckpt) != identity
+    monkeypatch.setattr(fingerprint, "HASHED_FILE_BYTES", 4)  # a large file: size and mtime, nothing read
+    large = checkpoint_identity(ckpt)
+    os.utime(ckpt / "checkpoints" / "step-1.pt", ns=(1, 1))
+    assert checkpoint_identity(ckpt) != large
     assert checkpoint_identity(tmp_path / "nope") == {"missing": str(tmp_path / "nope")}
 
 

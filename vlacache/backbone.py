@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -73,11 +75,34 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+def shipped_policies_dir() -> Path:
+    """Where the trained micro-policies shipped in the package live (vlacache/data/policies/<name>/)."""
+    return Path(str(resources.files("vlacache") / "data" / "policies"))
+
+
+def shipped_policies() -> list[str]:
+    root = shipped_policies_dir()
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """A checkpoint path as given, or the bare name of a policy shipped in the package (e.g.
+    micro_oft_libero_spatial) when no such path exists here."""
+    path = Path(checkpoint).expanduser()
+    if path.exists() or len(path.parts) != 1:
+        return path
+    shipped = shipped_policies_dir() / path.name
+    if shipped.is_dir():
+        return shipped
+    raise InputError(f"checkpoint '{checkpoint}' is neither a directory here nor a policy shipped with vlacache "
+                     f"(shipped: {', '.join(shipped_policies()) or 'none'}); pass a checkpoint directory or a shipped name")
+
+
 @dataclass
 class LoadConfig:
     """Fields every backbone config shares: where the weights come from and how to place them."""
 
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # a released checkpoint directory, or the name of a shipped micro-policy
     preset: str | None = None
     unnorm_key: str | None = None
     dtype: str = "float32"
@@ -95,6 +120,10 @@ class LoadConfig:
         if self.dtype not in DTYPES:
             raise InputError(f"backbone dtype '{self.dtype}' is not one of {sorted(DTYPES)}")
         return resolve_device(self.device), DTYPES[self.dtype]
+
+    def checkpoint_dir(self) -> Path:
+        """`checkpoint` as a path (a shipped policy's name resolved into the package)."""
+        return resolve_checkpoint(self.checkpoint)
 
 
 class Backbone(ABC):

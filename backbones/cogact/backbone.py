@@ -126,7 +126,7 @@ class CogACTBackbone(Backbone):
             from .tiny import build_preset
 
             return build_preset(config.preset, device=device, dtype=dtype, attn_implementation=config.attn_implementation, **options)
-        return cls.from_pretrained(config.checkpoint, device=device, dtype=dtype, attn_implementation=config.attn_implementation, **options)
+        return cls.from_pretrained(config.checkpoint_dir(), device=device, dtype=dtype, attn_implementation=config.attn_implementation, **options)
 
     @classmethod
     def from_pretrained(

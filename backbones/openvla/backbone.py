@@ -71,7 +71,7 @@ class OpenVLABackbone(Backbone):
             backbone = build_preset(config.preset, seed=config.seed, device=device, dtype=dtype,
                                     attn_implementation=config.attn_implementation, unnorm_key=config.unnorm_key)
         else:
-            backbone = cls.from_pretrained(config.checkpoint, unnorm_key=config.unnorm_key, device=device, dtype=dtype,
+            backbone = cls.from_pretrained(config.checkpoint_dir(), unnorm_key=config.unnorm_key, device=device, dtype=dtype,
                                            attn_implementation=config.attn_implementation)
         backbone.center_crop = config.center_crop
         return backbone

@@ -146,7 +146,7 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
             from .tiny import build_preset
 
             return build_preset(config.preset, seed=config.seed, film=config.use_film, **options)
-        return cls.from_pretrained(config.checkpoint, step=config.step, use_film=config.use_film, **options)
+        return cls.from_pretrained(config.checkpoint_dir(), step=config.step, use_film=config.use_film, **options)
 
     @classmethod
     def from_pretrained(

@@ -1,7 +1,8 @@
 """What decides an episode's outcome, as a JSON-able fingerprint per policy (stored in `run.json`).
 
 Counted: the backbone's resolved typed config (device as its kind: cpu / cuda) and the checkpoint's identity
-(for a directory: every file's relative name, size and mtime; nothing is read, so it is cheap for any size),
+(for a directory: every file's relative name, size and content hash, or mtime above 64 MiB so that a released
+7B checkpoint costs a listing),
 the policy's full resolved parameters (every strategy's typed Config, so the same label with new parameters is
 a change), the env and perturbation typed configs (plus `data_identity(config)` when the env class defines it:
 the replay env's recording hash),
@@ -24,12 +25,14 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..backbone import resolve_checkpoint
 from ..config import ConfigError, resolve_component
 from ..experiment import ExperimentConfig, resolve_policy_config
 from ..registry import BACKBONES, ENVS, PERTURBATIONS, STRATEGIES
 from .results import MANIFEST_NAME, ResultsConflict, write_atomic
 
 MAX_CHECKPOINT_FILES = 10_000
+HASHED_FILE_BYTES = 64 << 20
 
 
 def plain(value: Any) -> Any:
@@ -62,15 +65,22 @@ def device_kind(device: str) -> str:
     return str(device).split(":", 1)[0]
 
 
+def file_identity(path: Path, stat: os.stat_result) -> list:
+    """[size, sha256] for a file up to HASHED_FILE_BYTES (so a fresh clone of shipped weights is the same
+    checkpoint), [size, mtime_ns] above (a 15 GB checkpoint costs a directory listing, no reading)."""
+    if stat.st_size > HASHED_FILE_BYTES:
+        return [stat.st_size, stat.st_mtime_ns]
+    return [stat.st_size, hashlib.sha256(path.read_bytes()).hexdigest()]
+
+
 def checkpoint_identity(checkpoint: str | Path) -> dict[str, Any]:
-    """Every file under a checkpoint directory (or the file itself): relative name -> [size, mtime_ns]. Reads
-    no weights: a 15 GB checkpoint costs a directory listing."""
+    """Every file under a checkpoint directory (or the file itself): relative name -> `file_identity`."""
     root = Path(checkpoint).expanduser()
     if not root.exists():
         return {"missing": str(root)}
     if root.is_file():
         stat = root.stat()
-        return {"files": {root.name: [stat.st_size, stat.st_mtime_ns]}}
+        return {"files": {root.name: file_identity(root, stat)}}
     files: dict[str, list[int]] = {}
     for folder, dirs, names in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -82,7 +92,7 @@ def checkpoint_identity(checkpoint: str | Path) -> dict[str, Any]:
                 stat = path.stat()
             except OSError:
                 continue
-            files[path.relative_to(root).as_posix()] = [stat.st_size, stat.st_mtime_ns]
+            files[path.relative_to(root).as_posix()] = file_identity(path, stat)
     return {"files": files}
 
 
@@ -124,7 +134,7 @@ def experiment_fingerprints(config: ExperimentConfig) -> dict[str, dict[str, Any
         env["data"] = data_identity(resolve_component(ENVS, config.env, "env")[1])
     common = {
         "backbone": backbone,
-        "checkpoint": checkpoint_identity(backbone["checkpoint"]) if backbone.get("checkpoint") else None,
+        "checkpoint": checkpoint_identity(resolve_checkpoint(backbone["checkpoint"])) if backbone.get("checkpoint") else None,
         "env": env,
         "perturbation": component(PERTURBATIONS, config.perturbation, "perturbation")[1] if config.perturbation else None,
         "max_steps": config.max_steps,
