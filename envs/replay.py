@@ -86,10 +86,26 @@ def save_recording(path: str | Path, frames: dict[str, np.ndarray], instruction:
     np.savez_compressed(path, **arrays, **extra)
 
 
+def recording_files(folder: Path) -> list[Path]:
+    """Every recording (.npz) of a folder, by name; hidden files (a demonstration being written) left out."""
+    return sorted(p for p in folder.glob("*.npz") if not p.name.startswith("."))
+
+
+def _sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 @register_env("replay")
 class ReplayEnv(Env):
-    """Plays a recorded frame sequence back, ignoring actions. `path=None` uses the embedded demo; `repeats`
-    lists the same recording as several episodes (init_state 0..repeats-1)."""
+    """Plays recorded frame sequences back, ignoring actions. `path`: one recording (.npz; None: the embedded
+    demo), listed `repeats` times (init_state 0..repeats-1), or a folder of recordings, e.g. the demonstrations of
+    `vlacache demos`, one episode each (init_state = its position, task = its file name)."""
 
     @dataclass
     class Config:
@@ -99,23 +115,29 @@ class ReplayEnv(Env):
 
     @staticmethod
     def data_identity(config: "ReplayEnv.Config") -> dict[str, Any]:
-        """The recording's identity for the run fingerprint (`vlacache run`'s run.json): its size and content
+        """The recordings' identity for the run fingerprint (`vlacache run`'s run.json): their size and content
         hash, i.e. what is replayed, not where it lies."""
         path = Path(config.path or embedded_frames_path())
-        if not path.is_file():
+        if not path.exists():
             return {"missing": str(path)}
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+        files = recording_files(path) if path.is_dir() else [path]
+        return {"size": sum(f.stat().st_size for f in files), "sha256": _sha256(files)}
 
     def __init__(self, config: "ReplayEnv.Config | None" = None) -> None:
         self.config = config or self.Config()
-        self.frames, self.instruction, self.proprio = load_recording(self.config.path or embedded_frames_path())
+        path = Path(self.config.path or embedded_frames_path())
+        self.files = recording_files(path) if path.is_dir() else None
+        if self.files == []:
+            raise InputError(f"{path} holds no recording (.npz); record demonstrations with `vlacache demos CONFIG` "
+                             f"or one episode with `vlacache record CONFIG --out FILE.npz`")
+        self._load(self.files[0] if self.files else path)
+        self.t = 0
+
+    def _load(self, path: Path) -> None:
+        self.frames, self.instruction, self.proprio = load_recording(path)
         total = len(next(iter(self.frames.values())))
         self.length = min(total, self.config.max_steps or total)
-        self.t = 0
+        self.loaded = path
 
     def observation(self, t: int) -> Observation:
         proprio = None if self.proprio is None else self.proprio[t]
@@ -123,12 +145,21 @@ class ReplayEnv(Env):
 
     @property
     def max_steps(self) -> int:
+        """The frame count of the recording loaded (by the last reset)."""
         return self.length
 
     def episodes(self) -> list[EpisodeSpec]:
+        if self.files is not None:
+            return [EpisodeSpec(task=f.stem, init_state=i) for i, f in enumerate(self.files)]
         return [EpisodeSpec(task=self.instruction, init_state=i) for i in range(self.config.repeats)]
 
     def reset(self, episode: EpisodeSpec | None = None) -> Observation:
+        if self.files is not None:
+            index = 0 if episode is None else episode.init_state
+            if not 0 <= index < len(self.files):
+                raise InputError(f"episode {index} out of range: {len(self.files)} recordings in {self.config.path}")
+            if self.files[index] != self.loaded:
+                self._load(self.files[index])
         self.t = 0
         return self.observation(0)
 

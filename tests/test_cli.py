@@ -52,17 +52,20 @@ def test_bench_writes_the_promised_json(tmp_path):
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["zero_reuse_max_abs_diff"] == 0.0
     assert report["identical_frame_max_abs_diff"] < 1e-5
-    assert report["flops_cached"] < report["flops_baseline"]
-    step = report["steps"][1]
+    assert report["episodes"] == 1 and len(report["rows"]) == 1
+    row = report["rows"][0]
+    assert row["label"] == "static-reuse" and row["summary"]["flops_cached"] < row["summary"]["flops_baseline"]
+    step = row["steps"][1]
     for key in ("tokens_per_layer", "reuse_ratio", "flops_baseline", "flops_cached", "latency_baseline_ms", "latency_cached_ms"):
         assert key in step
     assert set(step["latency_cached_ms"]) == {"prepare", "vision", "select", "prefill", "decode", "total"}
-    assert step["reuse_ratio"] > 0 and min(step["tokens_per_layer"]) < max(report["steps"][0]["tokens_per_layer"])
+    assert step["reuse_ratio"] > 0 and min(step["tokens_per_layer"]) < max(row["steps"][0]["tokens_per_layer"])
     assert report["machine"]["torch"]
-    deviation = report["summary"]["action_abs_diff"]  # |a_cached - a_nocache| per action dimension
+    deviation = row["summary"]["action_abs_diff"]  # |a_cached - a_nocache| per action dimension
     assert set(deviation) == {"mean", "p50", "p95", "max"} and all(len(v) == 7 for v in deviation.values())
-    worst = max(s["action_max_abs_diff"] for s in report["steps"])
+    worst = max(s["action_max_abs_diff"] for s in row["steps"])
     assert max(deviation["max"]) == pytest.approx(worst) and min(deviation["p50"]) >= 0
+    assert "static-reuse: mean reuse" in out.stdout
 
 
 @pytest.mark.parametrize("args,message", [

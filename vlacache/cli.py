@@ -48,14 +48,16 @@ def _bench(args) -> int:
     out = check_writable_file(args.out, "the bench report", "pass a writable path, e.g. --out /tmp/bench.json")
     report = run_bench(config, progress=not args.quiet)
     out.write_text(json.dumps(report, indent=1))
-    s = report["summary"]
-    print(
-        f"zero-reuse max|diff| {report['zero_reuse_max_abs_diff']:.3g}  identical-frame max|diff| "
-        f"{report['identical_frame_max_abs_diff']:.3g}  mean reuse {s['mean_reuse_ratio']:.1%}\n"
-        f"prefill {s['prefill_ms_baseline']:.2f} -> {s['prefill_ms_cached']:.2f} ms ({s['prefill_speedup']:.2f}x)  "
-        f"total {s['total_ms_baseline']:.2f} -> {s['total_ms_cached']:.2f} ms ({s['total_speedup']:.2f}x)  "
-        f"FLOPs x{s['flops_ratio']:.3f}\nwrote {out}"
-    )
+    print(f"zero-reuse max|diff| {report['zero_reuse_max_abs_diff']:.3g}  identical-frame max|diff| "
+          f"{report['identical_frame_max_abs_diff']:.3g}  ({report['episodes']} episode(s), "
+          f"{sum(report['steps_per_episode'])} steps)")
+    for row in report["rows"]:
+        s = row["summary"]
+        print(f"{row['label']}: mean reuse {s['mean_reuse_ratio']:.1%}  prefill {s['prefill_ms_baseline']:.2f} -> "
+              f"{s['prefill_ms_cached']:.2f} ms ({s['prefill_speedup']:.2f}x)  total {s['total_ms_baseline']:.2f} -> "
+              f"{s['total_ms_cached']:.2f} ms ({s['total_speedup']:.2f}x)  FLOPs x{s['flops_ratio']:.3f}  "
+              f"max|a_cached - a_nocache| {max(s['action_abs_diff']['max']):.3g}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list registered backbones, strategies and envs")
     p.add_argument("pattern", nargs="?", default="*", help="wildcard filter, e.g. 'entropy*'")
     p.set_defaults(func=_list)
-    p = sub.add_parser("bench", help="baseline vs cached inference over a frame sequence -> JSON")
+    p = sub.add_parser("bench", help="baseline vs cache policies over recorded episodes -> JSON (a row per policy)")
     p.add_argument("config", help="bench YAML path or shipped name (configs/bench/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. backbone.device=cuda")
     p.add_argument("--out", required=True, help="output JSON file")

@@ -41,7 +41,7 @@ class ExperimentConfig:
     """`vlacache run`: one backbone, several cache policies, one env; every episode of the env per policy."""
 
     name: str = "default"
-    backbone: dict = field(default_factory=lambda: {"name": "openvla", "preset": "tiny"})
+    backbone: Any = field(default_factory=lambda: {"name": "openvla", "preset": "tiny"})
     env: dict = field(default_factory=lambda: {"name": "replay"})
     perturbation: dict | None = None
     policies: list = field(default_factory=lambda: ["no_cache", "vla_cache"])
@@ -66,25 +66,31 @@ class ExperimentConfig:
             raise ConfigError("policies is empty; list at least one, e.g. policies=[no_cache,vla_cache]")
         if not str(self.output_dir).strip():
             raise ConfigError("output_dir is empty; e.g. output_dir=runs/my_experiment")
+        self.backbone = resolve_backbone_spec(self.backbone)
         return self
 
 
 @dataclass
 class BenchConfig:
-    """`vlacache bench`: baseline vs one cache policy over a frame sequence, with correctness self-checks."""
+    """`vlacache bench`: baseline vs cache policies over recorded episodes, with correctness self-checks.
+    `policy`: one policy spec or a list of them (a report row each); `episodes`: how many of the env's episodes
+    (null: all), `max_steps` frames of each."""
 
     name: str = "bench"
-    backbone: dict = field(default_factory=lambda: {"name": "openvla", "preset": "tiny"})
+    backbone: Any = field(default_factory=lambda: {"name": "openvla", "preset": "tiny"})
     env: dict = field(default_factory=lambda: {"name": "replay"})
     policy: Any = "vla_cache"
+    episodes: int | None = 1
     max_steps: int | None = None
     warmup: int = 1
     repeats: int = 3
 
     def check(self) -> "BenchConfig":
         _positive(self.max_steps, "max_steps", "8 (null: the whole recording)")
+        _positive(self.episodes, "episodes", "4 (null: every episode the env lists)")
         _positive(self.warmup, "warmup", "1", allow_zero=True, nullable=False)
         _positive(self.repeats, "repeats", "3", nullable=False)
+        self.backbone = resolve_backbone_spec(self.backbone)
         return self
 
 
@@ -101,8 +107,20 @@ def load_config(schema: type, source: str | Path | None, group: str, overrides: 
     return config.check() if hasattr(config, "check") else config
 
 
+def resolve_backbone_spec(spec: Mapping[str, Any] | str) -> Mapping[str, Any] | str:
+    """A backbone spec as given, or, for the name of a shipped backbone config (configs/backbone/<name>.yaml,
+    e.g. micro_oft_libero_spatial) rather than a registered backbone, that config's mapping."""
+    if isinstance(spec, str) and spec not in BACKBONES.names():
+        try:
+            return to_plain(load_yaml(resolve_config_path(spec, "backbone")))
+        except ConfigError as error:
+            raise ConfigError(f"backbone '{spec}' is neither a registered backbone ({', '.join(BACKBONES.names())}) "
+                              f"nor a shipped backbone config: {error}") from None
+    return spec
+
+
 def build_backbone(spec: Mapping[str, Any] | str) -> Backbone:
-    cls, config = resolve_component(BACKBONES, spec, "backbone")
+    cls, config = resolve_component(BACKBONES, resolve_backbone_spec(spec), "backbone")
     return cls.from_config(config)
 
 

@@ -1,5 +1,6 @@
-"""`vlacache bench` (vlacache.eval.bench): baseline vs cached inference over one frame sequence, measured in the
-same run."""
+"""`vlacache bench` (vlacache.eval.bench): baseline vs one or more cache policies over recorded episodes (a replay
+recording, or a folder of them such as the demonstrations), measured in the same run with the variants
+interleaved: per policy row the reuse, FLOPs, latency and |a_cached - a_nocache| per action dimension."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from omegaconf import ListConfig
 from tqdm import tqdm
 
+from ..config import ConfigError
 from ..experiment import BenchConfig, build_backbone, build_env, build_policy
 from ..runtime import LATENCY_PARTS, CachedVLA, StepResult
 from ..types import Observation, ReusePlan
@@ -19,16 +22,19 @@ from ..types import Observation, ReusePlan
 PARTS = LATENCY_PARTS + ("total",)
 
 
-def collect_frames(env, max_steps: int | None) -> list[Observation]:
-    """The observation sequence of one episode, replayed with zero actions."""
-    frames = [env.reset()]
-    done = False
-    while max_steps is None or len(frames) < max_steps:
-        obs, _, done, _ = env.step(None)
-        if done:
-            break
-        frames.append(obs)
-    return frames
+def collect_episodes(env, episodes: int | None, max_steps: int | None) -> list[list[Observation]]:
+    """The observation sequences of the env's first `episodes` episodes (None: all), replayed with no actions."""
+    listed = env.episodes()[: episodes or None]
+    out = []
+    for episode in listed:
+        frames = [env.reset(episode)]
+        while max_steps is None or len(frames) < max_steps:
+            obs, _, done, _ = env.step(None)
+            if done:
+                break
+            frames.append(obs)
+        out.append(frames)
+    return out
 
 
 def _max_diff(a: StepResult, b: StepResult) -> float:
@@ -79,67 +85,92 @@ def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+def _policy_specs(spec: Any) -> list[Any]:
+    return list(spec) if isinstance(spec, (list, tuple, ListConfig)) else [spec]
+
+
 def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    """Every step of the chosen episodes through the baseline and each cache policy, interleaved per episode and
+    repeat; per policy a row with per-step numbers and their summary."""
     config.check()
     backbone = build_backbone(config.backbone)
-    policy = build_policy(config.policy)
-    frames = collect_frames(build_env(config.env), config.max_steps)
-    checks = self_checks(backbone, frames)
-    runners = {"baseline": CachedVLA(backbone, None), "cached": CachedVLA(backbone, policy)}
-    per_step: dict[str, list[list[StepResult]]] = {name: [[] for _ in frames] for name in runners}
-    total = (config.warmup + config.repeats) * len(runners) * len(frames)
+    policies = [build_policy(spec) for spec in _policy_specs(config.policy)]
+    labels = [p.label for p in policies]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"bench policy labels must be unique, got {labels}; set `label:` in the policy configs")
+    env = build_env(config.env)
+    try:
+        episodes = collect_episodes(env, config.episodes, config.max_steps)
+    finally:
+        env.close()
+    checks = self_checks(backbone, episodes[0])
+    runners = {"baseline": CachedVLA(backbone, None)} | {p.label: CachedVLA(backbone, p) for p in policies}
+    results = {name: [[[] for _ in frames] for frames in episodes] for name in runners}
+    total = (config.warmup + config.repeats) * len(runners) * sum(len(f) for f in episodes)
     bar = tqdm(total=total, desc="bench", disable=not progress, unit="step")
     for repeat in range(config.warmup + config.repeats):
-        for name, runner in runners.items():
-            runner.reset()
-            for t, obs in enumerate(frames):
-                result = runner.predict(obs)
-                if repeat >= config.warmup:
-                    per_step[name][t].append(result)
-                bar.update()
+        for e, frames in enumerate(episodes):
+            for name, runner in runners.items():
+                runner.reset()
+                for t, obs in enumerate(frames):
+                    result = runner.predict(obs)
+                    if repeat >= config.warmup:
+                        results[name][e][t].append(result)
+                    bar.update()
     bar.close()
-    runners["cached"].detach()
+    for name, runner in runners.items():
+        if name != "baseline":
+            runner.detach()
+    rows = [bench_row(policy, results["baseline"], results[policy.label]) for policy in policies]
+    return {
+        "config": config.__dict__,
+        "machine": machine_info(backbone.device),
+        "episodes": len(episodes),
+        "steps_per_episode": [len(f) for f in episodes],
+        "zero_reuse_max_abs_diff": checks["zero_reuse_max_abs_diff"],
+        "identical_frame_max_abs_diff": checks["identical_frame_max_abs_diff"],
+        "rows": rows,
+    }
+
+
+def bench_row(policy, baseline: list[list[list[StepResult]]], cached: list[list[list[StepResult]]]) -> dict[str, Any]:
+    """One policy's per-step numbers (every episode's steps in order) and their summary against the baseline."""
     steps = []
-    for t in range(len(frames)):
-        base, cached = per_step["baseline"][t], per_step["cached"][t]
-        stats = cached[-1].stats
-        steps.append({
-            "step": t,
-            "tokens_per_layer": stats.tokens_per_layer,
-            "reused_per_layer": stats.reused_per_layer,
-            "reuse_ratio": stats.reuse_ratio,
-            "flops_baseline": base[-1].stats.flops,
-            "flops_cached": stats.flops,
-            "latency_baseline_ms": {p: _median([r.stats.latency_ms[p] for r in base]) for p in PARTS},
-            "latency_cached_ms": {p: _median([r.stats.latency_ms[p] for r in cached]) for p in PARTS},
-            "device_ms_baseline": _median([r.stats.device_ms for r in base]) if base[-1].stats.device_ms is not None else None,
-            "device_ms_cached": _median([r.stats.device_ms for r in cached]) if stats.device_ms is not None else None,
-            "action_max_abs_diff": float(abs(base[-1].actions - cached[-1].actions).max()),
-        })
+    for e, (base_episode, cached_episode) in enumerate(zip(baseline, cached)):
+        for t, (base, mine) in enumerate(zip(base_episode, cached_episode)):
+            stats = mine[-1].stats
+            steps.append({
+                "episode": e,
+                "step": t,
+                "tokens_per_layer": stats.tokens_per_layer,
+                "reused_per_layer": stats.reused_per_layer,
+                "reuse_ratio": stats.reuse_ratio,
+                "flops_baseline": base[-1].stats.flops,
+                "flops_cached": stats.flops,
+                "latency_baseline_ms": {p: _median([r.stats.latency_ms[p] for r in base]) for p in PARTS},
+                "latency_cached_ms": {p: _median([r.stats.latency_ms[p] for r in mine]) for p in PARTS},
+                "device_ms_baseline": _median([r.stats.device_ms for r in base]) if base[-1].stats.device_ms is not None else None,
+                "device_ms_cached": _median([r.stats.device_ms for r in mine]) if stats.device_ms is not None else None,
+                "action_max_abs_diff": float(abs(base[-1].actions - mine[-1].actions).max()),
+            })
     reuse_steps = [s for s in steps if s["reuse_ratio"] > 0] or steps
-    summary = {"reuse_steps": len([s for s in steps if s["reuse_ratio"] > 0]), "mean_reuse_ratio": statistics.mean(s["reuse_ratio"] for s in steps)}
+    summary = {"reuse_steps": len([s for s in steps if s["reuse_ratio"] > 0]),
+               "mean_reuse_ratio": statistics.mean(s["reuse_ratio"] for s in steps)}
     for part in PARTS:
         b = _median([s["latency_baseline_ms"][part] for s in reuse_steps])
         c = _median([s["latency_cached_ms"][part] for s in reuse_steps])
         summary[f"{part}_ms_baseline"], summary[f"{part}_ms_cached"] = b, c
         summary[f"{part}_speedup"] = b / c if c > 0 else float("nan")
     summary["action_abs_diff"] = action_deviation(
-        [per_step["baseline"][t][-1].actions for t in range(len(frames))],
-        [per_step["cached"][t][-1].actions for t in range(len(frames))])
+        [step[-1].actions for episode in baseline for step in episode],
+        [step[-1].actions for episode in cached for step in episode])
     fb = statistics.mean(s["flops_baseline"]["total"] for s in steps)
     fc = statistics.mean(s["flops_cached"]["total"] for s in steps)
     summary.update(flops_baseline=fb, flops_cached=fc, flops_ratio=fc / fb)
-    return {
-        "config": config.__dict__,
-        "policy": repr(policy),
-        "machine": machine_info(backbone.device),
-        "zero_reuse_max_abs_diff": checks["zero_reuse_max_abs_diff"],
-        "identical_frame_max_abs_diff": checks["identical_frame_max_abs_diff"],
-        "flops_baseline": fb,
-        "flops_cached": fc,
-        "summary": summary,
-        "steps": steps,
-    }
+    layers = len(steps[0]["tokens_per_layer"])
+    summary["mean_reused_per_layer"] = [statistics.mean(s["reused_per_layer"][i] for s in steps) for i in range(layers)] \
+        if steps[0]["reused_per_layer"] else []
+    return {"label": policy.label, "policy": repr(policy), "summary": summary, "steps": steps}
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

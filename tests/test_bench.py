@@ -1,0 +1,57 @@
+"""`vlacache bench` over a folder of recorded episodes with several policy rows: the action agreement
+(|a_cached - a_nocache| per step and action dimension) without a simulator."""
+
+import numpy as np
+import pytest
+
+from vlacache.config import ConfigError
+from vlacache.envs.replay import ReplayEnv, embedded_frames_path, load_recording, save_recording
+from vlacache.eval.bench import run_bench
+from vlacache.experiment import BenchConfig
+
+
+@pytest.fixture(scope="module")
+def episodes_folder(tmp_path_factory):
+    """Two short episodes cut from the embedded LIBERO recording, as `vlacache demos` would store them."""
+    folder = tmp_path_factory.mktemp("episodes")
+    frames, instruction, proprio = load_recording(embedded_frames_path())
+    for e, span in enumerate((slice(0, 5), slice(8, 12))):
+        save_recording(folder / f"libero_spatial_task0_seed{100000 + e}.npz", {c: f[span] for c, f in frames.items()},
+                       instruction, proprio[span], actions=np.zeros((span.stop - span.start, 7), np.float32))
+    return folder
+
+
+def test_replay_env_lists_a_folder_of_recordings(episodes_folder):
+    env = ReplayEnv(ReplayEnv.Config(path=str(episodes_folder)))
+    assert [e.task for e in env.episodes()] == ["libero_spatial_task0_seed100000", "libero_spatial_task0_seed100001"]
+    env.reset(env.episodes()[1])
+    assert env.max_steps == 4
+    env.reset(env.episodes()[0])
+    assert env.max_steps == 5
+    first = ReplayEnv.data_identity(ReplayEnv.Config(path=str(episodes_folder)))
+    assert first["size"] == sum(p.stat().st_size for p in episodes_folder.glob("*.npz"))
+    empty = episodes_folder.parent / "empty"
+    empty.mkdir()
+    with pytest.raises(Exception, match="holds no recording"):
+        ReplayEnv(ReplayEnv.Config(path=str(empty)))
+
+
+def test_bench_rows_over_recorded_episodes(episodes_folder):
+    config = BenchConfig(backbone={"name": "openvla-oft", "preset": "tiny", "device": "cpu"},
+                         env={"name": "replay", "path": str(episodes_folder)}, episodes=None,
+                         policy=["no_cache", "static_reuse"], warmup=0, repeats=1)
+    report = run_bench(config, progress=False)
+    assert report["episodes"] == 2 and report["steps_per_episode"] == [5, 4]
+    none, static = report["rows"]
+    assert none["label"] == "no-cache" and static["label"] == "static-reuse"
+    assert [(s["episode"], s["step"]) for s in static["steps"]] == [(0, t) for t in range(5)] + [(1, t) for t in range(4)]
+    assert max(none["summary"]["action_abs_diff"]["max"]) == 0.0  # no reuse: the very same actions
+    assert none["summary"]["mean_reuse_ratio"] == 0.0
+    assert static["summary"]["mean_reuse_ratio"] > 0
+    assert static["steps"][0]["reuse_ratio"] == 0 and static["steps"][5]["reuse_ratio"] == 0  # a new episode: cache reset
+    deviation = static["summary"]["action_abs_diff"]
+    assert all(len(v) == 7 for v in deviation.values()) and max(deviation["max"]) > 0
+    worst = max(s["action_max_abs_diff"] for s in static["steps"])
+    assert max(deviation["max"]) == pytest.approx(worst)
+    with pytest.raises(ConfigError, match="unique"):
+        run_bench(BenchConfig(backbone=config.backbone, env=config.env, policy=["no_cache", "no_cache"]), progress=False)
