@@ -32,8 +32,8 @@ def test_list_shows_every_registry():
     assert "entropy-adaptive" in filtered and "pixel-cosine" not in filtered
 
 
-def test_run_default_prints_summary_and_writes_results(tmp_path):
-    out = vlacache("run", "--quiet", f"output_dir={tmp_path}/out", "max_steps=4", cwd=tmp_path)
+def test_run_prints_summary_and_writes_results(tmp_path):
+    out = vlacache("run", "tiny_replay", "--quiet", f"output_dir={tmp_path}/out", "max_steps=4", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     for label in ("no-cache", "static-reuse", "vla-cache", "prefill ms", "reuse", "query Hz"):
         assert label in out.stdout
@@ -69,17 +69,17 @@ def test_bench_writes_the_promised_json(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (("run", "--quiet", "policies=[vla_cahce]"), "no shipped policy config named 'vla_cahce'"),
-    (("run", "--quiet", "backbone.presett=tiny"), "unknown key 'presett'"),
+    (("run", "tiny_replay", "--quiet", "policies=[vla_cahce]"), "no shipped policy config named 'vla_cahce'"),
+    (("run", "tiny_replay", "--quiet", "backbone.presett=tiny"), "unknown key 'presett'"),
     (("run", "missing.yaml"), "config file not found"),
     (("bench", "tiny", "--out", "x.json", "policy.selector.name=pixel"), "unknown selector strategy 'pixel'"),
-    (("run", "--quiet", "max_steps=[1"), "override 'max_steps=[1': the value does not parse as YAML"),
-    (("run", "--quiet", "max_steps=0"), "max_steps must be a positive integer (or null), got 0; e.g. max_steps="),
-    (("run", "--quiet", "episodes=-1"), "episodes must be a non-negative integer (or null), got -1"),
-    (("run", "--quiet", "execute_chunk=-2"), "execute_chunk must be a positive integer (or null), got -2"),
-    (("run", "--quiet", "env={name: replay, path: notes.txt}"),
+    (("run", "tiny_replay", "--quiet", "max_steps=[1"), "override 'max_steps=[1': the value does not parse as YAML"),
+    (("run", "tiny_replay", "--quiet", "max_steps=0"), "max_steps must be a positive integer (or null), got 0; e.g. max_steps="),
+    (("run", "tiny_replay", "--quiet", "episodes=-1"), "episodes must be a non-negative integer (or null), got -1"),
+    (("run", "tiny_replay", "--quiet", "execute_chunk=-2"), "execute_chunk must be a positive integer (or null), got -2"),
+    (("run", "tiny_replay", "--quiet", "env={name: replay, path: notes.txt}"),
      "notes.txt is not a vlacache recording: it is not an .npz (zip) archive; record one with `vlacache record"),
-    (("run", "--quiet", "env={name: replay, path: arrays.npz}"),
+    (("run", "tiny_replay", "--quiet", "env={name: replay, path: arrays.npz}"),
      "arrays.npz is not a vlacache recording: it lacks 'image__<camera>' frame arrays and 'instruction' (it holds: x)"),
 ])
 def test_bad_inputs_exit_2_with_one_line(tmp_path, args, message):
@@ -98,16 +98,17 @@ def write_bad_recordings(folder):
     np.savez(folder / "arrays.npz", x=np.zeros(3))
     np.save(folder / "frames.npy", np.zeros((2, 8, 8, 3), np.uint8))
     np.savez(folder / "gray.npz", image__primary=np.zeros((2, 8, 8), np.uint8), instruction=np.asarray("go"))
+    (folder / "empty").mkdir(exist_ok=True)
 
 
 @pytest.mark.parametrize("args,message", [
-    (("run", "--quiet", "max_steps=-5"), "max_steps must be a positive integer"),
-    (("run", "--quiet", "max_retries=-1"), "max_retries must be a non-negative integer, got -1"),
-    (("run", "--quiet", "launcher.devices=0"), "launcher.devices must be a positive integer"),
+    (("run", "tiny_replay", "--quiet", "max_steps=-5"), "max_steps must be a positive integer"),
+    (("run", "tiny_replay", "--quiet", "max_retries=-1"), "max_retries must be a non-negative integer, got -1"),
+    (("run", "tiny_replay", "--quiet", "launcher.devices=0"), "launcher.devices must be a positive integer"),
     (("bench", "tiny", "--out", "x.json", "repeats=0"), "repeats must be a positive integer"),
     (("bench", "tiny", "--out", "x.json", "env.path=frames.npy"), "frames.npy is not a vlacache recording: it holds a single"),
-    (("run", "--quiet", "env.path=gray.npz"), "'image__primary' must be uint8 frames [T>0, H, W, 3], got uint8 [2, 8, 8]"),
-    (("run", "--quiet", "env.path=."), "is a directory, not a vlacache recording"),
+    (("run", "tiny_replay", "--quiet", "env.path=gray.npz"), "'image__primary' must be uint8 frames [T>0, H, W, 3], got uint8 [2, 8, 8]"),
+    (("run", "tiny_replay", "--quiet", "env.path=empty"), "empty holds no recording (.npz); record demonstrations"),
     (("bench", "tiny", "--out", "."), "cannot write the bench report . (Is a directory"),
 ])
 def test_more_bad_inputs_in_process(tmp_path, monkeypatch, capsys, args, message):

@@ -21,7 +21,7 @@ def test_paper_ablation_rows_are_shipped():
 
 
 def test_experiment_and_bench_configs_load_with_overrides():
-    config = load_config(ExperimentConfig, "default", "experiment", ["max_steps=3", "backbone.seed=4"])
+    config = load_config(ExperimentConfig, "tiny_replay", "experiment", ["max_steps=3", "backbone.seed=4"])
     assert config.max_steps == 3 and config.backbone["seed"] == 4
     bench = load_config(BenchConfig, "cpu", "bench")
     assert bench.policy["scheduler"]["fraction"] == 0.5
@@ -29,7 +29,7 @@ def test_experiment_and_bench_configs_load_with_overrides():
 
 def test_config_typos_fail_loudly(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'policies'"):
-        load_config(ExperimentConfig, "default", "experiment", ["policys=[a]"])
+        load_config(ExperimentConfig, "tiny_replay", "experiment", ["policys=[a]"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nepisods: 3\n")
     with pytest.raises(ConfigError, match="unknown key 'episods'.*Valid keys"):
@@ -37,7 +37,7 @@ def test_config_typos_fail_loudly(tmp_path):
     with pytest.raises(ConfigError, match="Available: .*default"):
         load_config(ExperimentConfig, "nonexistent", "experiment")
     with pytest.raises(ConfigError, match="episodes"):
-        load_config(ExperimentConfig, "default", "experiment", ["episodes=many"])
+        load_config(ExperimentConfig, "tiny_replay", "experiment", ["episodes=many"])
     with pytest.raises(ConfigError, match="Valid keys: label, selector"):
         CachePolicy.from_config({"selecter": {"name": "none"}})
     with pytest.raises(ConfigError, match="reuse_order"):
@@ -93,11 +93,11 @@ def test_unnorm_key_falls_back_to_no_noops():
 ])
 def test_values_that_cannot_run_fail_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(ExperimentConfig, "default", "experiment", [override])
+        load_config(ExperimentConfig, "tiny_replay", "experiment", [override])
 
 
 def test_limits_that_can_run_are_accepted():
-    config = load_config(ExperimentConfig, "default", "experiment",
+    config = load_config(ExperimentConfig, "tiny_replay", "experiment",
                          ["max_steps=null", "episodes=0", "execute_chunk=1", "max_retries=0", "retry_errors=false"])
     assert config.max_steps is None and config.episodes == 0 and config.retry_errors is False
     assert ExperimentConfig().retry_errors is True and ExperimentConfig().max_retries == 2

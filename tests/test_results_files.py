@@ -82,11 +82,11 @@ def test_checkpoint_identity_is_names_sizes_and_content(tmp_path, monkeypatch):
 
 def test_resume_with_a_changed_config_is_refused_naming_what_changed(tmp_path):
     out = tmp_path / "run"
-    first = vlacache("run", "default", *QUICK, f"output_dir={out}")
+    first = vlacache("run", "tiny_replay", *QUICK, f"output_dir={out}")
     assert first.returncode == 0, first.stderr
     before = lines(out / "episodes.jsonl")
 
-    changed = vlacache("run", "default", "policies=[no_cache]", "max_steps=3", "backbone.seed=1", "--quiet",
+    changed = vlacache("run", "tiny_replay", "policies=[no_cache]", "max_steps=3", "backbone.seed=1", "--quiet",
                        f"output_dir={out}")
     assert changed.returncode == 2
     line = one_error_line(changed.stderr)
@@ -95,17 +95,17 @@ def test_resume_with_a_changed_config_is_refused_naming_what_changed(tmp_path):
     assert lines(out / "episodes.jsonl") == before  # nothing touched
 
     policy = "policies=[{label: no-cache, selector: {name: none}, scheduler: {name: constant, fraction: 0.5}}]"
-    relabelled = vlacache("run", "default", policy, "max_steps=2", "--quiet", f"output_dir={out}")
+    relabelled = vlacache("run", "tiny_replay", policy, "max_steps=2", "--quiet", f"output_dir={out}")
     assert relabelled.returncode == 2 and "policy.scheduler.fraction (1.0 -> 0.5)" in one_error_line(relabelled.stderr)
 
     # adding a policy is allowed, and a field that decides nothing (name) is not a change
-    added = vlacache("run", "default", "policies=[no_cache,static_reuse]", "max_steps=2", "name=renamed", "--quiet",
+    added = vlacache("run", "tiny_replay", "policies=[no_cache,static_reuse]", "max_steps=2", "name=renamed", "--quiet",
                      f"output_dir={out}")
     assert added.returncode == 0, added.stderr
     after = lines(out / "episodes.jsonl")
     assert after[:1] == before and [r["policy"] for r in after] == ["no-cache", "static-reuse"]
 
-    restarted = vlacache("run", "default", "policies=[no_cache]", "max_steps=3", "--quiet", "--restart",
+    restarted = vlacache("run", "tiny_replay", "policies=[no_cache]", "max_steps=3", "--quiet", "--restart",
                          f"output_dir={out}")
     assert restarted.returncode == 0, restarted.stderr
     aside = [p for p in out.iterdir() if p.name.startswith("restarted-")]
@@ -163,14 +163,14 @@ def test_result_store_repairs_before_appending(tmp_path, capsys):
 
 def test_a_second_run_on_the_same_dir_is_refused_naming_the_first(tmp_path):
     out = tmp_path / "run"
-    args = [SCRIPT, "run", "default", "env.repeats=500", "policies=[no_cache]", "max_steps=2", f"output_dir={out}",
+    args = [SCRIPT, "run", "tiny_replay", "env.repeats=500", "policies=[no_cache]", "max_steps=2", f"output_dir={out}",
             "--quiet"]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (out / "run.lock").exists():
             time.sleep(0.1)
-        second = vlacache("run", "default", "env.repeats=500", *QUICK, f"output_dir={out}")
+        second = vlacache("run", "tiny_replay", "env.repeats=500", *QUICK, f"output_dir={out}")
         assert second.returncode == 2
         line = one_error_line(second.stderr)
         assert f"pid {first.pid} on host {socket.gethostname()}" in line and "in use by another vlacache run" in line
@@ -227,9 +227,9 @@ def test_an_unwritable_output_dir_is_refused_before_building_anything(tmp_path, 
 def test_cli_refuses_unwritable_outputs(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    run = vlacache("run", "default", *QUICK, f"output_dir={blocker}/out")
+    run = vlacache("run", "tiny_replay", *QUICK, f"output_dir={blocker}/out")
     assert run.returncode == 2 and f"cannot write to output_dir {blocker}/out" in one_error_line(run.stderr)
     bench = vlacache("bench", "tiny", "--out", str(blocker / "b.json"), "--quiet")
     assert bench.returncode == 2 and f"cannot write the bench report {blocker}/b.json" in one_error_line(bench.stderr)
-    record = vlacache("record", "default", "--out", str(blocker / "r.npz"), "--steps", "2", "--quiet")
+    record = vlacache("record", "tiny_replay", "--out", str(blocker / "r.npz"), "--steps", "2", "--quiet")
     assert record.returncode == 2 and "cannot write the recording" in one_error_line(record.stderr)

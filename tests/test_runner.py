@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
+from rich.console import Console
 from test_cli import SCRIPT, vlacache
 
 from vlacache import Observation, register_env
 from vlacache.env import Env, EpisodeSpec
 from vlacache.experiment import ExperimentConfig, build_env
-from vlacache.eval.runner import run_experiment
+from vlacache.eval.runner import print_summary, run_experiment
 
 
 @register_env("test-flaky")
@@ -70,15 +72,19 @@ def test_errors_are_recorded_and_the_run_goes_on(tmp_path):
     assert by_policy["no-cache"]["errors"] == 1 and by_policy["no-cache"]["episodes"] == 3
     assert by_policy["no-cache"]["success/flaky"] == 1 / 3
     summary = (tmp_path / "summary.md").read_text()
-    assert "SR flaky" in summary and "| no-cache | 33.3%" in summary
+    assert "SR flaky [95% CI]" in summary and "| no-cache | 33.3% [6, 79] |" in summary  # Wilson interval of 1/3
+    assert by_policy["no-cache"]["ci95_low/flaky"] == pytest.approx(0.0615, abs=1e-4)
     assert "counts as a failure" in summary
-    assert (tmp_path / "summary.csv").read_text().startswith("policy,success/flaky")
+    assert (tmp_path / "summary.csv").read_text().startswith("policy,success/flaky,ci95_low/flaky,ci95_high/flaky")
     assert (tmp_path / "summary.png").stat().st_size > 10_000
+    console = Console(record=True, width=200)  # what `vlacache run` prints at the end
+    print_summary(rows, console)
+    assert "33.3% [6, 79]" in console.export_text()
 
 
 def test_resume_after_an_interruption_loses_at_most_the_running_episode(tmp_path):
     out = tmp_path / "run"
-    args = [SCRIPT, "run", "default", "env.repeats=10", "policies=[no_cache]", f"output_dir={out}", "--quiet"]
+    args = [SCRIPT, "run", "tiny_replay", "env.repeats=10", "policies=[no_cache]", f"output_dir={out}", "--quiet"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     jsonl = out / "episodes.jsonl"
     deadline = time.time() + 240
@@ -98,7 +104,7 @@ def test_resume_after_an_interruption_loses_at_most_the_running_episode(tmp_path
 
 
 def test_sharded_over_two_processes_with_fabric(tmp_path):
-    out = vlacache("run", "default", "env.repeats=3", "policies=[no_cache,static_reuse]", "launcher.devices=2",
+    out = vlacache("run", "tiny_replay", "env.repeats=3", "policies=[no_cache,static_reuse]", "launcher.devices=2",
                    "launcher.accelerator=cpu", f"output_dir={tmp_path}", "--quiet")
     assert out.returncode == 0, out.stderr
     ranks = [lines(tmp_path / f"episodes.rank{r}.jsonl") for r in (0, 1)]
@@ -138,7 +144,7 @@ def test_dynamic_background_changes_the_band_and_defeats_static_reuse():
 
 def test_record_then_replay(tmp_path):
     out = tmp_path / "rec.npz"
-    result = vlacache("record", "default", "--out", str(out), "--steps", "4", "--quiet",
+    result = vlacache("record", "tiny_replay", "--out", str(out), "--steps", "4", "--quiet",
                       "env={name: replay, repeats: 1}", "perturbation={name: moving-distractor}")
     assert result.returncode == 0, result.stderr
     replay = build_env({"name": "replay", "path": str(out)})

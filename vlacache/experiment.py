@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -100,8 +101,12 @@ def load_config(schema: type, source: str | Path | None, group: str, overrides: 
     if source is not None:
         raw = load_yaml(resolve_config_path(source, group))
         check_keys(raw, list(schema.__dataclass_fields__), str(source))
-        for key in raw:  # a YAML component (backbone, env, ...) replaces the default one, never merges into it
-            OmegaConf.update(base, key, raw[key], merge=False)
+        nested = {f.name for f in dataclasses.fields(schema)
+                  if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())}
+        for key in raw:  # a YAML component (backbone, env, ...) replaces the default one; nested settings merge
+            OmegaConf.update(base, key, raw[key], merge=key in nested)
+    if isinstance(base.get("backbone"), str):  # a shipped backbone config's name: its keys take overrides
+        OmegaConf.update(base, "backbone", resolve_backbone_spec(base.backbone), merge=False)
     base = apply_overrides(base, overrides or [])
     config = typed(schema, OmegaConf.to_container(base, resolve=True), f"the {group} config")
     return config.check() if hasattr(config, "check") else config

@@ -30,6 +30,16 @@ def success_rate(records: list[dict]) -> float | None:
     return sum(r.get("success") is True and r.get("error") is None for r in records) / len(records)
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a success rate (sound for small n and rates near 0 or 1)."""
+    if n <= 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def summarize(records: list[dict], policy_order: list[str]) -> tuple[list[str], list[dict]]:
     """One row per policy: success per suite and mean, FLOPs, latency split, control frequency, reuse ratio."""
     suites = sorted({suite_of(r["task"]) for r in records})
@@ -41,7 +51,10 @@ def summarize(records: list[dict], policy_order: list[str]) -> tuple[list[str], 
         ok = [r for r in mine if r.get("error") is None]
         row = {"policy": policy, "episodes": len(mine), "errors": len(mine) - len(ok)}
         for suite in suites:
-            row[f"success/{suite}"] = success_rate([r for r in mine if suite_of(r["task"]) == suite])
+            episodes = [r for r in mine if suite_of(r["task"]) == suite]
+            row[f"success/{suite}"] = rate = success_rate(episodes)
+            interval = wilson_interval(round(rate * len(episodes)), len(episodes)) if rate is not None else None
+            row[f"ci95_low/{suite}"], row[f"ci95_high/{suite}"] = interval or (None, None)
         row["success/mean"] = _mean([row[f"success/{s}"] for s in suites])
         row["tflops"] = _mean([r["flops_mean"] / 1e12 for r in ok if r.get("flops_mean") is not None])
         for part in LATENCY_PARTS + ("total",):
@@ -55,16 +68,20 @@ def summarize(records: list[dict], policy_order: list[str]) -> tuple[list[str], 
     return suites, rows
 
 
-def _fmt(value, kind: str) -> str:
+def _fmt(value, kind: str, row: dict | None = None, key: str = "") -> str:
     if value is None:
         return "n/a"
-    formats = {"pct": lambda v: f"{100 * v:.1f}%", "ms": lambda v: f"{v:.1f}", "hz": lambda v: f"{v:.2f}", "tf": lambda v: f"{v:.4f}"}
+    if kind == "sr":  # a suite's success with its 95% interval
+        suite = key.split("/", 1)[1]
+        low, high = row.get(f"ci95_low/{suite}"), row.get(f"ci95_high/{suite}")
+        return f"{100 * value:.1f}% [{100 * low:.0f}, {100 * high:.0f}]" if low is not None else f"{100 * value:.1f}%"
+    formats = {"pct": lambda v: f"{100 * v:.1f}%", "ms": lambda v: f"{v:.1f}", "hz": lambda v: f"{v:.2f}", "tf": lambda v: f"{v:.3g}"}
     return formats.get(kind, str)(value)
 
 
 def table_columns(suites: list[str]) -> list[tuple[str, str, str]]:
     cols = [("policy", "policy", "str")]
-    cols += [(f"success/{s}", f"SR {s}", "pct") for s in suites]
+    cols += [(f"success/{s}", f"SR {s} [95% CI]", "sr") for s in suites]
     if len(suites) > 1:
         cols.append(("success/mean", "SR mean", "pct"))
     cols += [("tflops", "TFLOPs/query", "tf"), ("total_ms", "latency ms", "ms"), ("control_hz", "query Hz", "hz"),
@@ -77,9 +94,9 @@ def table_columns(suites: list[str]) -> list[tuple[str, str, str]]:
 def write_tables(out: Path, suites: list[str], rows: list[dict]) -> None:
     cols = table_columns(suites)
     lines = ["| " + " | ".join(title for _, title, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(_fmt(row.get(key), kind) for key, _, kind in cols) + " |" for row in rows]
+    lines += ["| " + " | ".join(_fmt(row.get(key), kind, row, key) for key, _, kind in cols) + " |" for row in rows]
     notes = (
-        "\nSR: success rate over ALL attempted episodes: an episode whose last attempt raised an error counts as a "
+        "\nSR: success rate over ALL attempted episodes, with its 95% Wilson interval: an episode whose last attempt raised an error counts as a "
         "failure (errors: how many did; a re-run of the same command retries them, see `retry_errors`, "
         "`max_retries`); n/a: the env reports no success. TFLOPs/query: decoder + vision per policy query "
         "(2 x MACs), latency and reuse over the episodes without error. latency: mean end-to-end wall time of a "
@@ -87,11 +104,14 @@ def write_tables(out: Path, suites: list[str], rows: list[dict]) -> None:
         "over layers and queries.\n"
     )
     (out / "summary.md").write_text("\n".join(lines) + "\n" + notes)
+    keys = []
+    for key, _, kind in cols:
+        keys += [key] + ([f"ci95_low/{key[8:]}", f"ci95_high/{key[8:]}"] if kind == "sr" else [])
     with open(out / "summary.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([key for key, _, _ in cols])
+        writer.writerow(keys)
         for row in rows:
-            writer.writerow(["" if row.get(key) is None else row.get(key) for key, _, _ in cols])
+            writer.writerow(["" if row.get(key) is None else row.get(key) for key in keys])
 
 
 def write_plots(out: Path, rows: list[dict]) -> list[Path]:
@@ -104,7 +124,13 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
     for row in rows:
-        ax.scatter([100 * (row["reuse_ratio"] or 0)], [100 * (row["success/mean"] or 0)], s=60, label=row["policy"])
+        x, y = 100 * (row["reuse_ratio"] or 0), 100 * (row["success/mean"] or 0)
+        bounds = [(row[k], row[k.replace("low", "high")]) for k in row if k.startswith("ci95_low/")]
+        if len(bounds) == 1 and bounds[0][0] is not None:  # one suite: its 95% interval as an error bar
+            low, high = bounds[0]
+            ax.errorbar([x], [y], yerr=[[y - 100 * low], [100 * high - y]], fmt="o", capsize=4, label=row["policy"])
+        else:
+            ax.scatter([x], [y], s=60, label=row["policy"])
     ax.set(xlabel="visual tokens reused (%)", ylabel="success rate (%)", title="success vs. reuse", ylim=(-5, 105))
     if all(row["success/mean"] is None for row in rows):
         ax.text(0.5, 0.5, "this env reports no success", transform=ax.transAxes, ha="center", color="grey")

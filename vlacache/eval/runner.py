@@ -168,7 +168,8 @@ def run_shard(config: ExperimentConfig, progress: bool = True, rank: int = 0, wo
     env = build_env(config.env, config.perturbation)
     try:
         episodes = env.episodes()[: config.episodes]
-        work = [(p, e) for p in policies for e in episodes][rank::world]
+        # episode-major: every policy row grows at the same pace, so a sweep stopped early compares like with like
+        work = [(p, e) for e in episodes for p in policies][rank::world]
         todo = pending(config, work, out)
         if todo:
             backbone = build_backbone(config.backbone)
@@ -249,7 +250,7 @@ def print_summary(rows: list[dict], console=None) -> None:
     for _, title, _ in cols:
         table.add_column(title, justify="left" if title == "policy" else "right")
     for row in rows:
-        table.add_row(*[_fmt(row.get(key), kind) for key, _, kind in cols])
+        table.add_row(*[_fmt(row.get(key), kind, row, key) for key, _, kind in cols])
     console = console or Console()
     if console.width < 170:
         console = Console(width=170)

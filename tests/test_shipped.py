@@ -1,0 +1,56 @@
+"""The trained micro-policy shipped in the package: its files, loading it by name key for key, and a closed-loop
+LIBERO episode whose outcome matches the one recorded for it (tests/micro_smoke.py)."""
+
+import json
+
+import pytest
+import torch
+from micro_smoke import EXPECTATION, run_smoke
+from safetensors import safe_open
+
+from vlacache import InputError
+from vlacache.backbone import resolve_checkpoint, shipped_policies
+from vlacache.backbones.openvla_oft import OpenVLAOFTBackbone
+from vlacache.experiment import build_backbone
+
+from test_libero import LIBERO_MISSING, libero_installed
+
+SHIPPED = "micro_oft_libero_spatial"
+
+
+def test_the_shipped_policy_is_small_bf16_and_loads_by_name(tmp_path):
+    assert SHIPPED in shipped_policies()
+    folder = resolve_checkpoint(SHIPPED)
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    assert size <= 10 * 2**20, f"{SHIPPED} is {size / 2**20:.1f} MiB; the package ships at most 10 MiB per policy"
+    weights = sorted(folder.glob("*.safetensors"))
+    with safe_open(str(weights[0]), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    stats = json.loads((folder / "dataset_statistics.json").read_text())
+    assert list(stats) == ["libero_spatial"] and stats["libero_spatial"]["num_trajectories"] >= 100
+
+    backbone = build_backbone(SHIPPED)  # the shipped backbone config (configs/backbone/) names it
+    assert isinstance(backbone, OpenVLAOFTBackbone) and backbone.unnorm_key == "libero_spatial"
+    backbone.save_pretrained(tmp_path / "again")  # the released layout, key for key
+    again = OpenVLAOFTBackbone.from_pretrained(tmp_path / "again")
+    for (name, a), (_, b) in zip(backbone.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_an_unknown_checkpoint_name_lists_the_shipped_ones():
+    with pytest.raises(InputError, match=f"neither a directory here nor a policy shipped.*{SHIPPED}"):
+        resolve_checkpoint("micro_oft_libero_spatail")
+
+
+def test_closed_loop_smoke_episode_matches_its_recorded_outcome(tmp_path):
+    if not libero_installed():
+        pytest.fail(LIBERO_MISSING)
+    expected = json.loads(EXPECTATION.read_text())
+    outcome = run_smoke(tmp_path / "smoke")
+    assert set(outcome) == set(expected) == {"no-cache", "vla-cache"}
+    for label, record in outcome.items():
+        assert record["error"] is None, record["error"]
+        assert record["success"] == expected[label]["success"], (label, record, expected[label])
+        # the same machine class replays it step for step; a different CPU may round differently: one chunk of slack
+        assert abs(record["env_steps"] - expected[label]["env_steps"]) <= 8, (label, record, expected[label])
+    assert outcome["vla-cache"]["reuse_ratio"] > 0 and outcome["no-cache"]["reuse_ratio"] == 0
