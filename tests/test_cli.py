@@ -28,6 +28,7 @@ def test_list_shows_every_registry():
                  "always", "full-first-step", "replay"):
         assert name in out.stdout
     assert "strategies (selector)" in out.stdout and "strategies (gate)" in out.stdout
+    assert "shipped policies" in out.stdout and "micro_oft_libero_spatial" in out.stdout
     filtered = vlacache("list", "entropy*").stdout
     assert "entropy-adaptive" in filtered and "pixel-cosine" not in filtered
 

@@ -36,6 +36,17 @@ def _list(args) -> int:
         show(f"strategies ({kind})", registry)
     show("envs", ENVS)
     show("perturbations", PERTURBATIONS)
+    from fnmatch import fnmatch
+
+    from .backbone import resolve_checkpoint, shipped_policies
+
+    print("shipped policies (backbone.checkpoint=NAME):")
+    for name in shipped_policies():
+        if fnmatch(name, args.pattern):
+            folder = resolve_checkpoint(name)
+            config = json.loads((folder / "config.json").read_text())
+            kind = "openvla-oft" if any(folder.glob("action_head--*")) else config.get("model_type", "?")
+            print(f"  {name:<28} {kind}, trained on {', '.join(config.get('norm_stats', {})) or '?'}")
     return 0
 
 
