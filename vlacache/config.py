@@ -30,6 +30,12 @@ def check_keys(given: Mapping[str, Any], valid: list[str], where: str) -> None:
             raise ConfigError(f"unknown key '{key}' in {where}{hint}. Valid keys: {', '.join(valid) or '(none)'}")
 
 
+def nested_fields(schema: type) -> set[str]:
+    """The fields of `schema` that are dataclasses themselves (their settings merge; components replace)."""
+    return {f.name for f in dataclasses.fields(schema)
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())}
+
+
 def typed(schema: type, values: Mapping[str, Any] | None, where: str):
     """Build dataclass `schema` from `values`, failing loudly on unknown keys or wrong types."""
     values = dict(to_plain(values) or {})
@@ -37,8 +43,7 @@ def typed(schema: type, values: Mapping[str, Any] | None, where: str):
     check_keys(values, fields, where)
     try:
         merged = OmegaConf.structured(schema)
-        nested = {f.name for f in dataclasses.fields(schema)
-                  if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())}
+        nested = nested_fields(schema)
         for key, value in values.items():  # a given component dict replaces the default's, nested dataclasses merge
             OmegaConf.update(merged, key, value, merge=key in nested)
         return OmegaConf.to_object(merged)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -10,8 +9,8 @@ from typing import Any, Mapping
 from omegaconf import OmegaConf
 
 from .backbone import Backbone
-from .config import (ConfigError, apply_overrides, check_keys, load_yaml, resolve_component, resolve_config_path,
-                     to_plain, typed)
+from .config import (ConfigError, apply_overrides, check_keys, load_yaml, nested_fields, resolve_component,
+                     resolve_config_path, to_plain, typed)
 from .env import Env
 from .policy import CachePolicy, PolicyConfig
 from .registry import BACKBONES, ENVS, PERTURBATIONS
@@ -101,8 +100,7 @@ def load_config(schema: type, source: str | Path | None, group: str, overrides: 
     if source is not None:
         raw = load_yaml(resolve_config_path(source, group))
         check_keys(raw, list(schema.__dataclass_fields__), str(source))
-        nested = {f.name for f in dataclasses.fields(schema)
-                  if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())}
+        nested = nested_fields(schema)
         for key in raw:  # a YAML component (backbone, env, ...) replaces the default one; nested settings merge
             OmegaConf.update(base, key, raw[key], merge=key in nested)
     if isinstance(base.get("backbone"), str):  # a shipped backbone config's name: its keys take overrides

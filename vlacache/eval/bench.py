@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from omegaconf import ListConfig
 from tqdm import tqdm
 
 from ..config import ConfigError
@@ -86,7 +85,7 @@ def _median(values: list[float]) -> float:
 
 
 def _policy_specs(spec: Any) -> list[Any]:
-    return list(spec) if isinstance(spec, (list, tuple, ListConfig)) else [spec]
+    return list(spec) if isinstance(spec, (list, tuple)) else [spec]
 
 
 def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
