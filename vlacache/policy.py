@@ -101,22 +101,35 @@ class CachePolicy:
         static = self.selector.select(ctx)
         candidates = self.relevance.filter(ctx, static)
         fractions = self._monotone(self.scheduler.fractions(ctx), ctx.num_layers)
-        ordered = {camera: self._order(c) for camera, c in candidates.items()}
-        reused = []
-        for fraction in fractions:
-            parts = [
-                ordered[camera][:, : math.floor(fraction * ordered[camera].shape[1] + 1e-9)] + ctx.layout.vision[camera].start
-                for camera in ordered
-            ]
-            positions = torch.cat(parts, dim=1) if parts else empty.reused[0]
-            reused.append(torch.sort(positions, dim=1).values)
-        plan = ReusePlan(reused)
+        ordered = {camera: self._order(c) + ctx.layout.vision[camera].start for camera, c in candidates.items()}
+        plan = ReusePlan.from_order(*self._layer_order(ordered, fractions, ctx.batch_size))
         plan.info.update(
             static={c: s.mask for c, s in static.items()},
             candidates={c: s.mask for c, s in candidates.items()},
             fractions=fractions,
         )
         return plan
+
+    @staticmethod
+    def _layer_order(ordered: dict[str, torch.Tensor], fractions: list[float], batch_size: int):
+        """Layer l reuses the first floor(f_l * n) positions of each camera's order. Returns one order over all
+        cameras with the counts per layer: tokens that join at a shallower layer first; within one layer, the
+        cameras interleaved by their rank relative to their candidate count."""
+        parts, counts, taken = [], [], {camera: 0 for camera in ordered}
+        for fraction in fractions:
+            new, rank = [], []
+            for camera, order in ordered.items():
+                n = order.shape[1]
+                upto = math.floor(fraction * n + 1e-9)
+                new.append(order[:, taken[camera]:upto])
+                rank.append(torch.arange(taken[camera], upto, dtype=torch.float64) / max(n, 1))
+                taken[camera] = upto
+            if new:
+                interleave = torch.sort(torch.cat(rank), stable=True).indices
+                parts.append(torch.cat(new, dim=1)[:, interleave])
+            counts.append(sum(taken.values()))
+        order = torch.cat(parts, dim=1) if parts else torch.empty(batch_size, 0, dtype=torch.long)
+        return order, counts
 
     def _order(self, candidates: Candidates) -> torch.Tensor:
         """Candidate patch indices [B, n], most reusable first; n is the smallest count in the batch."""

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .backbone import Backbone
-from .engine import CacheEngine
+from .engine import CacheEngine, ReuseBuckets
 from .flops import decode_flops, prefill_flops
 from .policy import CachePolicy, PolicyConfig
 from .strategy import PlanContext
@@ -36,10 +36,17 @@ class CachedVLA:
     """Runs a backbone step by step with VLA-Cache; `policy=None` (or the no-cache policy) runs it untouched.
 
     The engine's per-episode state resets on `reset()` and automatically when the instruction, batch size or
-    image size changes. Use as a context manager to detach the hooks at the end.
+    image size changes. Use as a context manager to detach the hooks at the end. `buckets` (None, a count n or a
+    list of fractions; `ReuseBuckets`) rounds the policy's reused counts per layer down to a few fixed shapes.
     """
 
-    def __init__(self, backbone: Backbone, policy: CachePolicy | None = None, sync_timing: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        policy: CachePolicy | None = None,
+        sync_timing: bool = True,
+        buckets: ReuseBuckets | int | Sequence[float] | None = None,
+    ) -> None:
         if not isinstance(backbone, Backbone):
             raise InputError(
                 f"vlacache needs a vlacache Backbone, got {type(backbone).__name__}; load one with e.g. "
@@ -51,6 +58,7 @@ class CachedVLA:
         self.backbone = backbone
         self.policy = policy
         self.sync_timing = sync_timing
+        self.buckets = buckets if isinstance(buckets, ReuseBuckets) or buckets is None else ReuseBuckets.from_spec(buckets)
         self.engine = CacheEngine(backbone.decoder)
         if policy is not None:
             policy.check(self.engine.num_layers)
@@ -116,6 +124,8 @@ class CachedVLA:
                         stats=engine.episode.stats,
                     )
                     plan = self.policy.plan(ctx)
+                    if self.buckets is not None:
+                        plan = self.buckets.apply(plan, layout.num_visual)
                 request = self.policy.stats_request(num_layers) if self.policy is not None else None
                 cache = engine.begin_step(plan, layout, batch, request)
             else:
@@ -180,10 +190,12 @@ def check_finite(logits: torch.Tensor, actions: np.ndarray, step: int) -> None:
 
 
 def attach(
-    backbone: Backbone, policy: CachePolicy | PolicyConfig | Mapping[str, Any] | str | Path | None = "vla_cache"
+    backbone: Backbone,
+    policy: CachePolicy | PolicyConfig | Mapping[str, Any] | str | Path | None = "vla_cache",
+    buckets: ReuseBuckets | int | Sequence[float] | None = None,
 ) -> CachedVLA:
     """Attach VLA-Cache to a backbone in one call; `policy` is a CachePolicy, a config, a YAML path or the
     name of a shipped policy ('no_cache', 'static_reuse', 'static_reuse_filter', 'vla_cache', 'reference_code')."""
     if policy is not None and not isinstance(policy, CachePolicy):
         policy = CachePolicy.from_config(policy)
-    return CachedVLA(backbone, policy)
+    return CachedVLA(backbone, policy, buckets=buckets)

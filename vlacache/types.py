@@ -83,10 +83,41 @@ class ReusePlan:
 
     reused[l] is a LongTensor [B, n_l] of sorted positions; the sets are nested (reused[l-1] is a subset of
     reused[l]) because a token whose hidden state was not computed at layer l cannot be computed later.
+    order (optional) [B, N]: the deepest layer's positions, most reusable first, such that layer l reuses the
+    first n_l of them; `truncated` gives up the least reusable ones first. Without it, a token that enters the
+    reused set at a deeper layer counts as less reusable, ties by position.
     """
 
     reused: list[torch.Tensor]
     info: dict = field(default_factory=dict)
+    order: torch.Tensor | None = None
+
+    @classmethod
+    def from_order(cls, order: torch.Tensor, counts: Sequence[int]) -> "ReusePlan":
+        """Layer l reuses the first counts[l] positions of `order` [B, N] (counts non-decreasing)."""
+        if any(b < a for a, b in zip(counts, counts[1:])) or (counts and counts[-1] > order.shape[1]):
+            raise ValueError(f"reuse counts must be non-decreasing and at most {order.shape[1]}, got {list(counts)}")
+        reused = [torch.sort(order[:, :count], dim=1).values for count in counts]
+        return cls(reused, order=order[:, : counts[-1]] if counts else order[:, :0])
+
+    def priority(self) -> torch.Tensor:
+        """`order`, or the order implied by the nesting: earlier layer first, then position."""
+        if self.order is not None:
+            return self.order
+        parts, previous = [], None
+        for reused in self.reused:
+            new = reused if previous is None else reused[~_row_isin(reused, previous)].view(reused.shape[0], -1)
+            parts.append(new)
+            previous = reused
+        return torch.cat(parts, dim=1) if parts else torch.empty(0, 0, dtype=torch.long)
+
+    def truncated(self, counts: Sequence[int]) -> "ReusePlan":
+        """This plan reusing only `counts[l]` (<= its own count) positions at layer l: fewer, never others."""
+        if len(counts) != self.num_layers or any(c > n or c < 0 for c, n in zip(counts, self.counts)):
+            raise ValueError(f"truncated counts {list(counts)} must lie between 0 and the plan's counts {self.counts}")
+        plan = ReusePlan.from_order(self.priority(), counts)
+        plan.info = dict(self.info)
+        return plan
 
     @classmethod
     def empty(cls, batch_size: int, num_layers: int, device: torch.device | str = "cpu") -> "ReusePlan":
@@ -118,12 +149,17 @@ class ReusePlan:
             if r.shape[1] > 1 and not bool((r[:, 1:] > r[:, :-1]).all()):
                 raise ValueError(f"ReusePlan layer {layer}: positions must be sorted and unique")
             if previous is not None and previous.shape[1]:
-                if r.shape[1] < previous.shape[1] or not bool(torch.isin(previous, r).all()):
+                if r.shape[1] < previous.shape[1] or not bool(_row_isin(previous, r).all()):
                     raise ValueError(
                         f"ReusePlan is not nested at layer {layer}: every position reused at layer {layer - 1} "
                         "must stay reused at deeper layers"
                     )
             previous = r
+
+
+def _row_isin(elements: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """torch.isin per batch row: [B, n] bool, whether elements[b, i] is in test[b]."""
+    return (elements[:, :, None] == test[:, None, :]).any(-1)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from torch import nn
 
 from .probe import attention_rows, summarize
 from .reuse_cache import ReuseCache
-from .types import AttentionStats, ReusePlan, TokenLayout
+from ..types import AttentionStats, ReusePlan, TokenLayout
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 

@@ -1,0 +1,22 @@
+"""The cache engine: how a reuse plan is applied to a stock decoder.
+
+hooks:       `CacheEngine`, the forward hooks that drop reused rows and splice last step's K/V (per episode state)
+reuse_cache: `ReuseCache`, the DynamicCache that performs the splice
+probe:       the few attention rows the next step's policy reads
+buckets:     `ReuseBuckets`, rounding a plan to a small set of shapes (for compiled and graph-captured steps)
+"""
+
+from .buckets import ReuseBuckets
+from .hooks import SUPPORTED_ATTENTION, CacheEngine, EpisodeState, StatsRequest, StepRecord, decoder_layers
+from .reuse_cache import ReuseCache
+
+__all__ = [
+    "SUPPORTED_ATTENTION",
+    "CacheEngine",
+    "EpisodeState",
+    "ReuseBuckets",
+    "ReuseCache",
+    "StatsRequest",
+    "StepRecord",
+    "decoder_layers",
+]
