@@ -33,18 +33,22 @@ def _rope(x, positions, theta):
     return x * cos + rotated * sin
 
 
-def _attend(q, k, v, q_pos, k_pos, causal):
+def _attend(q, k, v, q_pos, k_pos, causal, record=None):
     scores = q.float() @ k.float().transpose(-1, -2) / q.shape[-1] ** 0.5
     if causal:
         scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
-    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+    probs = scores.softmax(-1)
+    if record is not None:
+        record.append(probs)
+    return (probs @ v.float()).to(q.dtype)
 
 
-def reference_forward(lm, embeds, positions, past=None, reused=None, previous_kv=None, causal=True):
+def reference_forward(lm, embeds, positions, past=None, reused=None, previous_kv=None, causal=True, attentions=None):
     """Run the causal LM `lm` (LlamaForCausalLM weights) on `embeds` [B, n, D] at `positions` [n].
 
     past: per-layer (k, v) of earlier positions to attend to (decode). reused: per-layer LongTensor [B, m]
-    positions whose k/v are overwritten by previous_kv[l]. Returns logits [B, n, V], per-layer (k, v), hidden.
+    positions whose k/v are overwritten by previous_kv[l]. attentions: a list that receives each layer's
+    attention probabilities [B, H, n, n_keys]. Returns logits [B, n, V], per-layer (k, v), hidden.
     """
     cfg = lm.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -74,7 +78,7 @@ def reference_forward(lm, embeds, positions, past=None, reused=None, previous_kv
         rep = heads // kv_heads
         kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         k_pos = torch.arange(k.shape[2])
-        out = _attend(q, kk, vv, positions, k_pos, causal).transpose(1, 2).reshape(batch, n, heads * d)
+        out = _attend(q, kk, vv, positions, k_pos, causal, attentions).transpose(1, 2).reshape(batch, n, heads * d)
         x = x + out @ attn.o_proj.weight.T
         h = _rms(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
         mlp = layer.mlp

@@ -106,6 +106,43 @@ def test_decode_after_cached_prefill_uses_right_positions():
     assert engine.episode.prompt_kv[0][0].shape[2] == L  # the stored prompt K/V excludes decoded tokens
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_probe_under_reuse_matches_the_reference_attention(kv_heads):
+    """The probe's text rows at every layer of a cached step: query rows recomputed at kept positions, keys
+    spliced from the previous step, as the independent reference computes them."""
+    lm = tiny_llama(kv_heads=kv_heads)
+    e1, e2 = two_steps()
+    plan = nested_plan()
+    positions, text = torch.arange(L), LAYOUT.text.positions()
+    with torch.no_grad(), CacheEngine(lm.model) as engine:
+        run_step(lm, engine, e1, None)
+        engine.end_step()
+        run_step(lm, engine, e2, plan)
+        stats = engine.end_step().stats
+        _, kv1, _ = reference_forward(lm, e1, positions)
+        attentions = []
+        reference_forward(lm, e2, positions, reused=plan.reused, previous_kv=kv1, attentions=attentions)
+        plain = []
+        reference_forward(lm, e2, positions, attentions=plain)
+    for layer, probs in enumerate(attentions):
+        rows = probs[:, :, text]
+        torch.testing.assert_close(stats.to_keys[layer], rows.mean(dim=(1, 2)), atol=1e-5, rtol=0)
+        entropy = -(rows * rows.clamp_min(1e-12).log()).sum(-1).mean(dim=(1, 2))
+        torch.testing.assert_close(stats.entropy[layer], entropy, atol=1e-4, rtol=0)
+    # sensitive: without the splice the deeper layers' attention differs
+    assert (plain[-1][:, :, text].mean(dim=(1, 2)) - stats.to_keys[len(plain) - 1]).abs().max() > 1e-4
+
+
+def test_probe_records_only_the_requested_layers():
+    lm = tiny_llama()
+    e1, _ = two_steps()
+    with torch.no_grad(), CacheEngine(lm.model) as engine:
+        run_step(lm, engine, e1, None, request=StatsRequest(layers=(1, 3)))
+        assert sorted(engine.end_step().stats.entropy) == [1, 3]
+        run_step(lm, engine, e1, None, request=None)
+        assert engine.end_step().stats is None
+
+
 def test_probe_matches_eager_output_attentions():
     lm = tiny_llama("sdpa")
     eager = tiny_llama("eager")

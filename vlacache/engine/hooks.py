@@ -2,8 +2,9 @@
 
 Per step: a `ReuseCache` splices last step's K/V into reused positions; a pre-hook on every decoder layer drops
 the rows reused at that layer and gathers the matching rotary embeddings, position ids and mask rows; a hook
-on each probed attention block recomputes a few query rows of attention (the probe); a hook on the decoder
-scatters the final hidden states back to full length and ends the prefill. No modeling code is copied.
+on each probed layer's `q_proj` keeps the query rows the probe needs; a hook on the decoder scatters the final
+hidden states back to full length, summarizes the probed attention rows (`probe.py`) and ends the prefill.
+No modeling code is copied.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .probe import attention_rows, summarize
+from .probe import apply_rotary, query_heads, summarize_layers
 from .reuse_cache import ReuseCache
 from ..types import AttentionStats, ReusePlan, TokenLayout
 
@@ -63,6 +64,9 @@ class _ActiveStep:
     probe_layers: frozenset[int]
     in_prefill: bool = True
     memo: dict = field(default_factory=dict)
+    q_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
     to_keys: dict[int, torch.Tensor] = field(default_factory=dict)
     entropy: dict[int, torch.Tensor] = field(default_factory=dict)
     final_hidden: torch.Tensor | None = None
@@ -109,9 +113,7 @@ class CacheEngine:
             return self
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(partial(self._before_layer, index), with_kwargs=True))
-            self._handles.append(
-                layer.self_attn.register_forward_hook(partial(self._after_attention, index), with_kwargs=True)
-            )
+            self._handles.append(layer.self_attn.q_proj.register_forward_hook(partial(self._after_q_proj, index)))
         self._handles.append(self.decoder.register_forward_hook(self._after_decoder))
         return self
 
@@ -290,7 +292,12 @@ class CacheEngine:
 
     def _before_layer(self, index: int, layer: nn.Module, args: tuple, kwargs: dict):
         step = self._step
-        if step is None or not step.in_prefill or step.kept[index] is None:
+        if step is None or not step.in_prefill:
+            return None
+        if index in step.probe_layers:  # the full-length rotary table and mask, before this hook cuts them
+            step.rope = step.rope or kwargs["position_embeddings"]
+            step.masks[index] = kwargs.get("attention_mask")
+        if step.kept[index] is None:
             return None
         rows = step.kept[index]
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -320,32 +327,49 @@ class CacheEngine:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _after_attention(self, index: int, attn: nn.Module, args: tuple, kwargs: dict, output: Any):
+    def _after_q_proj(self, index: int, q_proj: nn.Module, args: tuple, output: torch.Tensor):
         step = self._step
         if step is None or not step.in_prefill or index not in step.probe_layers:
             return None
-        normed = args[0] if args else kwargs["hidden_states"]
         rows = step.kept[index]
-        queries = step.query_positions
-        local = queries if rows is None else torch.searchsorted(rows, queries)
-        cos, sin = kwargs["position_embeddings"]
-        mask = kwargs.get("attention_mask")
-        layer = self.layers[index]
-        if mask is None:
-            mask_rows = self._mask_rows(layer, None, queries, step.layout.length, normed.dtype)
-        else:
-            mask_rows = self._rows_of(mask, local, dim=2)
-        keys = step.cache.prefill_kv[index][0]
-        probs = attention_rows(
-            attn,
-            self._rows_of(normed, local, 1),
-            self._rows_of(cos, local, 1),
-            self._rows_of(sin, local, 1),
-            keys,
-            mask_rows,
-        )
-        step.to_keys[index], step.entropy[index] = summarize(probs)
+        key = ("probe rows", None if rows is None else step.counts[index])
+        if key not in step.memo:
+            queries = step.query_positions
+            local = queries if rows is None else torch.searchsorted(rows, queries)
+            step.memo[key] = local[:, :, None].expand(-1, -1, output.shape[-1])
+        attn = self.layers[index].self_attn
+        step.q_rows[index] = query_heads(attn, output.gather(1, step.memo[key]), self._head_dim(attn))
         return None
+
+    def _head_dim(self, attn: nn.Module) -> int:
+        head_dim = getattr(attn, "head_dim", None)
+        if head_dim is None:
+            config = self.decoder.config
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return head_dim
+
+    def _summarize_probe(self, step: _ActiveStep) -> None:
+        """Attention statistics of every probed layer from the query rows kept during the prefill, at once."""
+        layers = sorted(step.probe_layers)
+        attn = self.layers[layers[0]].self_attn
+        queries = step.query_positions
+        cos, sin = step.rope
+        rotated = apply_rotary(
+            attn, torch.stack([step.q_rows[i] for i in layers]), self._rows_of(cos, queries, 1), self._rows_of(sin, queries, 1)
+        )
+        length = step.layout.length
+        masks = [step.masks[i] for i in layers]
+        dtype = rotated.dtype
+        if all(m is masks[0] for m in masks):
+            mask_rows = self._mask_rows(self.layers[layers[0]], masks[0], queries, length, dtype)
+        else:  # e.g. sliding-window and global layers: each its own mask
+            mask_rows = torch.stack([self._mask_rows(self.layers[i], m, queries, length, dtype) for i, m in zip(layers, masks)])
+        keys = [step.cache.prefill_kv[i][0] for i in layers]
+        scaling = getattr(attn, "scaling", rotated.shape[-1] ** -0.5)
+        to_keys, entropy = summarize_layers(rotated, keys, mask_rows, scaling)
+        for n, layer in enumerate(layers):
+            step.to_keys[layer], step.entropy[layer] = to_keys[n], entropy[n]
+        step.q_rows.clear()
 
     def _after_decoder(self, decoder: nn.Module, args: tuple, output: Any):
         step = self._step
@@ -362,6 +386,8 @@ class CacheEngine:
             else:
                 output.last_hidden_state = hidden
         step.final_hidden = hidden.detach()
+        if step.probe_layers:
+            self._summarize_probe(step)
         step.in_prefill = False
         step.cache.recording = False
         return output

@@ -1,12 +1,15 @@
-"""Cheap attention statistics: recompute softmax(QK^T) for a few query rows of chosen layers.
+"""Cheap attention statistics: softmax(QK^T) for a few query rows of chosen layers, batched over layers.
 
-The model keeps its fused attention (sdpa); the probe re-derives only the rows it needs, from the layer's
-own projections and the keys the cache holds, so `output_attentions=True` and eager attention are never used.
+The model keeps its fused attention (sdpa). During the prefill a hook on each probed layer's `q_proj` keeps the
+query rows the next plan reads (one gather); after the prefill all probed layers are summarized at once: one
+rotary application, one matmul per layer against the keys the cache holds, one softmax. `output_attentions=True`
+and eager attention are never used.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -17,7 +20,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _apply_rotary(attn: nn.Module, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(attn: nn.Module, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on queries [..., B, H, n, d] with cos/sin [B, n, d], through the model's own function when it has one."""
     modeling = sys.modules.get(type(attn).__module__)
     rotary = getattr(modeling, "apply_rotary_pos_emb", None)
     if rotary is not None:
@@ -25,38 +29,34 @@ def _apply_rotary(attn: nn.Module, q: torch.Tensor, cos: torch.Tensor, sin: torc
     return q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
 
 
-def attention_rows(
-    attn: nn.Module,
-    normed_rows: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    keys: torch.Tensor,
-    mask_rows: torch.Tensor,
-) -> torch.Tensor:
-    """Attention probabilities [B, H, n, L] of n query rows.
+def query_heads(attn: nn.Module, q_rows: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """`q_proj` output rows [B, n, H*d] as heads [B, H, n, d] (with the layer's q_norm where it has one)."""
+    batch, n, _ = q_rows.shape
+    q = q_rows.view(batch, n, -1, head_dim)
+    q_norm = getattr(attn, "q_norm", None)
+    if q_norm is not None:
+        q = q_norm(q)
+    return q.transpose(1, 2)
 
-    normed_rows: [B, n, D] the attention block's input (after its input norm) at the query rows;
-    cos/sin: [B, n, d] their rotary embeddings; keys: [B, H_kv, L, d] the layer's full keys (after RoPE);
-    mask_rows: [B, 1, n, L], bool (True = may attend) or additive float.
+
+def summarize_layers(
+    queries: torch.Tensor, keys: Sequence[torch.Tensor], mask_rows: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean attention over keys [P, B, L] and mean row entropy [P, B] of P layers at once.
+
+    queries: [P, B, H, n, d] after RoPE; keys: P tensors [B, H_kv, L, d] (after RoPE; grouped-query heads are
+    matched by reshaping the queries, never by copying keys); mask_rows: [B, 1, n, L] or [P, B, 1, n, L], bool
+    (True = may attend) or additive float.
     """
-    batch, n, _ = normed_rows.shape
-    head_dim = keys.shape[-1]
-    q = attn.q_proj(normed_rows).view(batch, n, -1, head_dim).transpose(1, 2)
-    if hasattr(attn, "q_norm"):
-        q = attn.q_norm(q)
-    q = _apply_rotary(attn, q, cos, sin)
-    groups = q.shape[1] // keys.shape[1]
-    k = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
-    scaling = getattr(attn, "scaling", head_dim**-0.5)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+    layers, batch, heads, n, head_dim = queries.shape
+    kv_heads = keys[0].shape[1]
+    grouped = queries.float().reshape(layers, batch, kv_heads, heads // kv_heads * n, head_dim)
+    scores = torch.stack([q @ k.float().transpose(-1, -2) for q, k in zip(grouped, keys)])
+    scores = scores.view(layers, batch, heads, n, -1) * scaling
     if mask_rows.dtype == torch.bool:
         scores = scores.masked_fill(~mask_rows, float("-inf"))
     else:
         scores = scores + mask_rows.float()
-    return torch.softmax(scores, dim=-1)
-
-
-def summarize(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean attention over keys [B, L] and mean row entropy [B] of probabilities [B, H, n, L]."""
+    probs = torch.softmax(scores, dim=-1)
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
-    return probs.mean(dim=(1, 2)), entropy.mean(dim=(1, 2))
+    return probs.mean(dim=(2, 3)), entropy.mean(dim=(2, 3))
