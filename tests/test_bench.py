@@ -55,3 +55,19 @@ def test_bench_rows_over_recorded_episodes(episodes_folder):
     assert max(deviation["max"]) == pytest.approx(worst)
     with pytest.raises(ConfigError, match="unique"):
         run_bench(BenchConfig(backbone=config.backbone, env=config.env, policy=["no_cache", "no_cache"]), progress=False)
+
+
+def test_bench_with_reuse_buckets_reuses_only_bucket_counts(episodes_folder):
+    """fast_path.buckets from the config reaches every row: each layer's reused count is a bucket count."""
+    from vlacache.engine import ReuseBuckets
+    from vlacache.experiment import load_config
+
+    overrides = [f"env.path={episodes_folder}", "episodes=1", "warmup=0", "repeats=1", "policy=static_reuse",
+                 "backbone.name=openvla-oft", "backbone.preset=tiny", "backbone.device=cpu", "fast_path.buckets=4"]
+    config = load_config(BenchConfig, None, "bench", overrides)
+    (row,) = run_bench(config, progress=False)["rows"]
+    allowed = ReuseBuckets.from_spec(4).counts(row["steps"][1]["num_visual"])
+    assert any(sum(s["reused_per_layer"]) for s in row["steps"])
+    assert all(c in allowed for s in row["steps"] for c in s["reused_per_layer"])
+    with pytest.raises(ConfigError, match="buckets"):
+        load_config(BenchConfig, None, "bench", overrides[:-1] + ["fast_path.buckets=0"])

@@ -48,7 +48,7 @@ def test_fingerprint_counts_what_decides_outcomes_and_nothing_else(tmp_path):
     assert fp["backbone"]["preset"] == "tiny" and fp["backbone"]["seed"] == 0 and fp["max_steps"] == 3
     assert fp["env"]["name"] == "test-flaky" and fp["code"]["vlacache"]
     assert set(fp) == {"policy", "backbone", "checkpoint", "env", "perturbation", "max_steps", "execute_chunk",
-                       "episodes", "code"}
+                       "episodes", "fast_path", "code"}
     # not outcome-deciding: name, output_dir, videos, launcher, retries, the device index of a rank
     same = quick_config(tmp_path / "elsewhere", name="other", policies=["no_cache", "static_reuse"], max_steps=3,
                         videos=True, retry_errors=False, max_retries=5,
@@ -59,6 +59,10 @@ def test_fingerprint_counts_what_decides_outcomes_and_nothing_else(tmp_path):
     tweaked = {"label": "static-reuse", "selector": {"name": "pixel-cosine", "tau": 0.99, "top_k": 100},
                "scheduler": {"name": "constant", "fraction": 1.0}}
     assert experiment_fingerprints(quick_config(tmp_path, policies=[tweaked], max_steps=3))["static-reuse"] != fp
+    # reuse buckets change what is reused
+    bucketed = quick_config(tmp_path, policies=["no_cache", "static_reuse"], max_steps=3)
+    bucketed.fast_path.buckets = 4
+    assert experiment_fingerprints(bucketed)["static-reuse"]["fast_path"] == {"buckets": 4} != fp["fast_path"]
 
 
 def test_checkpoint_identity_is_names_sizes_and_content(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from .backbone import Backbone
 from .config import (ConfigError, apply_overrides, check_keys, load_yaml, nested_fields, resolve_component,
                      resolve_config_path, to_plain, typed)
+from .engine import ReuseBuckets
 from .env import Env
 from .policy import CachePolicy, PolicyConfig
 from .registry import BACKBONES, ENVS, PERTURBATIONS
@@ -37,6 +38,18 @@ def _positive(value: int | None, key: str, example: str, allow_zero: bool = Fals
 
 
 @dataclass
+class FastPathConfig:
+    """How each step executes (CachedVLA's options). buckets: null, n (reuse counts rounded down to multiples of
+    1/n of the visual tokens) or a list of fractions: a few fixed shapes per layer, never more reuse."""
+
+    buckets: Any = None
+
+    def check(self) -> "FastPathConfig":
+        ReuseBuckets.from_spec(self.buckets)
+        return self
+
+
+@dataclass
 class ExperimentConfig:
     """`vlacache run`: one backbone, several cache policies, one env; every episode of the env per policy."""
 
@@ -51,6 +64,7 @@ class ExperimentConfig:
     videos: bool = False
     output_dir: str = "runs/${name}"
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    fast_path: FastPathConfig = field(default_factory=FastPathConfig)
     retry_errors: bool = True  # on resume, run again the episodes whose last attempt raised an error
     max_retries: int = 2  # ... at most this many times (the record's `attempts` counts them)
 
@@ -66,6 +80,7 @@ class ExperimentConfig:
             raise ConfigError("policies is empty; list at least one, e.g. policies=[no_cache,vla_cache]")
         if not str(self.output_dir).strip():
             raise ConfigError("output_dir is empty; e.g. output_dir=runs/my_experiment")
+        self.fast_path.check()
         self.backbone = resolve_backbone_spec(self.backbone)
         return self
 
@@ -84,8 +99,10 @@ class BenchConfig:
     max_steps: int | None = None
     warmup: int = 1
     repeats: int = 3
+    fast_path: FastPathConfig = field(default_factory=FastPathConfig)
 
     def check(self) -> "BenchConfig":
+        self.fast_path.check()
         _positive(self.max_steps, "max_steps", "8 (null: the whole recording)")
         _positive(self.episodes, "episodes", "4 (null: every episode the env lists)")
         _positive(self.warmup, "warmup", "1", allow_zero=True, nullable=False)

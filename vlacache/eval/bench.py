@@ -4,6 +4,8 @@ interleaved: per policy row the reuse, FLOPs, latency and |a_cached - a_nocache|
 
 from __future__ import annotations
 
+import dataclasses
+
 import platform
 import statistics
 from typing import Any
@@ -103,7 +105,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     finally:
         env.close()
     checks = self_checks(backbone, episodes[0])
-    runners = {"baseline": CachedVLA(backbone, None)} | {p.label: CachedVLA(backbone, p) for p in policies}
+    runners = {"baseline": CachedVLA(backbone, None)} | {p.label: CachedVLA(backbone, p, buckets=config.fast_path.buckets) for p in policies}
     results = {name: [[[] for _ in frames] for frames in episodes] for name in runners}
     total = (config.warmup + config.repeats) * len(runners) * sum(len(f) for f in episodes)
     bar = tqdm(total=total, desc="bench", disable=not progress, unit="step")
@@ -122,7 +124,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
             runner.detach()
     rows = [bench_row(policy, results["baseline"], results[policy.label]) for policy in policies]
     return {
-        "config": config.__dict__,
+        "config": dataclasses.asdict(config),
         "machine": machine_info(backbone.device),
         "episodes": len(episodes),
         "steps_per_episode": [len(f) for f in episodes],
@@ -144,6 +146,7 @@ def bench_row(policy, baseline: list[list[list[StepResult]]], cached: list[list[
                 "tokens_per_layer": stats.tokens_per_layer,
                 "reused_per_layer": stats.reused_per_layer,
                 "reuse_ratio": stats.reuse_ratio,
+                "num_visual": stats.num_visual,
                 "flops_baseline": base[-1].stats.flops,
                 "flops_cached": stats.flops,
                 "latency_baseline_ms": {p: _median([r.stats.latency_ms[p] for r in base]) for p in PARTS},

@@ -179,7 +179,7 @@ def run_shard(config: ExperimentConfig, progress: bool = True, rank: int = 0, wo
             wins = finished = errors = 0
             try:
                 for policy, group in groupby(todo, key=lambda item: item[0]):
-                    with CachedVLA(backbone, policy) as vla:
+                    with CachedVLA(backbone, policy, buckets=config.fast_path.buckets) as vla:
                         for _, episode, attempt in group:
                             record = run_episode(vla, env, episode, config, video_dir, attempt)
                             store.append(record)
