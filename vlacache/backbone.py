@@ -31,9 +31,14 @@ class PreparedInputs:
     def episode_key(self) -> tuple:
         """Changes of any of these (instruction, batch size, camera image sizes before and after
         preprocessing, prompt length) reset the cache engine automatically."""
+        return (self.instructions, *self.batch_key())
+
+    def batch_key(self) -> tuple:
+        """What every row of a batch shares (batch size, image sizes, prompt length): a change resets all rows.
+        A change of one row's instruction starts a new episode in that row only."""
         shapes = tuple((name, tuple(image.shape)) for name, image in sorted(self.query_images.items()))
         sources = tuple(sorted(self.source_sizes.items()))
-        return (self.instructions, self.batch_size, shapes, sources, self.layout.length)
+        return (self.batch_size, shapes, sources, self.layout.length)
 
 
 @dataclass
@@ -169,6 +174,10 @@ class Backbone(ABC):
 
     def reset(self) -> None:
         """Forget per-episode state of the backbone itself (e.g. an action ensemble). Called by CachedVLA.reset()."""
+
+    def reset_rows(self, rows: list[int]) -> None:
+        """Forget the per-episode state of some batch rows only (CachedVLA.reset(rows)); a backbone whose own
+        state is shared by the whole batch raises InputError."""
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """The modules `vlacache train` optimises (a backbone that can be trained overrides this and bc_loss)."""

@@ -69,10 +69,16 @@ class CachedVLA:
     def caching(self) -> bool:
         return self.policy is not None and self.policy.enabled
 
-    def reset(self) -> None:
-        """Start a new episode: the engine forgets its cache, the backbone its own episode state."""
-        self.engine.reset()
-        self.backbone.reset()
+    def reset(self, rows: Sequence[int] | None = None) -> None:
+        """Start a new episode: the engine forgets its cache, the backbone its own episode state. `rows`: only
+        in these rows of a batch of episodes (e.g. the envs that just reset); the other rows keep their caches."""
+        if rows is None:
+            self.engine.reset()
+            self.backbone.reset()
+            return
+        self.backbone.reset_rows(list(rows))
+        if self.engine.episode.key is not None:
+            self.engine.reset_rows(list(rows))
 
     def detach(self) -> None:
         """Remove the hooks; this CachedVLA cannot predict afterwards (attach a new one)."""
@@ -100,11 +106,9 @@ class CachedVLA:
             inputs = backbone.prepare(obs)
         layout, batch = inputs.layout, inputs.batch_size
         num_layers = engine.num_layers
-        fresh = engine.sync_episode(inputs.episode_key())
         if engine.in_step:  # the last predict() raised mid-step: its cache state is not trustworthy
             engine.reset()
-            engine.sync_episode(inputs.episode_key())
-            fresh = True
+        fresh = engine.sync_episode(inputs.batch_key(), inputs.instructions)
         with timer.section("vision"):
             embeds = backbone.embed(inputs)
         with timer.section("select"):
@@ -114,18 +118,7 @@ class CachedVLA:
                 if plan is None and self.policy is None:
                     plan = ReusePlan.empty(batch, num_layers)
                 elif plan is None:
-                    ctx = PlanContext(
-                        step=engine.episode.step,
-                        batch_size=batch,
-                        num_layers=num_layers,
-                        layout=layout,
-                        current=inputs.query_images,
-                        previous=engine.episode.previous_images,
-                        stats=engine.episode.stats,
-                    )
-                    plan = self.policy.plan(ctx)
-                    if self.buckets is not None:
-                        plan = self.buckets.apply(plan, layout.num_visual)
+                    plan = ReusePlan.combine([self._row_plan(row, inputs) for row in range(batch)], layout.length)
                 request = self.policy.stats_request(num_layers) if self.policy is not None else None
                 cache = engine.begin_step(plan, layout, batch, request)
             else:
@@ -140,7 +133,7 @@ class CachedVLA:
         if engine.in_step:
             engine.end_step(inputs.query_images)
         else:
-            engine.episode.step += 1
+            engine.advance()
         wall, device_ms = timer.stop()
         return StepResult(
             actions=decoded.actions,
@@ -149,6 +142,24 @@ class CachedVLA:
             tokens=decoded.tokens,
             stats=self._stats(step_index, plan, layout.length, layout.num_visual, timer.ms, wall, device_ms, fresh),
         )
+
+    def _row_plan(self, row: int, inputs) -> ReusePlan:
+        """The policy's plan for one batch row, exactly as if its episode ran alone."""
+        episode, layout = self.engine.episode, inputs.layout
+        previous = episode.previous_images
+        stats = episode.stats
+        alone = row in episode.fresh or previous is None
+        ctx = PlanContext(
+            step=episode.steps[row],
+            batch_size=1,
+            num_layers=self.engine.num_layers,
+            layout=layout,
+            current={name: image[row : row + 1] for name, image in inputs.query_images.items()},
+            previous=None if alone else {name: image[row : row + 1] for name, image in previous.items()},
+            stats=None if alone or stats is None else stats.row(row),
+        )
+        plan = self.policy.plan(ctx)
+        return plan if self.buckets is None else self.buckets.apply(plan, layout.num_visual)
 
     def _stats(self, step, plan, length, num_visual, ms, wall, device_ms, fresh) -> StepStats:
         dims = self.backbone.decoder_dims()
@@ -173,7 +184,7 @@ class CachedVLA:
             flops=flops,
             latency_ms=latency,
             device_ms=device_ms,
-            episode_reset=fresh,
+            episode_reset=any(fresh),
         )
 
 

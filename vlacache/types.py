@@ -86,11 +86,38 @@ class ReusePlan:
     order (optional) [B, N]: the deepest layer's positions, most reusable first, such that layer l reuses the
     first n_l of them; `truncated` gives up the least reusable ones first. Without it, a token that enters the
     reused set at a deeper layer counts as less reusable, ties by position.
+    spliced (batched episodes, `combine`) per layer a bool mask [B, L] of the positions whose K/V each row takes
+    from its previous step: a superset of reused[l]. Rows reuse different numbers of tokens, but a batch drops
+    the same number of rows in each (reused[l], the rows' common prefix); a row computes the tokens it reuses
+    beyond that, and the splice overwrites them, so each row gets exactly what its own plan gives.
     """
 
     reused: list[torch.Tensor]
     info: dict = field(default_factory=dict)
     order: torch.Tensor | None = None
+    spliced: list[torch.Tensor] | None = None
+
+    @classmethod
+    def combine(cls, plans: Sequence["ReusePlan"], length: int) -> "ReusePlan":
+        """One plan for a batch of independent episodes from each row's own plan (batch 1 each)."""
+        if len(plans) == 1:
+            return plans[0]
+        if any(p.reused[0].shape[0] != 1 or p.spliced is not None for p in plans):
+            raise ValueError("ReusePlan.combine takes one single-row plan per batch row")
+        layers = plans[0].num_layers
+        common = [min(p.counts[layer] for p in plans) for layer in range(layers)]
+        deepest = common[-1] if common else 0
+        plan = cls.from_order(torch.cat([p.priority()[:, :deepest] for p in plans]), common)
+        if any(p.counts != common for p in plans):
+            plan.spliced = []
+            for layer in range(layers):
+                mask = torch.zeros(len(plans), length, dtype=torch.bool)
+                for row, p in enumerate(plans):
+                    mask[row, p.reused[layer][0].cpu()] = True
+                plan.spliced.append(mask)
+        plan.info["row_counts"] = [p.counts for p in plans]
+        plan.info["rows"] = [p.info for p in plans]
+        return plan
 
     @classmethod
     def from_order(cls, order: torch.Tensor, counts: Sequence[int]) -> "ReusePlan":
@@ -113,6 +140,8 @@ class ReusePlan:
 
     def truncated(self, counts: Sequence[int]) -> "ReusePlan":
         """This plan reusing only `counts[l]` (<= its own count) positions at layer l: fewer, never others."""
+        if self.spliced is not None:
+            raise ValueError("truncate each row's plan before combining them (ReusePlan.combine)")
         if len(counts) != self.num_layers or any(c > n or c < 0 for c, n in zip(counts, self.counts)):
             raise ValueError(f"truncated counts {list(counts)} must lie between 0 and the plan's counts {self.counts}")
         plan = ReusePlan.from_order(self.priority(), counts)
@@ -134,7 +163,8 @@ class ReusePlan:
 
     @property
     def is_empty(self) -> bool:
-        return all(c == 0 for c in self.counts)
+        """Nothing reused in any row."""
+        return all(c == 0 for c in self.counts) and (self.spliced is None or not any(bool(m.any()) for m in self.spliced))
 
     def validate(self, batch_size: int, num_layers: int, seq_len: int) -> None:
         """Raise ValueError unless the plan fits the model and sequence and its sets are nested."""
@@ -155,6 +185,19 @@ class ReusePlan:
                         "must stay reused at deeper layers"
                     )
             previous = r
+        if self.spliced is not None:
+            self._validate_spliced(batch_size, seq_len)
+
+    def _validate_spliced(self, batch_size: int, seq_len: int) -> None:
+        previous = None
+        for layer, (mask, reused) in enumerate(zip(self.spliced, self.reused)):
+            if mask.dtype != torch.bool or tuple(mask.shape) != (batch_size, seq_len):
+                raise ValueError(f"ReusePlan layer {layer}: spliced must be a bool mask [{batch_size}, {seq_len}], got {mask.dtype} {tuple(mask.shape)}")
+            if reused.shape[1] and not bool(mask.gather(1, reused.to(mask.device)).all()):
+                raise ValueError(f"ReusePlan layer {layer}: every reused position must also be spliced")
+            if previous is not None and bool((previous & ~mask).any()):
+                raise ValueError(f"ReusePlan is not nested at layer {layer}: a spliced position must stay spliced")
+            previous = mask
 
 
 def _row_isin(elements: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
@@ -173,6 +216,14 @@ class AttentionStats:
     to_keys: dict[int, torch.Tensor]
     entropy: dict[int, torch.Tensor]
     query: str = "text"
+
+    def row(self, index: int) -> "AttentionStats":
+        """The statistics of one batch row (as a batch of 1)."""
+        return AttentionStats(
+            {layer: t[index : index + 1] for layer, t in self.to_keys.items()},
+            {layer: e[index : index + 1] for layer, e in self.entropy.items()},
+            self.query,
+        )
 
 
 @dataclass

@@ -260,6 +260,12 @@ class CogACTBackbone(Backbone):
             self.ensembler.reset()
         self._episode_key = None
 
+    def reset_rows(self, rows: list[int]) -> None:
+        raise InputError(
+            "CogACT keeps one noise generator and one action ensemble for the whole batch, so its rows cannot start "
+            "episodes separately; reset() all rows, or run one CachedVLA per episode"
+        )
+
     # -- accounting ---------------------------------------------------------------------------------------
     def decoder_dims(self) -> DecoderDims:
         return DecoderDims.from_config(self.model.language_model.config)

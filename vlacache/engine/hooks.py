@@ -42,14 +42,24 @@ class StepRecord:
 
 @dataclass
 class EpisodeState:
-    """Everything the engine remembers between control steps of one episode."""
+    """Everything the engine remembers between control steps. Each batch row is its own episode: `key` is what
+    the rows share (batch size, image sizes, prompt length; a change resets all), `row_keys` each row's own
+    (its instruction; a change starts a new episode in that row alone), `steps` each row's steps so far and
+    `fresh` the rows without a previous step (they compute everything at their next step)."""
 
     key: tuple | None = None
-    step: int = 0
+    row_keys: list | None = None
+    steps: list[int] = field(default_factory=list)
+    fresh: set[int] = field(default_factory=set)
     previous_images: dict[str, torch.Tensor] | None = None
     prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     final_hidden: torch.Tensor | None = None
     stats: AttentionStats | None = None
+
+    @property
+    def step(self) -> int:
+        """Steps since the batch began (the furthest row)."""
+        return max(self.steps, default=0)
 
 
 @dataclass
@@ -62,6 +72,7 @@ class _ActiveStep:
     select: list[torch.Tensor | None]
     query_positions: torch.Tensor | None
     probe_layers: frozenset[int]
+    final_splice: torch.Tensor | None = None
     in_prefill: bool = True
     memo: dict = field(default_factory=dict)
     q_rows: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -135,15 +146,29 @@ class CacheEngine:
         self.episode = EpisodeState()
         self._step = None
 
-    def sync_episode(self, key: tuple) -> bool:
-        """Reset automatically when the episode key (instruction, batch size, image sizes, ...) changes."""
-        if self.episode.key is not None and self.episode.key != key:
+    def reset_rows(self, rows: list[int]) -> None:
+        """Start a new episode in these batch rows only; the other rows keep their caches."""
+        episode = self.episode
+        for row in rows:
+            if not 0 <= row < len(episode.steps):
+                raise IndexError(f"batch row {row} does not exist; this batch has rows 0..{len(episode.steps) - 1}")
+            episode.steps[row] = 0
+            episode.fresh.add(row)
+
+    def sync_episode(self, key: tuple, row_keys: list | tuple | None = None) -> list[bool]:
+        """Reset automatically: all rows when the shared key (batch size, image sizes, prompt length) changes,
+        one row when its own key (instruction) changes. Returns, per row, whether it starts an episode now."""
+        row_keys = list(row_keys) if row_keys is not None else [None]
+        if self.episode.key != key or self.episode.row_keys is None or len(self.episode.row_keys) != len(row_keys):
             self.reset()
-            self.episode.key = key
-            return True
-        fresh = self.episode.key is None
-        self.episode.key = key
-        return fresh
+            self.episode.key, self.episode.row_keys = key, row_keys
+            self.episode.steps = [0] * len(row_keys)
+            self.episode.fresh = set(range(len(row_keys)))
+        else:
+            changed = [i for i, (old, new) in enumerate(zip(self.episode.row_keys, row_keys)) if old != new]
+            self.reset_rows(changed)
+            self.episode.row_keys = row_keys
+        return [row in self.episode.fresh for row in range(len(row_keys))]
 
     @property
     def in_step(self) -> bool:
@@ -167,9 +192,10 @@ class CacheEngine:
         if not self.attached:
             raise RuntimeError("CacheEngine.begin_step() needs the engine attached: call attach() first")
         if self._step is not None:  # the previous step never finished (an exception mid-step): distrust its state
-            key = self.episode.key
+            key, rows = self.episode.key, self.episode.row_keys
             self.reset()
-            self.episode.key = key
+            if rows is not None:
+                self.sync_episode(key, rows)
             if plan is not None and not plan.is_empty:
                 raise RuntimeError("the previous step did not finish, so its K/V cannot be reused; this step must be full")
         plan = plan if plan is not None else ReusePlan.empty(batch_size, self.num_layers)
@@ -179,10 +205,16 @@ class CacheEngine:
         cache = self.new_cache()
         device = next(self.decoder.parameters()).device
         kept, select = self._row_maps(plan, layout.length, batch_size, device)
+        final_splice = None
         for layer, rows in enumerate(kept):
-            if rows is not None:
+            pad = None
+            if plan.spliced is not None and bool(plan.spliced[layer].any()):
+                spliced = plan.spliced[layer].to(device)
+                pad = spliced if rows is None else spliced.gather(1, rows)  # computed, but this row reuses them
+                final_splice = spliced
+            if rows is not None or pad is not None:
                 k, v = self.episode.prompt_kv[layer]
-                cache.splice[layer] = (k, v, rows)
+                cache.splice[layer] = (k, v, rows, pad)
         probe_layers = frozenset()
         query_positions = None
         if request is not None:
@@ -202,6 +234,7 @@ class CacheEngine:
             select=select,
             query_positions=query_positions,
             probe_layers=probe_layers,
+            final_splice=final_splice,  # the deepest layer's mask (masks are nested)
         )
         return cache
 
@@ -220,13 +253,18 @@ class CacheEngine:
         )
         if images is not None:
             self.episode.previous_images = {name: image.detach().clone() for name, image in images.items()}
-        self.episode.step += 1
+        self.advance()
         self._step = None
         return StepRecord(
             reused_per_layer=step.counts,
             tokens_per_layer=[length - c for c in step.counts],
             stats=self.episode.stats,
         )
+
+    def advance(self) -> None:
+        """One step done in every row: none is fresh any more."""
+        self.episode.steps = [n + 1 for n in self.episode.steps] or [1]
+        self.episode.fresh.clear()
 
     # -- internals ----------------------------------------------------------------------------------------
     def _check_reusable(self, layout: TokenLayout, batch_size: int) -> None:
@@ -377,10 +415,13 @@ class CacheEngine:
             return None
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
         rows = step.kept[-1]
-        if rows is not None:
+        if rows is not None or step.final_splice is not None:
             previous = self.episode.final_hidden.to(hidden.device, hidden.dtype)
-            index = rows[:, :, None].expand(-1, -1, hidden.shape[-1])
-            hidden = previous.scatter(1, index, hidden)
+            if rows is not None:
+                index = rows[:, :, None].expand(-1, -1, hidden.shape[-1])
+                hidden = previous.scatter(1, index, hidden)
+            if step.final_splice is not None:
+                hidden = torch.where(step.final_splice[:, :, None], previous, hidden)
             if isinstance(output, tuple):
                 output = (hidden, *output[1:])
             else:
