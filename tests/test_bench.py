@@ -71,3 +71,18 @@ def test_bench_with_reuse_buckets_reuses_only_bucket_counts(episodes_folder):
     assert all(c in allowed for s in row["steps"] for c in s["reused_per_layer"])
     with pytest.raises(ConfigError, match="buckets"):
         load_config(BenchConfig, None, "bench", overrides[:-1] + ["fast_path.buckets=0"])
+
+
+def test_bench_batch_of_episodes_throughput_and_agreement(episodes_folder):
+    """batch: 3 steps three episodes together (cyclic over the two recorded) against one at a time."""
+    config = BenchConfig(backbone={"name": "openvla-oft", "preset": "tiny", "device": "cpu"},
+                         env={"name": "replay", "path": str(episodes_folder)}, episodes=None,
+                         policy=["static_reuse"], warmup=0, repeats=1, batch=3)
+    batch = run_bench(config, progress=False)["batch"]
+    assert batch["size"] == 3 and batch["steps"] == 4
+    assert set(batch["rows"]) == {"baseline", "static-reuse"}
+    for row in batch["rows"].values():
+        assert row["actions_per_s_batched"] > 0 and row["actions_per_s_one_at_a_time"] > 0
+        assert row["batched_vs_alone_max_abs_diff"] < 1e-4
+    with pytest.raises(ConfigError, match="batch"):
+        BenchConfig(batch=0).check()

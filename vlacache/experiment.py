@@ -99,10 +99,12 @@ class BenchConfig:
     max_steps: int | None = None
     warmup: int = 1
     repeats: int = 3
+    batch: int = 1  # > 1: also actions per second of this many episodes stepped together vs one at a time
     fast_path: FastPathConfig = field(default_factory=FastPathConfig)
 
     def check(self) -> "BenchConfig":
         self.fast_path.check()
+        _positive(self.batch, "batch", "8", nullable=False)
         _positive(self.max_steps, "max_steps", "8 (null: the whole recording)")
         _positive(self.episodes, "episodes", "4 (null: every episode the env lists)")
         _positive(self.warmup, "warmup", "1", allow_zero=True, nullable=False)

@@ -29,6 +29,23 @@ class Observation:
     instruction: str | Sequence[str]
     proprio: np.ndarray | torch.Tensor | None = None
 
+    @classmethod
+    def stack(cls, observations: Sequence["Observation"]) -> "Observation":
+        """One batch (row i = observation i, e.g. env i) from single observations with the same cameras."""
+        cameras = set(observations[0].images)
+        if any(set(o.images) != cameras for o in observations):
+            raise InputError(f"observations to batch must have the same cameras, got {[sorted(o.images) for o in observations]}")
+        if not all(isinstance(o.instruction, str) for o in observations):
+            raise InputError("Observation.stack takes single observations (one instruction each)")
+        proprio = [o.proprio for o in observations]
+        if any(p is None for p in proprio) and not all(p is None for p in proprio):
+            raise InputError("either every observation to batch has proprio or none has")
+        return cls(
+            images={c: np.stack([np.asarray(o.images[c]) for o in observations]) for c in sorted(cameras)},
+            instruction=[o.instruction for o in observations],
+            proprio=None if proprio[0] is None else np.stack([np.asarray(p) for p in proprio]),
+        )
+
 
 @dataclass(frozen=True)
 class Span:

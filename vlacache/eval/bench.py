@@ -8,6 +8,7 @@ import dataclasses
 
 import platform
 import statistics
+import time
 from typing import Any
 
 import numpy as np
@@ -123,6 +124,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         if name != "baseline":
             runner.detach()
     rows = [bench_row(policy, results["baseline"], results[policy.label]) for policy in policies]
+    batch = batch_throughput(backbone, policies, episodes, config) if config.batch > 1 else None
     return {
         "config": dataclasses.asdict(config),
         "machine": machine_info(backbone.device),
@@ -131,7 +133,44 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         "zero_reuse_max_abs_diff": checks["zero_reuse_max_abs_diff"],
         "identical_frame_max_abs_diff": checks["identical_frame_max_abs_diff"],
         "rows": rows,
+        "batch": batch,
     }
+
+
+def batch_throughput(backbone, policies, episodes: list[list[Observation]], config: BenchConfig) -> dict[str, Any]:
+    """Actions per second of `config.batch` episodes stepped together (one batch of episodes) against the same
+    episodes one after another, per row, interleaved per repeat; plus the largest difference between a batched
+    row's actions and its episode run alone (a batch must equal separate runs)."""
+    group = [episodes[i % len(episodes)] for i in range(config.batch)]
+    steps = min(len(frames) for frames in group)
+    batched = [Observation.stack([frames[t] for frames in group]) for t in range(steps)]
+    rows = {}
+    for label, policy in [("baseline", None)] + [(p.label, p) for p in policies]:
+        single, together, diff = [], [], 0.0
+        for repeat in range(config.warmup + config.repeats):
+            alone = []
+            with CachedVLA(backbone, policy, buckets=config.fast_path.buckets) as vla:
+                start = time.perf_counter()
+                for frames in group:
+                    vla.reset()
+                    alone.append([vla.predict(obs).actions[0] for obs in frames[:steps]])
+                elapsed_single = time.perf_counter() - start
+            with CachedVLA(backbone, policy, buckets=config.fast_path.buckets) as vla:
+                start = time.perf_counter()
+                results = [vla.predict(obs).actions for obs in batched]
+                elapsed_batch = time.perf_counter() - start
+            diff = max(diff, max(float(abs(r[b] - alone[b][t]).max()) for t, r in enumerate(results) for b in range(len(group))))
+            if repeat >= config.warmup:
+                single.append(elapsed_single)
+                together.append(elapsed_batch)
+        actions = len(group) * steps
+        rows[label] = {
+            "actions_per_s_one_at_a_time": actions / _median(single),
+            "actions_per_s_batched": actions / _median(together),
+            "speedup": _median(single) / _median(together),
+            "batched_vs_alone_max_abs_diff": diff,
+        }
+    return {"size": len(group), "steps": steps, "rows": rows}
 
 
 def bench_row(policy, baseline: list[list[list[StepResult]]], cached: list[list[list[StepResult]]]) -> dict[str, Any]:
