@@ -91,3 +91,24 @@ def test_reset_rows_needs_a_backbone_whose_own_state_is_per_row(tiny):
             vla.reset(rows=[1])
     with CachedVLA(tiny, CachePolicy.from_config("static_reuse")) as vla:
         vla.reset(rows=[0])  # nothing to forget yet: fine
+
+
+def test_rows_leave_the_batch_and_the_others_keep_their_caches(tiny, frames):
+    """Envs whose episodes ended leave the batch (keep_rows); the rest go on exactly as alone, reusing."""
+    rows = streams(tiny, frames)[:2] + [[(Observation({"primary": f.images["primary"]}, f.instruction), False) for f in frames]]
+    alone = []
+    for row in rows:
+        with CachedVLA(tiny, CachePolicy.from_config("static_reuse")) as vla:
+            alone.append([vla.predict(obs) for obs, _ in row])
+    with CachedVLA(tiny, CachePolicy.from_config("static_reuse")) as vla:
+        members = [0, 1, 2]
+        for t in range(STEPS):
+            if t == 3:
+                members = [2, 0]
+                vla.keep_rows([2, 0])
+            step = vla.predict(Observation.stack([rows[b][t][0] for b in members]))
+            for i, b in enumerate(members):
+                torch.testing.assert_close(step.logits[i], alone[b][t].logits[0], atol=1e-4, rtol=0)
+                assert step.plan.info["row_counts"][i] == alone[b][t].plan.counts
+            if t == 3:
+                assert not step.stats.episode_reset and sum(step.plan.counts) > 0

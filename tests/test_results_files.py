@@ -48,7 +48,7 @@ def test_fingerprint_counts_what_decides_outcomes_and_nothing_else(tmp_path):
     assert fp["backbone"]["preset"] == "tiny" and fp["backbone"]["seed"] == 0 and fp["max_steps"] == 3
     assert fp["env"]["name"] == "test-flaky" and fp["code"]["vlacache"]
     assert set(fp) == {"policy", "backbone", "checkpoint", "env", "perturbation", "max_steps", "execute_chunk",
-                       "episodes", "fast_path", "code"}
+                       "episodes", "fast_path", "batch_envs", "code"}
     # not outcome-deciding: name, output_dir, videos, launcher, retries, the device index of a rank
     same = quick_config(tmp_path / "elsewhere", name="other", policies=["no_cache", "static_reuse"], max_steps=3,
                         videos=True, retry_errors=False, max_retries=5,

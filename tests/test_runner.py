@@ -51,6 +51,23 @@ def lines(path):
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
+def test_batched_envs_give_the_records_of_one_at_a_time(tmp_path):
+    """batch_envs: 3 steps the three episodes (one task) as one batch of episodes; an env that raises ends only
+    its own episode, the others go on and are recorded as when run alone."""
+    outcomes = {}
+    for batch in (1, 3):
+        config = ExperimentConfig(name="flaky", env={"name": "test-flaky"}, policies=["no_cache", "static_reuse"],
+                                  output_dir=str(tmp_path / f"batch{batch}"), batch_envs=batch, retry_errors=False)
+        run_experiment(config, progress=False)
+        records = lines(tmp_path / f"batch{batch}" / "episodes.jsonl")
+        outcomes[batch] = {(r["policy"], r["init_state"]): (r["success"], r["error"] is not None, r["env_steps"],
+                                                            r["queries"], round(r["reuse_ratio"], 6)) for r in records}
+    assert len(outcomes[3]) == 6 and outcomes[3] == outcomes[1]
+    assert outcomes[3][("static-reuse", 2)][4] > 0  # the batch reused tokens
+    with pytest.raises(Exception, match="batch_envs"):
+        ExperimentConfig(batch_envs=0).check()
+
+
 def test_errors_are_recorded_and_the_run_goes_on(tmp_path):
     config = ExperimentConfig(name="flaky", env={"name": "test-flaky"}, policies=["no_cache", "static_reuse"],
                               output_dir=str(tmp_path))

@@ -31,14 +31,14 @@ class PreparedInputs:
     def episode_key(self) -> tuple:
         """Changes of any of these (instruction, batch size, camera image sizes before and after
         preprocessing, prompt length) reset the cache engine automatically."""
-        return (self.instructions, *self.batch_key())
+        return (self.instructions, self.batch_size, *self.batch_key())
 
     def batch_key(self) -> tuple:
-        """What every row of a batch shares (batch size, image sizes, prompt length): a change resets all rows.
-        A change of one row's instruction starts a new episode in that row only."""
-        shapes = tuple((name, tuple(image.shape)) for name, image in sorted(self.query_images.items()))
+        """What every row of a batch shares (image sizes, prompt length): a change resets all rows, as does a
+        new batch size (unless `CachedVLA.keep_rows` shrank it). A new instruction in one row restarts that row."""
+        shapes = tuple((name, tuple(image.shape[1:])) for name, image in sorted(self.query_images.items()))
         sources = tuple(sorted(self.source_sizes.items()))
-        return (self.batch_size, shapes, sources, self.layout.length)
+        return (shapes, sources, self.layout.length)
 
 
 @dataclass
@@ -178,6 +178,9 @@ class Backbone(ABC):
     def reset_rows(self, rows: list[int]) -> None:
         """Forget the per-episode state of some batch rows only (CachedVLA.reset(rows)); a backbone whose own
         state is shared by the whole batch raises InputError."""
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """The batch goes on with these rows only (CachedVLA.keep_rows); same contract as reset_rows."""
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """The modules `vlacache train` optimises (a backbone that can be trained overrides this and bc_loss)."""

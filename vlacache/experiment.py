@@ -61,6 +61,7 @@ class ExperimentConfig:
     episodes: int | None = None
     max_steps: int | None = None
     execute_chunk: int | None = None
+    batch_envs: int = 1  # > 1: this many envs per process, their episodes (one task) stepped as one batch
     videos: bool = False
     output_dir: str = "runs/${name}"
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
@@ -73,6 +74,7 @@ class ExperimentConfig:
         _positive(self.max_steps, "max_steps", "50 (null: the env's own limit)")
         _positive(self.episodes, "episodes", "10 (null: every episode the env lists)", allow_zero=True)
         _positive(self.execute_chunk, "execute_chunk", "1 (null: the whole predicted chunk)")
+        _positive(self.batch_envs, "batch_envs", "8 (1: one episode at a time)", nullable=False)
         _positive(self.max_retries, "max_retries", "2", allow_zero=True, nullable=False)
         _positive(self.launcher.devices, "launcher.devices", "1", nullable=False)
         _positive(self.launcher.num_nodes, "launcher.num_nodes", "1", nullable=False)

@@ -80,6 +80,12 @@ class CachedVLA:
         if self.engine.episode.key is not None:
             self.engine.reset_rows(list(rows))
 
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Go on with these batch rows only (in this order), e.g. when the other envs' episodes ended: the kept
+        rows keep their caches, and the next predict() takes len(rows) observations."""
+        self.backbone.keep_rows(list(rows))
+        self.engine.keep_rows(list(rows))
+
     def detach(self) -> None:
         """Remove the hooks; this CachedVLA cannot predict afterwards (attach a new one)."""
         self.engine.detach()

@@ -263,8 +263,10 @@ class CogACTBackbone(Backbone):
     def reset_rows(self, rows: list[int]) -> None:
         raise InputError(
             "CogACT keeps one noise generator and one action ensemble for the whole batch, so its rows cannot start "
-            "episodes separately; reset() all rows, or run one CachedVLA per episode"
+            "or end episodes separately; reset() all rows, or run one CachedVLA per episode (batch_envs: 1)"
         )
+
+    keep_rows = reset_rows
 
     # -- accounting ---------------------------------------------------------------------------------------
     def decoder_dims(self) -> DecoderDims:

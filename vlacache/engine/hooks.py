@@ -155,6 +155,32 @@ class CacheEngine:
             episode.steps[row] = 0
             episode.fresh.add(row)
 
+    def keep_rows(self, rows: list[int]) -> None:
+        """The batch goes on with these rows only (episodes that ended elsewhere leave it): their state is kept,
+        in this order, and the next step may have len(rows) rows without resetting them."""
+        episode = self.episode
+        if episode.row_keys is None:
+            return
+        if not rows or any(not 0 <= r < len(episode.row_keys) for r in rows) or len(set(rows)) != len(rows):
+            raise IndexError(f"keep_rows needs distinct rows of 0..{len(episode.row_keys) - 1}, got {rows}")
+        index = torch.tensor(rows)
+
+        def pick(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.index_select(0, index.to(tensor.device))
+
+        episode.row_keys = [episode.row_keys[r] for r in rows]
+        episode.steps = [episode.steps[r] for r in rows]
+        episode.fresh = {new for new, old in enumerate(rows) if old in episode.fresh}
+        episode.prompt_kv = {layer: (pick(k), pick(v)) for layer, (k, v) in episode.prompt_kv.items()}
+        if episode.final_hidden is not None:
+            episode.final_hidden = pick(episode.final_hidden)
+        if episode.previous_images is not None:
+            episode.previous_images = {name: pick(image) for name, image in episode.previous_images.items()}
+        if episode.stats is not None:
+            stats = episode.stats
+            episode.stats = AttentionStats({layer: pick(t) for layer, t in stats.to_keys.items()},
+                                           {layer: pick(e) for layer, e in stats.entropy.items()}, stats.query)
+
     def sync_episode(self, key: tuple, row_keys: list | tuple | None = None) -> list[bool]:
         """Reset automatically: all rows when the shared key (batch size, image sizes, prompt length) changes,
         one row when its own key (instruction) changes. Returns, per row, whether it starts an episode now."""

@@ -6,7 +6,8 @@ Counted: the backbone's resolved typed config (device as its kind: cpu / cuda) a
 the policy's full resolved parameters (every strategy's typed Config, so the same label with new parameters is
 a change), the env and perturbation typed configs (plus `data_identity(config)` when the env class defines it:
 the replay env's recording hash),
-max_steps, execute_chunk, episodes, the fast path (reuse buckets change what is reused), and the code version (vlacache.__version__ and a hash of its Python
+max_steps, execute_chunk, episodes, the fast path (reuse buckets change what is reused), batch_envs (a batched step
+rounds differently), and the code version (vlacache.__version__ and a hash of its Python
 sources). Not counted, because they do not change an outcome: the experiment name,
 output_dir, videos, launcher (devices, nodes, accelerator), retry settings, progress bars.
 
@@ -141,6 +142,7 @@ def experiment_fingerprints(config: ExperimentConfig) -> dict[str, dict[str, Any
         "execute_chunk": config.execute_chunk,
         "episodes": config.episodes,
         "fast_path": dataclasses.asdict(config.fast_path),
+        "batch_envs": config.batch_envs,
         "code": code_version(),
     }
     fingerprints: dict[str, dict[str, Any]] = {}

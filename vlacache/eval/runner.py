@@ -13,11 +13,13 @@ takes every n-th episode and writes its own JSONL; rank 0 merges them and writes
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
 import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,7 +30,7 @@ from tqdm import tqdm
 from ..env import Env, EpisodeSpec
 from ..experiment import ExperimentConfig, build_backbone, build_env, build_policy
 from ..runtime import CachedVLA
-from ..types import StepStats
+from ..types import Observation, StepStats
 from .fingerprint import check_fingerprints, experiment_fingerprints
 from .lock import OutputLock, acquire_lock, run_token
 from .report import LATENCY_PARTS, summarize, write_plots, write_tables
@@ -105,6 +107,104 @@ def run_episode(vla: CachedVLA, env: Env, episode: EpisodeSpec, config: Experime
     )
 
 
+@dataclass
+class _Slot:
+    """One env's episode inside a batch of episodes."""
+
+    env: Env
+    episode: EpisodeSpec
+    attempt: int
+    obs: Any = None
+    steps: list = field(default_factory=list)
+    frames: list = field(default_factory=list)
+    env_steps: int = 0
+    limit: int = 0
+    done: bool = False
+    info: dict = field(default_factory=dict)
+    error: str | None = None
+    start: float = field(default_factory=time.perf_counter)
+
+
+def _error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exc(limit=6))
+
+
+def run_batch(vla: CachedVLA, envs: list[Env], work: list[tuple[EpisodeSpec, int]], config: ExperimentConfig,
+              video_dir: Path | None) -> Iterator[dict]:
+    """Roll len(work) <= len(envs) episodes out together, one batch row each, and yield each episode's record
+    as soon as it ends. A row whose episode ended leaves the batch (`keep_rows`); the others keep their caches.
+    An exception in one env is that episode's error; one in the model is the error of every running episode."""
+    slots = []
+    for env, (episode, attempt) in zip(envs, work):
+        slot = _Slot(env, episode, attempt)
+        try:
+            slot.obs = env.reset(episode)
+            slot.limit = config.max_steps or env.max_steps
+        except Exception as exc:  # recorded, never silent
+            slot.error = _error_text(exc)
+        slots.append(slot)
+    vla.reset()
+    active = [s for s in slots if s.error is None]
+    for slot in slots:
+        if slot.error is not None:
+            yield _slot_record(vla, slot, video_dir)
+    while active:
+        for slot in active:
+            if video_dir is not None:
+                slot.frames.append(np.asarray(slot.obs.images["primary"]))
+        try:
+            result = vla.predict(Observation.stack([s.obs for s in active]))
+        except Exception as exc:
+            text = _error_text(exc)
+            for slot in active:
+                slot.error = text
+                yield _slot_record(vla, slot, video_dir)
+            return
+        rows = result.plan.info.get("row_counts") or [result.plan.counts] * len(active)
+        ended = []
+        for row, slot in enumerate(active):
+            slot.steps.append(row_stats(result.stats, rows[row]))
+            chunk = result.actions[row]
+            try:
+                for action in chunk[: config.execute_chunk or len(chunk)]:
+                    slot.obs, _, slot.done, slot.info = slot.env.step(action)
+                    slot.env_steps += 1
+                    if slot.done or slot.env_steps >= slot.limit:
+                        break
+            except Exception as exc:
+                slot.error = _error_text(exc)
+            if slot.error is not None or slot.done or slot.env_steps >= slot.limit:
+                ended.append(row)
+        for row in ended:
+            yield _slot_record(vla, active[row], video_dir)
+        if ended:
+            keep = [row for row in range(len(active)) if row not in ended]
+            active = [active[row] for row in keep]
+            if active:
+                vla.keep_rows(keep)
+
+
+def row_stats(stats: StepStats, reused: list[int]) -> StepStats:
+    """A batch row's share of a batched step: its own reused tokens per layer (latency and FLOPs are the batch's)."""
+    ratio = sum(reused) / (len(reused) * stats.num_visual) if stats.num_visual and reused else 0.0
+    return dataclasses.replace(stats, reused_per_layer=list(reused), reuse_ratio=ratio)
+
+
+def _slot_record(vla: CachedVLA, slot: _Slot, video_dir: Path | None) -> dict:
+    success = None
+    if slot.error is None:
+        try:
+            success = verdict(slot.info)
+        except Exception as exc:
+            slot.error = _error_text(exc)
+    if video_dir is not None and slot.frames:
+        save_gif(video_dir / f"{vla.policy.label}__{slot.episode.key.replace('|', '_').replace('/', '-')}.gif", slot.frames)
+    return episode_record(
+        vla.policy.label, slot.episode, slot.steps, success=success, env_steps=slot.env_steps, error=slot.error,
+        wall_s=time.perf_counter() - slot.start, attempts=slot.attempt, finished_at=time.time(),
+    )
+
+
 def save_gif(path: Path, frames: list[np.ndarray]) -> None:
     from PIL import Image
 
@@ -166,12 +266,18 @@ def run_shard(config: ExperimentConfig, progress: bool = True, rank: int = 0, wo
     policies = [build_policy(spec) for spec in config.policies]
     labels = [p.label for p in policies]
     env = build_env(config.env, config.perturbation)
+    envs: list[Env] = []  # with batch_envs > 1: the other envs of a batch of episodes
     try:
         episodes = env.episodes()[: config.episodes]
         # episode-major: every policy row grows at the same pace, so a sweep stopped early compares like with like
-        work = [(p, e) for e in episodes for p in policies][rank::world]
+        if config.batch_envs == 1:
+            work = [(p, e) for e in episodes for p in policies][rank::world]
+        else:  # a batch of episodes of one task at a time, each policy in turn; ranks take whole batches
+            batches = task_batches(episodes, config.batch_envs)[rank::world]
+            work = [(p, e) for batch in batches for p in policies for e in batch]
         todo = pending(config, work, out)
         if todo:
+            envs = [build_env(config.env, config.perturbation) for _ in range(config.batch_envs - 1)]
             backbone = build_backbone(config.backbone)
             video_dir = out / "videos" if config.videos else None
             bar = tqdm(total=len(todo), desc=f"{config.name}" + (f" [rank {rank}]" if world > 1 else ""),
@@ -180,8 +286,7 @@ def run_shard(config: ExperimentConfig, progress: bool = True, rank: int = 0, wo
             try:
                 for policy, group in groupby(todo, key=lambda item: item[0]):
                     with CachedVLA(backbone, policy, buckets=config.fast_path.buckets) as vla:
-                        for _, episode, attempt in group:
-                            record = run_episode(vla, env, episode, config, video_dir, attempt)
+                        for record in _records(vla, envs, env, [(e, a) for _, e, a in group], config, video_dir):
                             store.append(record)
                             finished += 1
                             wins += record["success"] is True
@@ -191,10 +296,32 @@ def run_shard(config: ExperimentConfig, progress: bool = True, rank: int = 0, wo
             finally:
                 bar.close()
     finally:
-        env.close()
+        for one in [env, *envs]:
+            one.close()
     if rank != 0:
         return []
     return report(out, labels)
+
+
+def task_batches(episodes: list[EpisodeSpec], size: int) -> list[list[EpisodeSpec]]:
+    """The episodes in batches of at most `size` of one task each (a batch shares one instruction)."""
+    by_task: dict[str, list[EpisodeSpec]] = {}
+    for episode in episodes:
+        by_task.setdefault(episode.task, []).append(episode)
+    return [same[i : i + size] for same in by_task.values() for i in range(0, len(same), size)]
+
+
+def _records(vla: CachedVLA, envs: list[Env], env: Env, work: list[tuple[EpisodeSpec, int]], config: ExperimentConfig,
+             video_dir: Path | None) -> Iterator[dict]:
+    """One policy's episodes: one at a time, or with batch_envs > 1 in batches of episodes of one task (a batch
+    shares one prompt length), each batch run until all of its episodes ended."""
+    if config.batch_envs == 1:
+        for episode, attempt in work:
+            yield run_episode(vla, env, episode, config, video_dir, attempt)
+        return
+    attempt = {episode.key: a for episode, a in work}
+    for batch in task_batches([episode for episode, _ in work], config.batch_envs):
+        yield from run_batch(vla, [env, *envs], [(e, attempt[e.key]) for e in batch], config, video_dir)
 
 
 def report(out: Path, labels: list[str]) -> list[dict]:
