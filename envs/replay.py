@@ -86,9 +86,10 @@ def save_recording(path: str | Path, frames: dict[str, np.ndarray], instruction:
     np.savez_compressed(path, **arrays, **extra)
 
 
-def recording_files(folder: Path) -> list[Path]:
-    """Every recording (.npz) of a folder, by name; hidden files (a demonstration being written) left out."""
-    return sorted(p for p in folder.glob("*.npz") if not p.name.startswith("."))
+def recording_files(folder: Path, pattern: str = "*.npz") -> list[Path]:
+    """The recordings (.npz) of a folder matching `pattern`, by name; hidden files (a demonstration being
+    written) left out."""
+    return sorted(p for p in folder.glob(pattern) if p.suffix == ".npz" and not p.name.startswith("."))
 
 
 def _sha256(paths: list[Path]) -> str:
@@ -110,6 +111,7 @@ class ReplayEnv(Env):
     @dataclass
     class Config:
         path: str | None = None
+        pattern: str = "*.npz"  # for a folder: which recordings, e.g. "*_seed10000[0-3].npz" (4 per task)
         max_steps: int | None = None
         repeats: int = 1
 
@@ -120,16 +122,16 @@ class ReplayEnv(Env):
         path = Path(config.path or embedded_frames_path())
         if not path.exists():
             return {"missing": str(path)}
-        files = recording_files(path) if path.is_dir() else [path]
+        files = recording_files(path, config.pattern) if path.is_dir() else [path]
         return {"size": sum(f.stat().st_size for f in files), "sha256": _sha256(files)}
 
     def __init__(self, config: "ReplayEnv.Config | None" = None) -> None:
         self.config = config or self.Config()
         path = Path(self.config.path or embedded_frames_path())
-        self.files = recording_files(path) if path.is_dir() else None
+        self.files = recording_files(path, self.config.pattern) if path.is_dir() else None
         if self.files == []:
-            raise InputError(f"{path} holds no recording (.npz); record demonstrations with `vlacache demos CONFIG` "
-                             f"or one episode with `vlacache record CONFIG --out FILE.npz`")
+            raise InputError(f"{path} holds no recording (.npz) matching '{self.config.pattern}'; record demonstrations "
+                             f"with `vlacache demos CONFIG` or one episode with `vlacache record CONFIG --out FILE.npz`")
         self._load(self.files[0] if self.files else path)
         self.t = 0
 

@@ -30,6 +30,10 @@ def test_replay_env_lists_a_folder_of_recordings(episodes_folder):
     assert env.max_steps == 5
     first = ReplayEnv.data_identity(ReplayEnv.Config(path=str(episodes_folder)))
     assert first["size"] == sum(p.stat().st_size for p in episodes_folder.glob("*.npz"))
+    one = ReplayEnv(ReplayEnv.Config(path=str(episodes_folder), pattern="*seed100001.npz"))
+    assert [e.task for e in one.episodes()] == ["libero_spatial_task0_seed100001"]
+    with pytest.raises(Exception, match="matching"):
+        ReplayEnv(ReplayEnv.Config(path=str(episodes_folder), pattern="*task7*"))
     empty = episodes_folder.parent / "empty"
     empty.mkdir()
     with pytest.raises(Exception, match="holds no recording"):
