@@ -98,9 +98,9 @@ def run_episode(vla: CachedVLA, env: Env, episode: EpisodeSpec, config: Experime
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # recorded, never silent: the report counts errors per policy
-        error = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exc(limit=6))
+        error = _error_text(exc)
     if video_dir is not None and frames:
-        save_gif(video_dir / f"{vla.policy.label}__{episode.key.replace('|', '_').replace('/', '-')}.gif", frames)
+        save_gif(_video_path(video_dir, vla, episode), frames)
     return episode_record(
         vla.policy.label, episode, steps, success=success, env_steps=env_steps, error=error,
         wall_s=time.perf_counter() - start, attempts=attempt, finished_at=time.time(),
@@ -198,11 +198,15 @@ def _slot_record(vla: CachedVLA, slot: _Slot, video_dir: Path | None) -> dict:
         except Exception as exc:
             slot.error = _error_text(exc)
     if video_dir is not None and slot.frames:
-        save_gif(video_dir / f"{vla.policy.label}__{slot.episode.key.replace('|', '_').replace('/', '-')}.gif", slot.frames)
+        save_gif(_video_path(video_dir, vla, slot.episode), slot.frames)
     return episode_record(
         vla.policy.label, slot.episode, slot.steps, success=success, env_steps=slot.env_steps, error=slot.error,
         wall_s=time.perf_counter() - slot.start, attempts=slot.attempt, finished_at=time.time(),
     )
+
+
+def _video_path(video_dir: Path, vla: CachedVLA, episode: EpisodeSpec) -> Path:
+    return video_dir / f"{vla.policy.label}__{episode.key.replace('|', '_').replace('/', '-')}.gif"
 
 
 def save_gif(path: Path, frames: list[np.ndarray]) -> None:
