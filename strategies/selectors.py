@@ -40,18 +40,29 @@ def patch_cosine(current: torch.Tensor, previous: torch.Tensor, rows: int, cols:
 class PixelCosineSelector(TokenSelector):
     """The paper's static-token test: per patch of the model-input image (aligned with the ViT patch grid),
     cosine similarity of raw pixels against the same patch of the previous policy query frame of the same
-    camera; patches with similarity >= tau are static, of which the top_k most similar are kept."""
+    camera; patches with similarity >= tau are static, of which the top_k most similar are kept (per camera).
+    cameras: the cameras whose patches may be reused (null: all), e.g. [primary] to never reuse the wrist view."""
 
     @dataclass
     class Config:
         tau: float = 0.996
         top_k: int | None = 100
+        cameras: list[str] | None = None
 
     def select(self, ctx: PlanContext) -> dict[str, Candidates]:
+        cameras = self.config.cameras
+        if cameras is not None and not set(cameras) <= set(ctx.layout.vision):
+            unknown = sorted(set(cameras) - set(ctx.layout.vision))
+            raise InputError(
+                f"selector 'pixel-cosine': cameras {unknown} are not inputs of this backbone, whose cameras are "
+                f"{sorted(ctx.layout.vision)}; set selector.cameras to some of those (or null for all)"
+            )
         out = {}
         for camera, span in ctx.layout.vision.items():
             similarity = patch_cosine(ctx.current[camera], ctx.previous[camera], span.rows, span.cols)
             mask = similarity >= self.config.tau
+            if cameras is not None and camera not in cameras:
+                mask = torch.zeros_like(mask)
             k = self.config.top_k
             if k is not None and k < mask.shape[1]:
                 keep = torch.zeros_like(mask)

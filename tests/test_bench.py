@@ -90,3 +90,25 @@ def test_bench_batch_of_episodes_throughput_and_agreement(episodes_folder):
         assert row["batched_vs_alone_max_abs_diff"] < 1e-4
     with pytest.raises(ConfigError, match="batch"):
         BenchConfig(batch=0).check()
+
+
+def test_bench_compiled_rows_carry_their_exactness_certificate(episodes_folder):
+    """fast_path.compile: every row also compiled, interleaved; compile_checks compares each with its eager twin."""
+    from vlacache.experiment import load_config
+
+    overrides = [f"env.path={episodes_folder}", "episodes=1", "warmup=1", "repeats=1", "policy=static_reuse",
+                 "backbone.preset=tiny", "backbone.device=cpu", "fast_path.compile=true"]
+    report = run_bench(load_config(BenchConfig, None, "bench", overrides), progress=False)
+    labels = [row["label"] for row in report["rows"]]
+    assert labels == ["static-reuse", "baseline+compiled", "static-reuse+compiled"]
+    checks = report["compile_checks"]
+    assert set(checks) == {"baseline", "static-reuse"}
+    assert checks["baseline"]["steps"] == 5 and checks["baseline"]["identical_tokens"] == 1.0
+    assert checks["baseline"]["max_abs_logit_diff"] < 1e-4 and checks["baseline"]["same_plan"] == 1.0
+    assert checks["static-reuse"]["max_abs_logit_diff"] < 1e-3
+    compiled = report["rows"][2]["summary"]
+    assert compiled["mean_reuse_ratio"] > 0 and compiled["vs_compiled_baseline"]["total_speedup"] > 0
+    with pytest.raises(ConfigError, match="warmup >= 1"):
+        load_config(BenchConfig, None, "bench", overrides + ["warmup=0"])
+    with pytest.raises(ConfigError, match="compile_mode is set"):
+        load_config(BenchConfig, None, "bench", overrides[:-1] + ["fast_path.compile_mode=reduce-overhead"])

@@ -44,7 +44,7 @@ def test_fingerprint_counts_what_decides_outcomes_and_nothing_else(tmp_path):
     prints = experiment_fingerprints(base)
     assert set(prints) == {"no-cache", "static-reuse"}
     fp = prints["static-reuse"]
-    assert fp["policy"]["selector"] == {"name": "pixel-cosine", "tau": 0.996, "top_k": 100}
+    assert fp["policy"]["selector"] == {"name": "pixel-cosine", "tau": 0.996, "top_k": 100, "cameras": None}
     assert fp["backbone"]["preset"] == "tiny" and fp["backbone"]["seed"] == 0 and fp["max_steps"] == 3
     assert fp["env"]["name"] == "test-flaky" and fp["code"]["vlacache"]
     assert set(fp) == {"policy", "backbone", "checkpoint", "env", "perturbation", "max_steps", "execute_chunk",
@@ -62,7 +62,7 @@ def test_fingerprint_counts_what_decides_outcomes_and_nothing_else(tmp_path):
     # reuse buckets change what is reused
     bucketed = quick_config(tmp_path, policies=["no_cache", "static_reuse"], max_steps=3)
     bucketed.fast_path.buckets = 4
-    assert experiment_fingerprints(bucketed)["static-reuse"]["fast_path"] == {"buckets": 4} != fp["fast_path"]
+    assert experiment_fingerprints(bucketed)["static-reuse"]["fast_path"] == {"buckets": 4, "compile": False, "compile_mode": None} != fp["fast_path"]
 
 
 def test_checkpoint_identity_is_names_sizes_and_content(tmp_path, monkeypatch):

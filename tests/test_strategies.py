@@ -47,6 +47,20 @@ def test_pixel_cosine_black_patches_are_static_and_sizes_checked():
         build_strategy("selector", "pixel-cosine").select(ctx({"primary": scene()[:, :50]}, {"primary": scene()[:, :50]}))
 
 
+
+def test_pixel_cosine_cameras_limits_reuse_to_the_named_cameras():
+    two = TokenLayout(length=1 + 32 + 5, text=Span(33, 38), vision={
+        "image": VisionSpan(1, 17, rows=4, cols=4, patch_size=14), "wrist": VisionSpan(17, 33, rows=4, cols=4, patch_size=14)})
+    frames = {"image": scene(1), "wrist": scene(2)}
+    context = PlanContext(step=1, batch_size=1, num_layers=4, layout=two, current=frames, previous=frames, stats=None)
+    both = build_strategy("selector", {"name": "pixel-cosine", "top_k": None}).select(context)
+    assert both["image"].mask.all() and both["wrist"].mask.all()
+    agent = build_strategy("selector", {"name": "pixel-cosine", "top_k": None, "cameras": ["image"]}).select(context)
+    assert agent["image"].mask.all() and not agent["wrist"].mask.any()
+    assert torch.equal(agent["wrist"].score, both["wrist"].score)
+    with pytest.raises(ValueError, match=r"cameras \['left'\] are not inputs.*\['image', 'wrist'\]"):
+        build_strategy("selector", {"name": "pixel-cosine", "cameras": ["left"]}).select(context)
+
 def stats_with(attention_row, entropy=(4.0, 3.0, 2.0, 2.0)):
     to_keys = {i: attention_row.clone() for i in range(4)}
     return AttentionStats(to_keys=to_keys, entropy={i: torch.tensor([e]) for i, e in enumerate(entropy)})

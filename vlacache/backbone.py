@@ -191,8 +191,16 @@ class Backbone(ABC):
         raise InputError(f"{type(self).__name__} does not support vlacache train (no behaviour-cloning objective)")
 
     def decode_passes(self) -> int:
-        """Decoder forward passes after the prefill (for FLOPs)."""
+        """Decoder forward passes after the prefill (for FLOPs, and the length of a compiled step's static cache)."""
         return 0
+
+    def causal_lm(self) -> nn.Module | None:
+        """The causal LM (decoder + LM head) the decode passes call; None for a backbone without decode passes."""
+        return None
+
+    #: Set by `CachedVLA(compile=True)`: runs one decode pass as (embeds [B, 1, D], position_ids [B, 1],
+    #: cache_position [1], cache) -> logits [B, 1, V]; None: the eager causal LM.
+    decode_pass: Any = None
 
     def new_cache(self) -> DynamicCache:
         try:

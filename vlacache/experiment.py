@@ -40,13 +40,25 @@ def _positive(value: int | None, key: str, example: str, allow_zero: bool = Fals
 @dataclass
 class FastPathConfig:
     """How each step executes (CachedVLA's options). buckets: null, n (reuse counts rounded down to multiples of
-    1/n of the visual tokens) or a list of fractions: a few fixed shapes per layer, never more reuse."""
+    1/n of the visual tokens) or a list of fractions: a few fixed shapes per layer, never more reuse. compile:
+    torch.compile the decoder (`vlacache.engine.compiled`); compile_mode: torch.compile's mode (null: default;
+    'reduce-overhead': CUDA graphs on a GPU)."""
 
     buckets: Any = None
+    compile: bool = False
+    compile_mode: str | None = None
 
     def check(self) -> "FastPathConfig":
         ReuseBuckets.from_spec(self.buckets)
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"fast_path.compile must be true or false, got {self.compile!r}")
+        if self.compile_mode is not None and not self.compile:
+            raise ConfigError("fast_path.compile_mode is set but fast_path.compile is false; add fast_path.compile=true")
         return self
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of CachedVLA."""
+        return {"buckets": self.buckets, "compile": self.compile, "compile_mode": self.compile_mode}
 
 
 @dataclass
@@ -110,6 +122,8 @@ class BenchConfig:
         _positive(self.max_steps, "max_steps", "8 (null: the whole recording)")
         _positive(self.episodes, "episodes", "4 (null: every episode the env lists)")
         _positive(self.warmup, "warmup", "1", allow_zero=True, nullable=False)
+        if self.fast_path.compile and self.warmup < 1:
+            raise ConfigError("fast_path.compile=true needs warmup >= 1 (the first pass compiles); e.g. warmup=1")
         _positive(self.repeats, "repeats", "3", nullable=False)
         self.backbone = resolve_backbone_spec(self.backbone)
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
-from .engine import CacheEngine, ReuseBuckets
+from .engine import CacheEngine, CompiledSteps, ReuseBuckets
 from .flops import decode_flops, prefill_flops
 from .policy import CachePolicy, PolicyConfig
 from .strategy import PlanContext
@@ -38,6 +39,8 @@ class CachedVLA:
     The engine's per-episode state resets on `reset()` and automatically when the instruction, batch size or
     image size changes. Use as a context manager to detach the hooks at the end. `buckets` (None, a count n or a
     list of fractions; `ReuseBuckets`) rounds the policy's reused counts per layer down to a few fixed shapes.
+    `compile=True` runs the decoder through torch.compile (`vlacache.engine.compiled`; `compile_mode` is
+    torch.compile's mode, e.g. 'reduce-overhead' for CUDA graphs); the first step of a new shape compiles.
     """
 
     def __init__(
@@ -46,6 +49,8 @@ class CachedVLA:
         policy: CachePolicy | None = None,
         sync_timing: bool = True,
         buckets: ReuseBuckets | int | Sequence[float] | None = None,
+        compile: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         if not isinstance(backbone, Backbone):
             raise InputError(
@@ -62,6 +67,9 @@ class CachedVLA:
         self.engine = CacheEngine(backbone.decoder)
         if policy is not None:
             policy.check(self.engine.num_layers)
+        self.compiled = None
+        if compile:
+            self.compiled = CompiledSteps(backbone.decoder, backbone.causal_lm() if backbone.decode_passes() else None, compile_mode)
         if self.caching:
             self.engine.attach()
 
@@ -130,10 +138,24 @@ class CachedVLA:
             else:
                 plan = ReusePlan.empty(batch, num_layers)
                 cache = backbone.new_cache()
-        with timer.section("prefill"):
-            prefill = backbone.prefill(embeds, inputs, cache)
-        with timer.section("decode"):
-            decoded = backbone.decode(prefill, inputs, cache)
+        compiled = self.compiled
+        with compiled.active(backbone) if compiled is not None else nullcontext():
+            with timer.section("prefill"):
+                if compiled is None:
+                    prefill = backbone.prefill(embeds, inputs, cache)
+                else:
+                    prefill = compiled.first_time(("prefill", batch), f"the layers' norms and MLPs (batch {batch})",
+                                                  lambda: backbone.prefill(embeds, inputs, cache))
+            with timer.section("decode"):
+                passes = backbone.decode_passes()
+                if compiled is None or not passes:
+                    decoded = backbone.decode(prefill, inputs, cache)
+                else:
+                    static = compiled.decode_cache(cache, layout.length, passes)
+                    with engine.hooks_lifted():
+                        decoded = compiled.first_time(
+                            ("decode", batch, layout.length), f"the {passes} decode passes (batch {batch}, {layout.length} tokens)",
+                            lambda: backbone.decode(prefill, inputs, static))
         check_finite(prefill.logits, decoded.actions, engine.episode.step)
         step_index = engine.episode.step
         if engine.in_step:
@@ -210,9 +232,12 @@ def attach(
     backbone: Backbone,
     policy: CachePolicy | PolicyConfig | Mapping[str, Any] | str | Path | None = "vla_cache",
     buckets: ReuseBuckets | int | Sequence[float] | None = None,
+    compile: bool = False,
+    compile_mode: str | None = None,
 ) -> CachedVLA:
     """Attach VLA-Cache to a backbone in one call; `policy` is a CachePolicy, a config, a YAML path or the
-    name of a shipped policy ('no_cache', 'static_reuse', 'static_reuse_filter', 'vla_cache', 'reference_code')."""
+    name of a shipped policy ('no_cache', 'static_reuse', 'static_reuse_filter', 'vla_cache', 'reference_code').
+    `buckets`, `compile` and `compile_mode` as for CachedVLA."""
     if policy is not None and not isinstance(policy, CachePolicy):
         policy = CachePolicy.from_config(policy)
-    return CachedVLA(backbone, policy, buckets=buckets)
+    return CachedVLA(backbone, policy, buckets=buckets, compile=compile, compile_mode=compile_mode)

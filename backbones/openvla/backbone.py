@@ -148,11 +148,14 @@ class OpenVLABackbone(Backbone):
         embedding = self.model.language_model.get_input_embeddings()
         for i in range(self.action_dim - 1):
             positions = torch.full((1, 1), length + i, device=token.device)
-            out = self.model.language_model(
-                inputs_embeds=embedding(token)[:, None], position_ids=positions, use_cache=True, logits_to_keep=1,
-                **{self._cache_kw: cache},
-            )
-            token = out.logits[:, -1].argmax(-1)
+            if self.decode_pass is not None:  # compiled, over a static cache (vlacache.engine.compiled)
+                logits = self.decode_pass(embedding(token)[:, None], positions, positions[0], cache, self._cache_kw)
+            else:
+                logits = self.model.language_model(
+                    inputs_embeds=embedding(token)[:, None], position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{self._cache_kw: cache},
+                ).logits
+            token = logits[:, -1].argmax(-1)
             tokens.append(token)
         tokens = torch.stack(tokens, dim=1)
         return ActionOutput(actions=self.tokens_to_actions(tokens.cpu().numpy())[:, None], tokens=tokens)
@@ -190,6 +193,9 @@ class OpenVLABackbone(Backbone):
 
     def decode_passes(self) -> int:
         return self.action_dim - 1
+
+    def causal_lm(self) -> torch.nn.Module:
+        return self.model.language_model
 
     def vision_flops(self) -> float:
         return self.model.vision_flops()

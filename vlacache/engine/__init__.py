@@ -4,19 +4,23 @@ hooks:       `CacheEngine`, the forward hooks that drop reused rows and splice l
 reuse_cache: `ReuseCache`, the DynamicCache that performs the splice
 probe:       the few attention rows the next step's policy reads
 buckets:     `ReuseBuckets`, rounding a plan to a small set of shapes (for compiled and graph-captured steps)
+compiled:    `CompiledSteps`, torch.compile of the decoder's layer blocks and of the decode passes (static K/V cache)
 """
 
 from .buckets import ReuseBuckets
+from .compiled import CompiledSteps, compile_counts
 from .hooks import SUPPORTED_ATTENTION, CacheEngine, EpisodeState, StatsRequest, StepRecord, decoder_layers
 from .reuse_cache import ReuseCache
 
 __all__ = [
     "SUPPORTED_ATTENTION",
     "CacheEngine",
+    "CompiledSteps",
     "EpisodeState",
     "ReuseBuckets",
     "ReuseCache",
     "StatsRequest",
     "StepRecord",
+    "compile_counts",
     "decoder_layers",
 ]

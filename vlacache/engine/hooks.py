@@ -9,6 +9,7 @@ No modeling code is copied.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -122,11 +123,28 @@ class CacheEngine:
     def attach(self) -> "CacheEngine":
         if self.attached:
             return self
+        self._register()
+        return self
+
+    @contextmanager
+    def hooks_lifted(self):
+        """Run a block without the hooks (a compiled decode graph must not trace them); the step's state stays."""
+        if not self.attached:
+            yield
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        try:
+            yield
+        finally:
+            self._register()
+
+    def _register(self) -> None:
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(partial(self._before_layer, index), with_kwargs=True))
             self._handles.append(layer.self_attn.q_proj.register_forward_hook(partial(self._after_q_proj, index)))
         self._handles.append(self.decoder.register_forward_hook(self._after_decoder))
-        return self
 
     def detach(self) -> None:
         for handle in self._handles:

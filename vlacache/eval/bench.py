@@ -22,6 +22,7 @@ from ..runtime import LATENCY_PARTS, CachedVLA, StepResult
 from ..types import Observation, ReusePlan
 
 PARTS = LATENCY_PARTS + ("total",)
+BASELINE, COMPILED = "baseline", "+compiled"
 
 
 def collect_episodes(env, episodes: int | None, max_steps: int | None) -> list[list[Observation]]:
@@ -106,7 +107,12 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     finally:
         env.close()
     checks = self_checks(backbone, episodes[0])
-    runners = {"baseline": CachedVLA(backbone, None)} | {p.label: CachedVLA(backbone, p, buckets=config.fast_path.buckets) for p in policies}
+    fast = config.fast_path
+    eager = {**fast.options(), "compile": False, "compile_mode": None}
+    runners = {"baseline": CachedVLA(backbone, None)} | {p.label: CachedVLA(backbone, p, **eager) for p in policies}
+    if fast.compile:  # the same rows compiled, interleaved with the eager ones
+        runners[BASELINE + COMPILED] = CachedVLA(backbone, None, **fast.options())
+        runners |= {p.label + COMPILED: CachedVLA(backbone, p, **fast.options()) for p in policies}
     results = {name: [[[] for _ in frames] for frames in episodes] for name in runners}
     total = (config.warmup + config.repeats) * len(runners) * sum(len(f) for f in episodes)
     bar = tqdm(total=total, desc="bench", disable=not progress, unit="step")
@@ -120,10 +126,20 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
                         results[name][e][t].append(result)
                     bar.update()
     bar.close()
-    for name, runner in runners.items():
-        if name != "baseline":
-            runner.detach()
-    rows = [bench_row(policy, results["baseline"], results[policy.label]) for policy in policies]
+    for runner in runners.values():
+        runner.detach()
+    base = results[BASELINE]
+    rows = [bench_row(p.label, repr(p), base, results[p.label]) for p in policies]
+    compile_checks = None
+    if fast.compile:
+        rows.append(bench_row(BASELINE + COMPILED, "no cache, compiled", base, results[BASELINE + COMPILED]))
+        for p in policies:
+            row = bench_row(p.label + COMPILED, repr(p) + ", compiled", base, results[p.label + COMPILED])
+            against = bench_row(row["label"], "", results[BASELINE + COMPILED], results[p.label + COMPILED])["summary"]
+            row["summary"]["vs_compiled_baseline"] = {k: v for k, v in against.items() if k.endswith("_speedup")}
+            rows.append(row)
+        compile_checks = {label: agreement(results[label], results[label + COMPILED])
+                          for label in [BASELINE] + [p.label for p in policies]}
     batch = batch_throughput(backbone, policies, episodes, config) if config.batch > 1 else None
     return {
         "config": dataclasses.asdict(config),
@@ -133,7 +149,24 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         "zero_reuse_max_abs_diff": checks["zero_reuse_max_abs_diff"],
         "identical_frame_max_abs_diff": checks["identical_frame_max_abs_diff"],
         "rows": rows,
+        "compile_checks": compile_checks,
         "batch": batch,
+    }
+
+
+def agreement(eager: list[list[list[StepResult]]], compiled: list[list[list[StepResult]]]) -> dict[str, Any]:
+    """The exactness certificate of a compiled row against the same row eager, over every step and repeat: the
+    largest |logit| and |action| differences, the share of steps with identical action tokens, and the share with
+    the same reuse plan (a cached step's plan reads last step's attention, so float noise may change it)."""
+    pairs = [(e, c) for ee, ce in zip(eager, compiled) for es, cs in zip(ee, ce) for e, c in zip(es, cs)]
+    tokens = [torch.equal(e.tokens, c.tokens) for e, c in pairs if e.tokens is not None]
+    return {
+        "steps": len(pairs),
+        "max_abs_logit_diff": max(float((e.logits - c.logits).abs().max()) for e, c in pairs),
+        "max_abs_action_diff": max(float(abs(e.actions - c.actions).max()) for e, c in pairs),
+        "identical_tokens": statistics.mean(tokens) if tokens else None,
+        "same_plan": statistics.mean(e.plan.counts == c.plan.counts and all(
+            torch.equal(a, b) for a, b in zip(e.plan.reused, c.plan.reused)) for e, c in pairs),
     }
 
 
@@ -149,13 +182,13 @@ def batch_throughput(backbone, policies, episodes: list[list[Observation]], conf
         single, together, diff = [], [], 0.0
         for repeat in range(config.warmup + config.repeats):
             alone = []
-            with CachedVLA(backbone, policy, buckets=config.fast_path.buckets) as vla:
+            with CachedVLA(backbone, policy, **config.fast_path.options()) as vla:
                 start = time.perf_counter()
                 for frames in group:
                     vla.reset()
                     alone.append([vla.predict(obs).actions[0] for obs in frames[:steps]])
                 elapsed_single = time.perf_counter() - start
-            with CachedVLA(backbone, policy, buckets=config.fast_path.buckets) as vla:
+            with CachedVLA(backbone, policy, **config.fast_path.options()) as vla:
                 start = time.perf_counter()
                 results = [vla.predict(obs).actions for obs in batched]
                 elapsed_batch = time.perf_counter() - start
@@ -173,8 +206,9 @@ def batch_throughput(backbone, policies, episodes: list[list[Observation]], conf
     return {"size": len(group), "steps": steps, "rows": rows}
 
 
-def bench_row(policy, baseline: list[list[list[StepResult]]], cached: list[list[list[StepResult]]]) -> dict[str, Any]:
-    """One policy's per-step numbers (every episode's steps in order) and their summary against the baseline."""
+def bench_row(label: str, description: str, baseline: list[list[list[StepResult]]],
+              cached: list[list[list[StepResult]]]) -> dict[str, Any]:
+    """One row's per-step numbers (every episode's steps in order) and their summary against the baseline."""
     steps = []
     for e, (base_episode, cached_episode) in enumerate(zip(baseline, cached)):
         for t, (base, mine) in enumerate(zip(base_episode, cached_episode)):
@@ -211,7 +245,7 @@ def bench_row(policy, baseline: list[list[list[StepResult]]], cached: list[list[
     layers = len(steps[0]["tokens_per_layer"])
     summary["mean_reused_per_layer"] = [statistics.mean(s["reused_per_layer"][i] for s in steps) for i in range(layers)] \
         if steps[0]["reused_per_layer"] else []
-    return {"label": policy.label, "policy": repr(policy), "summary": summary, "steps": steps}
+    return {"label": label, "policy": description, "summary": summary, "steps": steps}
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

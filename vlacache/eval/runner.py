@@ -289,7 +289,7 @@ def run_shard(config: ExperimentConfig, progress: bool = True, rank: int = 0, wo
             wins = finished = errors = 0
             try:
                 for policy, group in groupby(todo, key=lambda item: item[0]):
-                    with CachedVLA(backbone, policy, buckets=config.fast_path.buckets) as vla:
+                    with CachedVLA(backbone, policy, **config.fast_path.options()) as vla:
                         for record in _records(vla, envs, env, [(e, a) for _, e, a in group], config, video_dir):
                             store.append(record)
                             finished += 1
