@@ -200,3 +200,26 @@ def test_model_resize_follows_the_evaluation_pipeline(env):
         np.testing.assert_array_equal(first.images["primary"], resize_for_policy(resized.raw_obs["agentview_image"][::-1, ::-1].copy(), 224))
     finally:
         resized.close()
+
+
+def test_libero_in_a_worker_process_steps_like_in_this_one(env):
+    """The runner's env workers (batch_envs > 1): the same LIBERO episode, stepped in a worker process, gives the
+    very same observations as in this process."""
+    from vlacache.eval.env_workers import WorkerEnv
+
+    actions = np.tile(np.array([0.3, -0.2, 0.1, 0, 0, 0, -1.0], np.float32), (4, 1))
+    worker = WorkerEnv({"name": "libero", "tasks": [0], "init_states": [0, 1], "num_settle_steps": 2})
+    try:
+        episode = env.episodes()[1]
+        here, there = env.reset(episode), worker.reset(episode)
+        assert worker.max_steps == env.max_steps
+        np.testing.assert_array_equal(here.images["primary"], there.images["primary"])
+        worker.start_actions(actions, budget=3)
+        obs, done, info, taken = env.run_actions(actions, budget=3)
+        w_obs, w_done, w_info, w_taken = worker.finish_actions()
+        assert taken == w_taken == 3 and done == w_done and info["success"] == w_info["success"]
+        for camera in ("primary", "wrist"):
+            np.testing.assert_array_equal(obs.images[camera], w_obs.images[camera])
+        np.testing.assert_array_equal(obs.proprio, w_obs.proprio)
+    finally:
+        worker.close()

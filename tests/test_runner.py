@@ -2,6 +2,7 @@
 Fabric sharding, perturbations and recordings (issue 4, items 3-7)."""
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -47,23 +48,59 @@ class FlakyEnv(Env):
         return Observation({"primary": self.image}, "pick up the bowl"), 0.0, self.t >= 3, {"success": self.episode.init_state == 0}
 
 
+@register_env("test-fragile")
+class FragileEnv(FlakyEnv):
+    """Fails to build (`broken`) or kills its own process on the first step (a simulator segfault)."""
+
+    @dataclass
+    class Config:
+        broken: bool = False
+
+    def __init__(self, config=None):
+        if config is not None and config.broken:
+            raise RuntimeError("no simulator on this machine")
+        super().__init__()
+
+    def step(self, action):
+        os._exit(3)
+
+
+def test_env_workers_report_a_failed_build_and_a_dead_process():
+    from vlacache.eval.env_workers import EnvWorkerError, WorkerEnv
+
+    with pytest.raises(EnvWorkerError, match="(?s)raised while building the env.*no simulator on this machine"):
+        WorkerEnv({"name": "test-fragile", "broken": True})
+    env = WorkerEnv({"name": "test-fragile"})
+    try:
+        assert env.reset(env.episodes()[0]).instruction == "pick up the bowl" and env.max_steps == 4
+        env.start_actions(np.zeros((2, 7)), 2)
+        with pytest.raises(EnvWorkerError, match=r"died \(exit code 3\) while running actions"):
+            env.finish_actions()
+    finally:
+        env.close()
+
+
 def lines(path):
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
 def test_batched_envs_give_the_records_of_one_at_a_time(tmp_path):
-    """batch_envs: 3 steps the three episodes (one task) as one batch of episodes; an env that raises ends only
-    its own episode, the others go on and are recorded as when run alone."""
-    outcomes = {}
-    for batch in (1, 3):
+    """batch_envs: 3 steps the three episodes (one task) as one batch of episodes, the envs in worker processes
+    (default) or in this one; an env that raises ends only its own episode, the others go on and are recorded as
+    when run alone."""
+    outcomes, errors = {}, {}
+    for batch, workers in ((1, False), (3, True), (3, False)):
         config = ExperimentConfig(name="flaky", env={"name": "test-flaky"}, policies=["no_cache", "static_reuse"],
-                                  output_dir=str(tmp_path / f"batch{batch}"), batch_envs=batch, retry_errors=False)
+                                  output_dir=str(tmp_path / f"batch{batch}{workers}"), batch_envs=batch,
+                                  env_workers=workers, retry_errors=False)
         run_experiment(config, progress=False)
-        records = lines(tmp_path / f"batch{batch}" / "episodes.jsonl")
-        outcomes[batch] = {(r["policy"], r["init_state"]): (r["success"], r["error"] is not None, r["env_steps"],
-                                                            r["queries"], round(r["reuse_ratio"], 6)) for r in records}
-    assert len(outcomes[3]) == 6 and outcomes[3] == outcomes[1]
-    assert outcomes[3][("static-reuse", 2)][4] > 0  # the batch reused tokens
+        records = lines(tmp_path / f"batch{batch}{workers}" / "episodes.jsonl")
+        outcomes[batch, workers] = {(r["policy"], r["init_state"]): (r["success"], r["error"] is not None, r["env_steps"],
+                                                                     r["queries"], round(r["reuse_ratio"], 6)) for r in records}
+        errors[batch, workers] = [r["error"] for r in records if r["error"]]
+    assert len(outcomes[3, True]) == 6 and outcomes[3, True] == outcomes[3, False] == outcomes[1, False]
+    assert outcomes[3, True][("static-reuse", 2)][4] > 0  # the batch reused tokens
+    assert all("simulated simulator crash" in e and "worker process" in e for e in errors[3, True])
     with pytest.raises(Exception, match="batch_envs"):
         ExperimentConfig(batch_envs=0).check()
 

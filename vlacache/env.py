@@ -47,3 +47,29 @@ class Env(ABC):
 
     def close(self) -> None:
         """Release simulator resources."""
+
+    def run_actions(self, actions: np.ndarray, budget: int) -> tuple[Observation, bool, dict[str, Any], int]:
+        """Apply actions [n, action_dim] one by one until the episode is done or `budget` steps ran; returns
+        (last observation, done, info, steps taken)."""
+        obs, done, info, taken = None, False, {}, 0
+        for action in actions:
+            obs, _, done, info = self.step(action)
+            taken += 1
+            if done or taken >= budget:
+                break
+        return obs, done, info, taken
+
+    def start_actions(self, actions: np.ndarray, budget: int) -> None:
+        """`run_actions` begun: an env in a worker process (`vlacache.eval.env_workers`) runs it while the
+        caller starts the other envs of a batch; here it simply runs. `finish_actions()` returns its result."""
+        try:
+            self._pending = ("ok", self.run_actions(actions, budget))
+        except Exception as exc:
+            self._pending = ("error", exc)
+
+    def finish_actions(self) -> tuple[Observation, bool, dict[str, Any], int]:
+        """The result of the last `start_actions`, or the exception it raised."""
+        status, value = self.__dict__.pop("_pending")
+        if status == "error":
+            raise value
+        return value

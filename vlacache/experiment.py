@@ -74,6 +74,7 @@ class ExperimentConfig:
     max_steps: int | None = None
     execute_chunk: int | None = None
     batch_envs: int = 1  # > 1: this many envs per process, their episodes (one task) stepped as one batch
+    env_workers: bool = True  # with batch_envs > 1: each env in its own worker process, all stepped at once
     videos: bool = False
     output_dir: str = "runs/${name}"
     launcher: LauncherConfig = field(default_factory=LauncherConfig)

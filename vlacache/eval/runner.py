@@ -31,6 +31,7 @@ from ..env import Env, EpisodeSpec
 from ..experiment import ExperimentConfig, build_backbone, build_env, build_policy
 from ..runtime import CachedVLA
 from ..types import Observation, StepStats
+from .env_workers import WorkerEnv, start_workers
 from .fingerprint import check_fingerprints, experiment_fingerprints
 from .lock import OutputLock, acquire_lock, run_token
 from .report import LATENCY_PARTS, summarize, write_plots, write_tables
@@ -89,11 +90,8 @@ def run_episode(vla: CachedVLA, env: Env, episode: EpisodeSpec, config: Experime
             result = vla.predict(obs)
             steps.append(result.stats)
             chunk = result.actions[0]
-            for action in chunk[: config.execute_chunk or len(chunk)]:
-                obs, _, done, info = env.step(action)
-                env_steps += 1
-                if done or env_steps >= limit:
-                    break
+            obs, done, info, taken = env.run_actions(chunk[: config.execute_chunk or len(chunk)], limit - env_steps)
+            env_steps += taken
         success = verdict(info)
     except KeyboardInterrupt:
         raise
@@ -161,16 +159,15 @@ def run_batch(vla: CachedVLA, envs: list[Env], work: list[tuple[EpisodeSpec, int
                 yield _slot_record(vla, slot, video_dir)
             return
         rows = result.plan.info.get("row_counts") or [result.plan.counts] * len(active)
-        ended = []
-        for row, slot in enumerate(active):
+        for row, slot in enumerate(active):  # every env starts its chunk before any is waited for
             slot.steps.append(row_stats(result.stats, rows[row]))
             chunk = result.actions[row]
+            slot.env.start_actions(chunk[: config.execute_chunk or len(chunk)], slot.limit - slot.env_steps)
+        ended = []
+        for row, slot in enumerate(active):
             try:
-                for action in chunk[: config.execute_chunk or len(chunk)]:
-                    slot.obs, _, slot.done, slot.info = slot.env.step(action)
-                    slot.env_steps += 1
-                    if slot.done or slot.env_steps >= slot.limit:
-                        break
+                slot.obs, slot.done, slot.info, taken = slot.env.finish_actions()
+                slot.env_steps += taken
             except Exception as exc:
                 slot.error = _error_text(exc)
             if slot.error is not None or slot.done or slot.env_steps >= slot.limit:
@@ -269,7 +266,8 @@ def run_shard(config: ExperimentConfig, progress: bool = True, rank: int = 0, wo
     store = ResultStore(out / ("episodes.jsonl" if world == 1 else f"episodes.rank{rank}.jsonl"))
     policies = [build_policy(spec) for spec in config.policies]
     labels = [p.label for p in policies]
-    env = build_env(config.env, config.perturbation)
+    workers = config.batch_envs > 1 and config.env_workers
+    env = WorkerEnv(config.env, config.perturbation) if workers else build_env(config.env, config.perturbation)
     envs: list[Env] = []  # with batch_envs > 1: the other envs of a batch of episodes
     try:
         episodes = env.episodes()[: config.episodes]
@@ -281,7 +279,9 @@ def run_shard(config: ExperimentConfig, progress: bool = True, rank: int = 0, wo
             work = [(p, e) for batch in batches for p in policies for e in batch]
         todo = pending(config, work, out)
         if todo:
-            envs = [build_env(config.env, config.perturbation) for _ in range(config.batch_envs - 1)]
+            others = config.batch_envs - 1
+            envs = start_workers(others, config.env, config.perturbation) if workers else \
+                [build_env(config.env, config.perturbation) for _ in range(others)]
             backbone = build_backbone(config.backbone)
             video_dir = out / "videos" if config.videos else None
             bar = tqdm(total=len(todo), desc=f"{config.name}" + (f" [rank {rank}]" if world > 1 else ""),
