@@ -53,10 +53,11 @@ def summarize_layers(
     grouped = queries.float().reshape(layers, batch, kv_heads, heads // kv_heads * n, head_dim)
     scores = torch.stack([q @ k.float().transpose(-1, -2) for q, k in zip(grouped, keys)])
     scores = scores.view(layers, batch, heads, n, -1) * scaling
-    if mask_rows.dtype == torch.bool:
-        scores = scores.masked_fill(~mask_rows, float("-inf"))
+    if mask_rows.dtype == torch.bool:  # a finite floor: masked keys get probability 0 and add 0 * floor = 0 below
+        scores = scores.masked_fill(~mask_rows, torch.finfo(scores.dtype).min)
     else:
-        scores = scores + mask_rows.float()
-    probs = torch.softmax(scores, dim=-1)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+        scores = (scores + mask_rows.float()).clamp_min(torch.finfo(scores.dtype).min)
+    log_probs = torch.log_softmax(scores, dim=-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum(-1)
     return probs.mean(dim=(2, 3)), entropy.mean(dim=(2, 3))
