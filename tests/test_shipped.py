@@ -10,29 +10,33 @@ from safetensors import safe_open
 
 from vlacache import InputError
 from vlacache.backbone import resolve_checkpoint, shipped_policies
+from vlacache.backbones.openvla import OpenVLABackbone
 from vlacache.backbones.openvla_oft import OpenVLAOFTBackbone
 from vlacache.experiment import build_backbone
 
 from test_libero import LIBERO_MISSING, libero_installed
 
 SHIPPED = "micro_oft_libero_spatial"
+BACKBONE_CLASS = {"micro_oft_libero_spatial": OpenVLAOFTBackbone, "micro_openvla_libero_spatial": OpenVLABackbone}
 
 
-def test_the_shipped_policy_is_small_bf16_and_loads_by_name(tmp_path):
-    assert SHIPPED in shipped_policies()
-    folder = resolve_checkpoint(SHIPPED)
+@pytest.mark.parametrize("name", sorted(BACKBONE_CLASS))
+def test_the_shipped_policy_is_small_bf16_and_loads_by_name(tmp_path, name):
+    assert name in shipped_policies()
+    folder = resolve_checkpoint(name)
     size = sum(p.stat().st_size for p in folder.iterdir())
-    assert size <= 10 * 2**20, f"{SHIPPED} is {size / 2**20:.1f} MiB; the package ships at most 10 MiB per policy"
+    assert size <= 10 * 2**20, f"{name} is {size / 2**20:.1f} MiB; the package ships at most 10 MiB per policy"
     weights = sorted(folder.glob("*.safetensors"))
     with safe_open(str(weights[0]), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     stats = json.loads((folder / "dataset_statistics.json").read_text())
     assert list(stats) == ["libero_spatial"] and stats["libero_spatial"]["num_trajectories"] >= 100
 
-    backbone = build_backbone(SHIPPED)  # the shipped backbone config (configs/backbone/) names it
-    assert isinstance(backbone, OpenVLAOFTBackbone) and backbone.unnorm_key == "libero_spatial"
+    backbone = build_backbone(name)  # the shipped backbone config (configs/backbone/) names it
+    cls = BACKBONE_CLASS[name]
+    assert isinstance(backbone, cls) and backbone.unnorm_key == "libero_spatial"
     backbone.save_pretrained(tmp_path / "again")  # the released layout, key for key
-    again = OpenVLAOFTBackbone.from_pretrained(tmp_path / "again")
+    again = cls.from_pretrained(tmp_path / "again")
     for (name, a), (_, b) in zip(backbone.model.state_dict().items(), again.model.state_dict().items()):
         assert torch.equal(a, b), name
 
