@@ -317,20 +317,7 @@ class SimplerEnv(Env):
 
     def convert_action(self, action: Any) -> np.ndarray:
         """Model action [dxyz, droll, dpitch, dyaw, gripper] -> the env's 7-d action (SIMPLER conventions)."""
-        a = np.asarray(_to_numpy(action), dtype=np.float64).reshape(-1)
-        if a.shape != (7,):
-            raise InputError(f"simpler env takes one 7-d action [dx, dy, dz, droll, dpitch, dyaw, gripper], got shape {a.shape}")
-        out = a.copy()
-        if self.config.rotation == "euler_to_axangle":
-            from transforms3d.euler import euler2axangle
-
-            axis, angle = euler2axangle(a[3], a[4], a[5])
-            out[3:6] = np.asarray(axis) * angle
-        if self.config.gripper == "binarize":
-            out[6] = 1.0 if a[6] > 0.5 else -1.0
-        elif self.config.gripper == "linear":
-            out[6] = 2.0 * a[6] - 1.0
-        return out.astype(np.float32)
+        return to_simpler_action(action, self.config.rotation, self.config.gripper)
 
     def step(self, action: Any) -> tuple[Observation, float, bool, dict[str, Any]]:
         if self._env is None:
@@ -351,6 +338,26 @@ class SimplerEnv(Env):
                 self._env.close()
             finally:
                 self._env, self._task = None, None
+
+
+def to_simpler_action(action: Any, rotation: str = "euler_to_axangle", gripper: str = "binarize") -> np.ndarray:
+    """A model action [dxyz, droll, dpitch, dyaw, gripper] -> SIMPLER's 7-d env action: rotation
+    'euler_to_axangle' (as SimplerEnv's OpenVLA policy) or 'none'; gripper g (1 = open) 'binarize' -> 2*(g>0.5)-1,
+    'linear' -> 2g-1, 'none' -> as is."""
+    a = np.asarray(_to_numpy(action), dtype=np.float64).reshape(-1)
+    if a.shape != (7,):
+        raise InputError(f"simpler env takes one 7-d action [dx, dy, dz, droll, dpitch, dyaw, gripper], got shape {a.shape}")
+    out = a.copy()
+    if rotation == "euler_to_axangle":
+        from transforms3d.euler import euler2axangle
+
+        axis, angle = euler2axangle(a[3], a[4], a[5])
+        out[3:6] = np.asarray(axis) * angle
+    if gripper == "binarize":
+        out[6] = 1.0 if a[6] > 0.5 else -1.0
+    elif gripper == "linear":
+        out[6] = 2.0 * a[6] - 1.0
+    return out.astype(np.float32)
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -19,3 +19,4 @@ fi
 # only adds what is still missing.
 PYTHON="$PYTHON" bash scripts/setup_simpler.sh
 bash scripts/setup_libero.sh egl
+PYTHON="$PYTHON" bash scripts/setup_openpi_client.sh

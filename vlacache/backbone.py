@@ -175,6 +175,24 @@ class Backbone(ABC):
     def reset(self) -> None:
         """Forget per-episode state of the backbone itself (e.g. an action ensemble). Called by CachedVLA.reset()."""
 
+    @property
+    def action_chunk(self) -> int:
+        """Actions per query (the chunk of `ActionOutput.actions`)."""
+        return 1
+
+    @property
+    def uses_proprio(self) -> bool:
+        """Whether `Observation.proprio` feeds the model (servers ask their clients for the robot state then)."""
+        return False
+
+    def episode_state(self) -> Any:
+        """The backbone's own per-episode state (None when it keeps none), for `CachedVLA.save_episode`."""
+        return None
+
+    def load_episode_state(self, state: Any) -> None:
+        """Continue the episode `episode_state()` returned; None starts a new one (`reset()`)."""
+        self.reset()
+
     def reset_rows(self, rows: list[int]) -> None:
         """Forget the per-episode state of some batch rows only (CachedVLA.reset(rows)); a backbone whose own
         state is shared by the whole batch raises InputError."""

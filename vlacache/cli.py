@@ -1,4 +1,4 @@
-"""The `vlacache` command: list, bench, run, record, demos, train.
+"""The `vlacache` command: list, bench, run, record, demos, train, serve.
 
 A bad input (config, override, checkpoint, recording, output location, a results directory that must not be
 mixed) ends with one line `vlacache: error: <problem>; <fix>` on stderr and exit code 2, before any compute."""
@@ -126,6 +126,23 @@ def _train(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from .integrations.service import PolicyService, load_serve_config
+
+    config = load_serve_config(args.config, args.overrides)
+    if args.protocol == "openpi":
+        from .integrations import openpi
+
+        service = PolicyService(config, default_cameras=openpi.OPENPI_CAMERAS)
+        openpi.serve(service, args.host, args.port)
+    else:
+        from .integrations import vla_eval
+
+        argv = ([args.config] if args.config else []) + args.overrides
+        return vla_eval.main(argv + ["--host", args.host, "--port", str(args.port)])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlacache", description="VLA-Cache: adaptive token caching for VLA policies")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 demos=data/demos/libero_spatial")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
+    p = sub.add_parser("serve", help="serve a backbone + cache policy to an evaluation stack (openpi protocol, vla-eval)")
+    p.add_argument("config", nargs="?", default=None, help="serve YAML path or shipped name (configs/serve/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. policy=no_cache benchmark=simpler")
+    p.add_argument("--protocol", choices=["openpi", "vla-eval"], default="openpi",
+                   help="openpi: the openpi websocket `infer` protocol; vla-eval: a vla-eval model server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=_serve)
     return parser
 
 
@@ -175,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides.extend(extra)  # key=value overrides given after an option such as --out
-    if args.command == "run" and args.config and "=" in args.config:
+    if args.command in ("run", "serve") and args.config and "=" in args.config:
         args.overrides.insert(0, args.config)
         args.config = None
     try:

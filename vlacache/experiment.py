@@ -130,11 +130,11 @@ class BenchConfig:
         return self
 
 
-def load_config(schema: type, source: str | Path | None, group: str, overrides: list[str] | None = None):
-    """Read YAML (a path or a shipped name in configs/<group>/), apply key=value overrides, type-check."""
+def load_config(schema: type, source: str | Path | Mapping[str, Any] | None, group: str, overrides: list[str] | None = None):
+    """Read YAML (a path or a shipped name in configs/<group>/; or a mapping), apply key=value overrides, type-check."""
     base = OmegaConf.structured(schema)
     if source is not None:
-        raw = load_yaml(resolve_config_path(source, group))
+        raw = OmegaConf.create(dict(source)) if isinstance(source, Mapping) else load_yaml(resolve_config_path(source, group))
         check_keys(raw, list(schema.__dataclass_fields__), str(source))
         nested = nested_fields(schema)
         for key in raw:  # a YAML component (backbone, env, ...) replaces the default one; nested settings merge

@@ -33,6 +33,14 @@ class StepResult:
     tokens: torch.Tensor | None = None
 
 
+@dataclass
+class EpisodeSnapshot:
+    """The state one episode carries between control steps: the engine's (`EpisodeState`) and the backbone's."""
+
+    engine: Any
+    backbone: Any = None
+
+
 class CachedVLA:
     """Runs a backbone step by step with VLA-Cache; `policy=None` (or the no-cache policy) runs it untouched.
 
@@ -87,6 +95,20 @@ class CachedVLA:
         self.backbone.reset_rows(list(rows))
         if self.engine.episode.key is not None:
             self.engine.reset_rows(list(rows))
+
+    def save_episode(self) -> "EpisodeSnapshot":
+        """This CachedVLA's episode state (the engine's cache and the backbone's own), to continue later with
+        `load_episode`: one model serving several independent episodes in turn (e.g. one per client session)."""
+        return EpisodeSnapshot(self.engine.episode, self.backbone.episode_state())
+
+    def load_episode(self, snapshot: "EpisodeSnapshot | None") -> None:
+        """Continue the episode `save_episode` returned (its K/V, previous frame, statistics, step count), or
+        start a new one with None. The snapshot's tensors are used in place, not copied."""
+        self.reset()  # also clears a step that raised mid-way
+        if snapshot is None:
+            return
+        self.engine.episode = snapshot.engine
+        self.backbone.load_episode_state(snapshot.backbone)
 
     def keep_rows(self, rows: Sequence[int]) -> None:
         """Go on with these batch rows only (in this order), e.g. when the other envs' episodes ended: the kept

@@ -27,9 +27,11 @@ ensembled action for the current step, [B, 1, 7], instead of the chunk [B, 16, 7
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -259,6 +261,21 @@ class CogACTBackbone(Backbone):
         if self.ensembler is not None:
             self.ensembler.reset()
         self._episode_key = None
+
+    @property
+    def action_chunk(self) -> int:
+        return 1 if self.ensembler is not None else self.chunk_size
+
+    def episode_state(self) -> Any:
+        return (self.generator.get_state(), copy.deepcopy(self.ensembler), self._episode_key)
+
+    def load_episode_state(self, state: Any) -> None:
+        if state is None:
+            self.reset()
+            return
+        generator, ensembler, self._episode_key = state
+        self.generator.set_state(generator)
+        self.ensembler = copy.deepcopy(ensembler)
 
     def reset_rows(self, rows: list[int]) -> None:
         raise InputError(

@@ -298,6 +298,14 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         extra.update(actions=actions, stop=stop, readout=Span(actions.start - 1, actions.stop - 1))
         return TokenLayout(length=stop.stop, vision=vision, text=text, extra=extra)
 
+    @property
+    def action_chunk(self) -> int:
+        return self.chunk
+
+    @property
+    def uses_proprio(self) -> bool:
+        return self.proprio_projector is not None
+
     def normalized_proprio(self, proprio: Any, batch: int) -> np.ndarray | None:
         """Validate `Observation.proprio` and normalise it (BOUNDS_Q99) -> float [B, d]; None without a projector."""
         if self.proprio_projector is None:

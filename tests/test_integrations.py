@@ -1,0 +1,313 @@
+"""Serving vlacache to evaluation stacks (issue 11): vla-eval's own orchestrator and client, `vla-eval serve`, the
+real openpi client from its own venv, and the shared per-session episode state."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # vla-eval's LIBERO benchmark renders in this process
+
+from vlacache import InputError  # noqa: E402
+from vlacache.config import ConfigError  # noqa: E402
+from vlacache.integrations.service import PolicyService, load_serve_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+OPENPI_PYTHON = REPO / ".venvs" / "openpi-client" / "bin" / "python"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, process: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited with {process.returncode}:\n{process.stdout.read()}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+def tiny_service(backbone, policy="static_reuse"):
+    config = load_serve_config({"backbone": {"name": "openvla", "preset": "tiny"}, "policy": policy, "benchmark": "raw"})
+    return PolicyService(config, backbone=backbone, default_cameras={"agentview": "primary"})
+
+
+@pytest.fixture(scope="module")
+def cogact_episode_noise():
+    """CogACT carries its own episode state: a noise generator drawn once per query and the action ensemble."""
+    from vlacache.backbones.cogact import build_preset
+
+    backbone = build_preset("tiny", seed=0, noise="episode", action_ensemble=True)
+    assert backbone.ensembler is not None
+    return backbone
+
+
+def episode_streams(frames):
+    """Two clients' episodes: different frame orders (and so different caches)."""
+    images = [f.images["primary"] for f in frames]
+    return {"a": images, "b": images[::-1]}, frames[0].instruction
+
+
+# -- the shared service ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["tiny", "cogact_episode_noise"])
+def test_interleaved_sessions_equal_separate_runs(model, frames, request):
+    """Two clients stepping in turn on one model get exactly what each gets alone, reuse included (CogACT: its
+    noise draws and action ensemble too)."""
+    streams, instruction = episode_streams(frames)
+    service = tiny_service(request.getfixturevalue(model))
+    try:
+        alone = {}
+        for name, images in streams.items():
+            service.start_episode(name)
+            alone[name] = [service.predict(name, service.observation({"agentview": im}, instruction)) for im in images]
+        for name in streams:
+            service.start_episode(name)
+        together = {name: [] for name in streams}
+        for t in range(len(frames)):
+            for name, images in streams.items():
+                together[name].append(service.predict(name, service.observation({"agentview": images[t]}, instruction)))
+    finally:
+        service.close()
+    for name in streams:
+        for (a, ra), (b, rb) in zip(alone[name], together[name]):
+            assert np.array_equal(a, b)
+            assert ra.stats.reused_per_layer == rb.stats.reused_per_layer
+            assert torch_equal(ra.logits, rb.logits)
+        assert alone[name][0][1].stats.reuse_ratio == 0 and alone[name][0][1].stats.episode_reset
+        assert any(r.stats.reuse_ratio > 0 for _, r in alone[name][1:]), "static reuse must reuse on similar frames"
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
+
+
+def test_start_episode_gives_a_full_forward(tiny, frames):
+    service = tiny_service(tiny)
+    try:
+        obs = service.observation({"agentview": frames[0].images["primary"]}, frames[0].instruction)
+        service.predict("s", obs)
+        assert service.predict("s", obs)[1].stats.reuse_ratio > 0
+        service.start_episode("s")
+        assert service.predict("s", obs)[1].stats.reuse_ratio == 0
+        assert [r["episode"] for r in service.records] == [0, 0, 1]
+    finally:
+        service.close()
+
+
+def test_bad_client_input_names_the_fix(tiny, frames):
+    service = tiny_service(tiny)
+    try:
+        with pytest.raises(InputError, match="needs camera.*'agentview'"):
+            service.observation({"front": frames[0].images["primary"]}, "pick up the bowl")
+        with pytest.raises(InputError, match="no task instruction"):
+            service.observation({"agentview": frames[0].images["primary"]}, None)
+    finally:
+        service.close()
+    with pytest.raises(ConfigError, match="benchmark must be one of"):
+        load_serve_config("micro_oft_libero", ["benchmark=bridge"])
+    with pytest.raises(ConfigError, match="not a camera of this backbone"):
+        PolicyService(load_serve_config({"backbone": {"name": "openvla", "preset": "tiny"}, "cameras": {"x": "wrist"}}),
+                      backbone=tiny)
+
+
+def test_client_actions_follow_the_benchmark_convention():
+    from vlacache.integrations.service import to_client_actions
+
+    model = np.array([[0.1, 0.2, 0.3, 0.0, 0.0, 0.5, 1.0], [0.1, 0.2, 0.3, 0.0, 0.0, 0.5, 0.0]], np.float32)
+    libero = to_client_actions(model, "libero")
+    assert libero[:, 6].tolist() == [-1.0, 1.0]  # 1 = open -> LIBERO's -1 (open); 0 -> +1 (close)
+    simpler = to_client_actions(model, "simpler")
+    assert simpler[:, 6].tolist() == [1.0, -1.0] and np.allclose(simpler[0, 3:6], [0, 0, 0.5], atol=1e-6)
+    assert np.array_equal(to_client_actions(model, "raw"), model)
+
+
+# -- vla-eval ----------------------------------------------------------------------------------------------------
+def test_vla_eval_orchestrator_runs_libero_episodes():
+    """vla-eval's own orchestrator (api.evaluate, in process) drives the shipped OFT micro-policy with VLA-Cache
+    over 2 short LIBERO episodes: chunks of 8 played out by vla-eval, a full first query per episode, reuse after."""
+    import vla_eval.api
+
+    from vlacache.integrations.vla_eval import VlaCacheModelServer
+
+    server = VlaCacheModelServer("micro_oft_libero")
+    config = {"benchmarks": [{"benchmark": "vla_eval.benchmarks.libero.benchmark:LIBEROBenchmark",
+                              "episodes_per_task": 2, "max_tasks": 1, "max_steps": 24,
+                              "params": {"suite": "libero_spatial", "seed": 7}}]}
+    try:
+        results = vla_eval.api.evaluate(server, config, docker=False, no_save=True)
+    finally:
+        server.service.close()
+    (result,) = results
+    assert result["num_errors"] == 0
+    assert result["server_info"]["observation_params"] == {"send_wrist_image": True, "send_state": True,
+                                                           "quat_no_antipodal": True}
+    episodes = result["tasks"][0]["episodes"]
+    assert len(episodes) == 2 and all(e["steps"] == 24 for e in episodes)
+    records = list(server.service.records)
+    assert [(r["episode"], r["step"]) for r in records] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert len({r["session"] for r in records}) == 1
+    for r in records:
+        assert (r["reuse_ratio"] > 0) == (r["step"] > 0), r
+
+
+def test_vla_eval_sessions_never_share_a_cache(tiny, frames):
+    """Two vla-eval clients (its own Connection class) on one served model, stepping in turn, each get the actions
+    of a separate run."""
+    from vla_eval.api import serve_background
+    from vla_eval.connection import Connection
+
+    from vlacache.integrations.vla_eval import VlaCacheModelServer
+
+    streams, instruction = episode_streams(frames)
+    reference = tiny_service(tiny)
+    try:
+        alone = {}
+        for name, images in streams.items():
+            reference.start_episode(name)
+            alone[name] = [reference.predict(name, reference.observation({"agentview": im}, instruction))[0][0]
+                           for im in images]
+    finally:
+        reference.close()
+
+    service = tiny_service(tiny)
+    together = {name: [] for name in streams}
+
+    async def clients(url):
+        connections = {name: Connection(url, timeout=120) for name in streams}
+        for connection in connections.values():
+            await connection.connect()
+            await connection.start_episode({"task": "t"})
+        for t in range(len(frames)):
+            for name, connection in connections.items():
+                action = await connection.act({"images": {"agentview": streams[name][t]}, "task_description": instruction})
+                together[name].append(np.asarray(action["actions"]))
+        for connection in connections.values():
+            await connection.end_episode({"success": False})
+            await connection.close()
+
+    try:
+        with serve_background(VlaCacheModelServer.for_service(service)) as handle:
+            anyio.run(clients, handle.url)
+    finally:
+        service.close()
+    assert len({r["session"] for r in service.records}) == 2
+    for name in streams:
+        assert np.array_equal(np.stack(alone[name]), np.stack(together[name]))
+
+
+@pytest.mark.parametrize("launcher", ["python -m", "vla-eval serve"])
+def test_vla_eval_server_starts_from_the_command_line(launcher):
+    """`python -m vlacache.integrations.vla_eval` and vla-eval's own `vla-eval serve` (uv run) both serve the
+    micro-policy; vla-eval's client gets the HELLO and a chunk of LIBERO-convention actions."""
+    from vla_eval.connection import Connection
+
+    port = free_port()
+    if launcher == "python -m":
+        command = [sys.executable, "-m", "vlacache.integrations.vla_eval", "micro_oft_libero", "policy=no_cache",
+                   "--port", str(port)]
+    else:
+        command = [str(BIN / "vla-eval"), "serve", "-c", "configs/vla_eval/serve_micro_oft_libero.yaml",
+                   "--address", f"127.0.0.1:{port}"]
+    env = {**os.environ, "UV_NO_PROJECT": "1", "UV_OFFLINE": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rng = np.random.default_rng(0)
+    obs = {"images": {"agentview": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
+                      "wrist": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)},
+           "states": np.zeros(8, np.float32), "task_description": "pick up the black bowl and place it on the plate"}
+    replies = {}
+
+    async def client():
+        async with Connection(f"ws://127.0.0.1:{port}", timeout=120) as connection:
+            await connection.connect()
+            replies["hello"] = connection.server_info
+            await connection.start_episode({"task": "t"})
+            replies["action"] = (await connection.act(obs))["actions"]
+
+    try:
+        wait_listening(port, process)
+        anyio.run(client)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert replies["hello"]["model_server"] == "VlaCacheModelServer"
+    action = np.asarray(replies["action"])
+    assert action.shape == (7,) and np.isfinite(action).all() and action[6] in (-1.0, 1.0)
+
+
+# -- openpi --------------------------------------------------------------------------------------------------------
+OPENPI_CLIENT = r"""
+import json, sys
+import numpy as np
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+client = WebsocketClientPolicy("127.0.0.1", int(sys.argv[1]))
+rng = np.random.default_rng(0)
+agent = rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)
+wrist = rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)
+def obs(prompt, **extra):
+    return {"observation/image": agent, "observation/wrist_image": wrist, "observation/state": np.zeros(8, np.float32),
+            "prompt": prompt, **extra}
+out = {"metadata": client.get_server_metadata(), "steps": []}
+for o in [obs("pick up the black bowl"), obs("pick up the black bowl"), obs("pick up the black bowl", new_episode=True),
+          obs("pick up the black bowl"), obs("put the bowl on the plate")]:
+    reply = client.infer(o)
+    out["steps"].append({"shape": list(reply["actions"].shape), "dtype": str(reply["actions"].dtype),
+                         "gripper": reply["actions"][:, 6].tolist(), "reuse": reply["vlacache"]["reuse_ratio"],
+                         "infer_ms": reply["server_timing"]["infer_ms"]})
+try:
+    client.infer({"observation/image": agent, "prompt": "pick up the black bowl"})
+    out["error"] = None
+except RuntimeError as error:
+    out["error"] = str(error)
+print(json.dumps(out))
+"""
+
+
+def test_openpi_protocol_with_the_real_client(tmp_path):
+    """`vlacache serve --protocol openpi` answered by the real openpi-client (its own venv: numpy<2): metadata,
+    action chunks, a new episode on `new_episode` or a new prompt, and errors as the protocol's text frame."""
+    assert OPENPI_PYTHON.exists(), "the openpi client venv is missing: run bash scripts/setup_openpi_client.sh (setup.sh does)"
+    port = free_port()
+    log = tmp_path / "queries.jsonl"
+    process = subprocess.Popen([str(BIN / "vlacache"), "serve", "micro_oft_libero", "--protocol", "openpi",
+                                "--port", str(port), "policy=static_reuse", f"log={log}"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    script = tmp_path / "client.py"
+    script.write_text(OPENPI_CLIENT)
+    try:
+        wait_listening(port, process)
+        run = subprocess.run([str(OPENPI_PYTHON), str(script), str(port)], capture_output=True, text=True, timeout=300)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["metadata"]["server"] == "vlacache" and out["metadata"]["action_chunk"] == 8
+    steps = out["steps"]
+    assert all(s["shape"] == [8, 7] and s["dtype"] == "float32" for s in steps)
+    assert all(set(s["gripper"]) <= {-1.0, 1.0} for s in steps)
+    assert [s["reuse"] > 0 for s in steps] == [False, True, False, True, False]
+    assert "needs camera(s) ['wrist']" in out["error"] and "observation/wrist_image" in out["error"]
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["episode"] for r in logged] == [0, 0, 1, 1, 2]
+
+
+def test_serve_refuses_a_bad_config_before_listening():
+    out = subprocess.run([str(BIN / "vlacache"), "serve", "micro_oft_libero", "benchmark=bridge"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "benchmark must be one of" in out.stderr

@@ -1,0 +1,195 @@
+"""One model served to evaluation stacks: a backbone + cache policy built from a serve config, one episode per
+client session, and the stacks' camera and action conventions.
+
+Every adapter (vla-eval, the openpi websocket protocol, the LeRobot plugin) turns its stack's observation into a
+`vlacache.Observation` with `PolicyService.observation` and asks `PolicyService.predict(session, obs)`. Each
+session is its own episode: its K/V cache, previous frame and attention statistics are swapped in before its
+query and out after (`CachedVLA.save_episode` / `load_episode`), so clients interleaving their steps never see
+each other's cache. Queries run one at a time (a lock); `start_episode(session)` makes that session's next query
+a full forward.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from vlacache.backbone import Backbone
+from vlacache.config import ConfigError
+from vlacache.experiment import FastPathConfig, build_backbone, build_policy, load_config
+from vlacache.images import resize_for_policy
+from vlacache.runtime import CachedVLA, EpisodeSnapshot, StepResult
+from vlacache.types import InputError, Observation
+
+# What the client's env expects of an action, per benchmark (the model's gripper g is in [0, 1], 1 = open).
+ACTION_CONVENTIONS = ("libero", "simpler", "raw")
+
+
+@dataclass
+class ServeConfig:
+    """`vlacache serve` / the integrations: which model and cache policy to serve, and how to talk to the client.
+
+    benchmark: the action convention of the client's env: 'libero' (gripper -> -1 open / +1 close, as the
+    OpenVLA / OFT LIBERO evaluations), 'simpler' (euler -> axis-angle rotation, gripper -> +1 open / -1 close, as
+    SimplerEnv's OpenVLA policy) or 'raw' (the model's un-normalised actions as they are). cameras: client camera
+    name -> backbone camera ('primary', 'wrist'); null: the adapter's defaults. model_resize: resize images to this
+    size as the OpenVLA LIBERO evaluation does (JPEG round trip + Lanczos; vlacache.images) before the backbone;
+    null: the backbone resizes. execute_chunk: how many actions of each predicted chunk the client executes before
+    the next query (null: the whole chunk). log: a JSONL file getting one line per query (session, step, reuse,
+    latency); null: none.
+    """
+
+    name: str = "serve"
+    backbone: Any = "micro_oft_libero_spatial"
+    policy: Any = "vla_cache"
+    benchmark: str = "libero"
+    cameras: dict | None = None
+    model_resize: int | None = None
+    execute_chunk: int | None = None
+    fast_path: FastPathConfig = field(default_factory=FastPathConfig)
+    log: str | None = None
+
+    def check(self) -> "ServeConfig":
+        if self.benchmark not in ACTION_CONVENTIONS:
+            raise ConfigError(f"benchmark must be one of {list(ACTION_CONVENTIONS)}, got {self.benchmark!r}; "
+                              "e.g. benchmark=libero")
+        for key in ("model_resize", "execute_chunk"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{key} must be a positive integer or null, got {value!r}")
+        if self.cameras is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in self.cameras.items()):
+            raise ConfigError(f"cameras maps client camera names to backbone cameras, got {self.cameras!r}; "
+                              "e.g. cameras: {agentview: primary, wrist: wrist}")
+        self.fast_path.check()
+        return self
+
+
+def load_serve_config(source: str | Path | Mapping[str, Any] | None, overrides: list[str] | None = None) -> ServeConfig:
+    """A serve config from a YAML path, the name of a shipped one (configs/serve/), a mapping or None (defaults),
+    with key=value overrides."""
+    return load_config(ServeConfig, source, "serve", overrides)
+
+
+def to_client_actions(actions: np.ndarray, benchmark: str) -> np.ndarray:
+    """Model actions [chunk, 7] (un-normalised, gripper in [0, 1] with 1 = open) -> what the client's env takes."""
+    actions = np.asarray(actions, dtype=np.float32)
+    if benchmark == "raw":
+        return actions
+    if benchmark == "libero":
+        from vlacache.envs.libero import to_libero_action
+
+        return np.stack([to_libero_action(a, "openvla") for a in actions]).astype(np.float32)
+    from vlacache.envs.simpler import to_simpler_action
+
+    return np.stack([to_simpler_action(a) for a in actions])
+
+
+class PolicyService:
+    """A backbone + cache policy answering queries from several client sessions, each its own episode.
+
+    `observation()` maps the client's cameras to the backbone's; `predict(session, obs)` runs one control step
+    in that session's episode and returns the actions in the client's convention ([chunk, 7]); `start_episode`
+    / `end_session` mark the boundaries. `records` keeps the last queries' numbers (also written to `log`).
+    """
+
+    def __init__(self, config: ServeConfig, backbone: Backbone | None = None, default_cameras: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.backbone = backbone if backbone is not None else build_backbone(config.backbone)
+        self.vla = CachedVLA(self.backbone, build_policy(config.policy), **config.fast_path.options())
+        self.cameras = dict(config.cameras if config.cameras is not None else default_cameras or {})
+        for name, camera in self.cameras.items():
+            if camera not in self.backbone.cameras:
+                raise ConfigError(f"cameras: '{name}' maps to '{camera}', which is not a camera of this backbone "
+                                  f"({', '.join(self.backbone.cameras)})")
+        self._episodes: dict[str, EpisodeSnapshot | None] = {}
+        self._episode_ids: dict[str, int] = {}
+        self._current: str | None = None
+        self._lock = threading.Lock()
+        self.records: deque[dict] = deque(maxlen=10000)
+        self._log = Path(config.log) if config.log else None
+        if self._log is not None:
+            self._log.parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def chunk(self) -> int:
+        """Actions per query the client executes: `execute_chunk` (at most the backbone's chunk), else all."""
+        return min(self.config.execute_chunk or self.backbone.action_chunk, self.backbone.action_chunk)
+
+    def observation(self, images: Mapping[str, Any], instruction: Any, proprio: Any = None) -> Observation:
+        """A vlacache Observation from the client's camera images (renamed by the camera map), instruction and
+        robot state; names what is missing and how to send it."""
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise InputError(f"the observation has no task instruction (got {instruction!r}); send the task's language "
+                             "instruction with every observation")
+        mapped = {self.cameras.get(name, name): image for name, image in images.items()}
+        missing = [c for c in self.backbone.cameras if c not in mapped]
+        if missing:
+            expected = [name for name, camera in self.cameras.items() if camera in missing]
+            raise InputError(
+                f"the model needs camera(s) {missing} but the client sent {sorted(images)}; have the client send "
+                f"{' / '.join(map(repr, expected)) or 'it'}, or map the client's name in the serve config "
+                f"(cameras: {{CLIENT_NAME: {missing[0]}}})"
+            )
+        chosen = {c: np.asarray(mapped[c]) for c in self.backbone.cameras}
+        if self.config.model_resize:
+            chosen = {c: resize_for_policy(image, self.config.model_resize) for c, image in chosen.items()}
+        if self.backbone.uses_proprio and proprio is None:
+            raise InputError("the model needs the robot state (proprio) and the client sent none; enable the client's "
+                             "state (vla-eval: send_state, openpi: observation/state)")
+        return Observation(images=chosen, instruction=instruction,
+                           proprio=None if proprio is None else np.asarray(proprio, dtype=np.float32))
+
+    def start_episode(self, session: str) -> None:
+        """The session's next query starts a new episode (a full forward, nothing reused)."""
+        with self._lock:
+            self._episodes[session] = None
+            self._episode_ids[session] = self._episode_ids.get(session, -1) + 1
+            if self._current == session:
+                self._current = None
+
+    def end_session(self, session: str) -> None:
+        """Forget the session's episode (its K/V)."""
+        with self._lock:
+            self._episodes.pop(session, None)
+            if self._current == session:
+                self._current = None
+
+    def predict(self, session: str, obs: Observation) -> tuple[np.ndarray, StepResult]:
+        """One control step of the session's episode: (client actions [chunk, 7], the step's result)."""
+        with self._lock:
+            if session not in self._episode_ids:
+                self._episode_ids[session] = 0
+            if self._current != session:
+                if self._current is not None and self._current in self._episodes:
+                    self._episodes[self._current] = self.vla.save_episode()
+                self.vla.load_episode(self._episodes.get(session))
+                self._current = session
+            try:
+                result = self.vla.predict(obs)
+            except BaseException:
+                self._episodes[session] = None  # what the failed step left is not trustworthy
+                self._current = None
+                raise
+            actions = to_client_actions(result.actions[0][: self.chunk], self.config.benchmark)
+            self._record(session, result)
+            return actions, result
+
+    def _record(self, session: str, result: StepResult) -> None:
+        stats = result.stats
+        record = {"time": time.time(), "session": session, "episode": self._episode_ids[session], "step": stats.step,
+                  "reuse_ratio": stats.reuse_ratio, "reused_per_layer": stats.reused_per_layer,
+                  "latency_ms": stats.latency_ms}
+        self.records.append(record)
+        if self._log is not None:
+            with self._log.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.vla.detach()
