@@ -14,7 +14,6 @@ reads torch's counters, so a test can check that steady state compiles nothing.
 
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -22,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..messages import note
 from .hooks import decoder_layers
 
 COMPILED_SKIP = ("self_attn",)
@@ -32,10 +32,6 @@ def compile_counts() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
     return {"frames": int(counters["frames"]["total"]), "graphs": int(counters["stats"]["unique_graphs"])}
-
-
-def _note(message: str) -> None:
-    print(f"vlacache: {message}", file=sys.stderr, flush=True)
 
 
 class CompiledSteps:
@@ -77,11 +73,11 @@ class CompiledSteps:
         key = (id(self.decoder), *key)
         if key in CompiledSteps._seen:
             return run()
-        _note(f"compiling {what}: the first step of this shape; later steps reuse it")
+        note(f"compiling {what}: the first step of this shape; later steps reuse it")
         start = time.perf_counter()
         out = run()
         CompiledSteps._seen.add(key)
-        _note(f"compiled {what} in {time.perf_counter() - start:.1f} s")
+        note(f"compiled {what} in {time.perf_counter() - start:.1f} s")
         return out
 
     # -- decode passes ----------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         rows.append(bench_row(BASELINE + COMPILED, "no cache, compiled", base, results[BASELINE + COMPILED]))
         for p in policies:
             row = bench_row(p.label + COMPILED, repr(p) + ", compiled", base, results[p.label + COMPILED])
-            against = bench_row(row["label"], "", results[BASELINE + COMPILED], results[p.label + COMPILED])["summary"]
+            against = latency_summary(results[BASELINE + COMPILED], results[p.label + COMPILED])
             row["summary"]["vs_compiled_baseline"] = {k: v for k, v in against.items() if k.endswith("_speedup")}
             rows.append(row)
         compile_checks = {label: agreement(results[label], results[label + COMPILED])
@@ -206,6 +206,21 @@ def batch_throughput(backbone, policies, episodes: list[list[Observation]], conf
     return {"size": len(group), "steps": steps, "rows": rows}
 
 
+def latency_summary(baseline: list[list[list[StepResult]]], cached: list[list[list[StepResult]]]) -> dict[str, float]:
+    """Per latency part: the median over steps (of each step's median over repeats), baseline and cached, and
+    their ratio; over the steps where the cached row reused something (all steps when it never did)."""
+    pairs = [(base, mine) for base_episode, cached_episode in zip(baseline, cached)
+             for base, mine in zip(base_episode, cached_episode)]
+    pairs = [(base, mine) for base, mine in pairs if mine[-1].stats.reuse_ratio > 0] or pairs
+    summary = {}
+    for part in PARTS:
+        b = _median([_median([r.stats.latency_ms[part] for r in base]) for base, _ in pairs])
+        c = _median([_median([r.stats.latency_ms[part] for r in mine]) for _, mine in pairs])
+        summary[f"{part}_ms_baseline"], summary[f"{part}_ms_cached"] = b, c
+        summary[f"{part}_speedup"] = b / c if c > 0 else float("nan")
+    return summary
+
+
 def bench_row(label: str, description: str, baseline: list[list[list[StepResult]]],
               cached: list[list[list[StepResult]]]) -> dict[str, Any]:
     """One row's per-step numbers (every episode's steps in order) and their summary against the baseline."""
@@ -228,14 +243,9 @@ def bench_row(label: str, description: str, baseline: list[list[list[StepResult]
                 "device_ms_cached": _median([r.stats.device_ms for r in mine]) if stats.device_ms is not None else None,
                 "action_max_abs_diff": float(abs(base[-1].actions - mine[-1].actions).max()),
             })
-    reuse_steps = [s for s in steps if s["reuse_ratio"] > 0] or steps
     summary = {"reuse_steps": len([s for s in steps if s["reuse_ratio"] > 0]),
                "mean_reuse_ratio": statistics.mean(s["reuse_ratio"] for s in steps)}
-    for part in PARTS:
-        b = _median([s["latency_baseline_ms"][part] for s in reuse_steps])
-        c = _median([s["latency_cached_ms"][part] for s in reuse_steps])
-        summary[f"{part}_ms_baseline"], summary[f"{part}_ms_cached"] = b, c
-        summary[f"{part}_speedup"] = b / c if c > 0 else float("nan")
+    summary.update(latency_summary(baseline, cached))
     summary["action_abs_diff"] = action_deviation(
         [step[-1].actions for episode in baseline for step in episode],
         [step[-1].actions for episode in cached for step in episode])

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
 
+from ..messages import note, warn  # noqa: F401  (the eval room imports them from here)
 from ..types import InputError
 
 MANIFEST_NAME = "run.json"
@@ -30,14 +30,6 @@ SUMMARY_FILES = ("summary.md", "summary.csv", "summary.png")
 class ResultsConflict(InputError):
     """The output directory holds results this run must not touch or mix with (another run's lock, results
     of a different configuration); the message says what and how to proceed."""
-
-
-def warn(message: str) -> None:
-    print(f"vlacache: warning: {message}", file=sys.stderr, flush=True)
-
-
-def note(message: str) -> None:
-    print(f"vlacache: {message}", file=sys.stderr, flush=True)
 
 
 # -- episode records ------------------------------------------------------------------------------------------
