@@ -142,6 +142,25 @@ def test_record_resume_and_failed_episode(tmp_path):
     assert json.loads((tmp_path / "fail" / "dataset_statistics.json").read_text())["libero_spatial"]["num_trajectories"] == 0
 
 
+def test_a_second_recording_into_a_busy_folder_is_refused(tmp_path):
+    """Two recordings into one folder would record the same episodes twice; the second stops before any work."""
+    import json
+    import os
+    import socket
+
+    from vlacache.eval.results import ResultsConflict
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "run.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "token": "other",
+                                              "started": "now", "command": "vlacache demos libero_spatial"}))
+    config = DemosConfig(env={"name": "libero", "suite": "libero_spatial", "tasks": [0]}, episodes_per_task=1,
+                         output_dir=str(out))
+    with pytest.raises(ResultsConflict, match="in use by another vlacache run"):
+        record_demos(config, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+
+
 def test_index_keeps_every_line(tmp_path):
     """Index lines are complete records of their own kind (not episode results): appends never move them aside."""
     index = ResultStore(tmp_path / "index.jsonl", INDEX_FIELDS)

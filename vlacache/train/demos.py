@@ -15,6 +15,7 @@ Output folder:
   dataset_statistics.json        OpenVLA / OFT normalisation statistics of the stored episodes
   summary.json                   the expert's success rate per task
   settings.json                  env, expert and noise settings; a resume with other ones is refused
+  run.lock                       while a recording runs: a second one into the same folder is refused
 Failed expert episodes are counted in the index and the summary, never stored. Re-running the same config
 skips every (task, seed) already in the index, except those that raised, which are tried again.
 Scenes come from the task's placement sampler (`placement: sampled`), seeds from `first_seed` (100000) on:
@@ -40,6 +41,7 @@ from tqdm import tqdm
 from vlacache.config import resolve_component, typed
 from vlacache.env import EpisodeSpec
 from vlacache.envs.replay import IMAGE_PREFIX, save_recording
+from vlacache.eval.lock import acquire_lock, run_token
 from vlacache.eval.results import ResultStore
 from vlacache.registry import ENVS
 from vlacache.train.expert import ActionNoise, ExpertConfig, NoiseConfig, PickPlaceExpert
@@ -142,6 +144,11 @@ def record_demos(config: DemosConfig, progress: bool = True) -> dict[str, Any]:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cls, env_config = resolve_component(ENVS, spec, "env")
+    with acquire_lock(out, run_token()):  # one recording per folder: two would record the same episodes
+        return _record(out, config, spec, cls, env_config, progress)
+
+
+def _record(out: Path, config: DemosConfig, spec: dict, cls, env_config, progress: bool) -> dict[str, Any]:
     suite = env_config.suite
     _claim(out, config)
     done = {(r["task"], r["seed"]) for r in read_index(out) if "error" not in r}
