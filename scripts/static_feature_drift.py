@@ -21,7 +21,7 @@ import torch
 from vlacache.envs.replay import ReplayEnv
 from vlacache.eval.bench import collect_episodes
 from vlacache.experiment import build_backbone
-from vlacache.strategies.selectors import patch_cosine
+from vlacache.patches import patch_cosine
 
 
 def main() -> None:

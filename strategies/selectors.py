@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
 
+from vlacache.config import ConfigError
+from vlacache.patches import patch_cosine
 from vlacache.registry import register_strategy
 from vlacache.strategy import Candidates, PlanContext, TokenSelector
 from vlacache.types import InputError
@@ -20,20 +21,6 @@ class NoSelector(TokenSelector):
 
     def select(self, ctx: PlanContext) -> dict[str, Candidates]:
         return {}
-
-
-def patch_cosine(current: torch.Tensor, previous: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Cosine similarity [B, rows*cols] of the raw pixels of each patch of two uint8 images [B, H, W, 3]."""
-    if current.shape != previous.shape:
-        raise InputError(f"current and previous query images differ in shape: {tuple(current.shape)} vs {tuple(previous.shape)}")
-    if current.shape[1] % rows or current.shape[2] % cols:
-        raise InputError(f"image {tuple(current.shape[1:3])} does not split into a {rows}x{cols} patch grid")
-    a = rearrange(current.float(), "b (r p) (c q) ch -> b (r c) (p q ch)", r=rows, c=cols)
-    b = rearrange(previous.float(), "b (r p) (c q) ch -> b (r c) (p q ch)", r=rows, c=cols)
-    na, nb = a.norm(dim=-1), b.norm(dim=-1)
-    cosine = (a * b).sum(-1) / (na * nb).clamp_min(1e-12)
-    both_black = (na == 0) & (nb == 0)
-    return torch.where(both_black, torch.ones_like(cosine), cosine)
 
 
 @register_strategy("selector", "pixel-cosine")
@@ -50,24 +37,66 @@ class PixelCosineSelector(TokenSelector):
         cameras: list[str] | None = None
 
     def select(self, ctx: PlanContext) -> dict[str, Candidates]:
+        self._check_cameras(ctx)
+        out = {}
+        for camera, span in ctx.layout.vision.items():
+            similarity = patch_cosine(ctx.current[camera], ctx.previous[camera], span.rows, span.cols)
+            out[camera] = self._candidates(camera, similarity >= self.config.tau, similarity)
+        return out
+
+    def _check_cameras(self, ctx: PlanContext) -> None:
         cameras = self.config.cameras
         if cameras is not None and not set(cameras) <= set(ctx.layout.vision):
             unknown = sorted(set(cameras) - set(ctx.layout.vision))
             raise InputError(
-                f"selector 'pixel-cosine': cameras {unknown} are not inputs of this backbone, whose cameras are "
+                f"selector '{getattr(type(self), 'registry_name', 'pixel-cosine')}': cameras {unknown} are not inputs of this backbone, whose cameras are "
                 f"{sorted(ctx.layout.vision)}; set selector.cameras to some of those (or null for all)"
             )
+
+    def _candidates(self, camera: str, mask: torch.Tensor, score: torch.Tensor) -> Candidates:
+        """The static patches of one camera, limited to the configured cameras and to the top_k by score."""
+        if self.config.cameras is not None and camera not in self.config.cameras:
+            mask = torch.zeros_like(mask)
+        k = self.config.top_k
+        if k is not None and k < mask.shape[1]:
+            keep = torch.zeros_like(mask)
+            top = score.masked_fill(~mask, float("-inf")).topk(k, dim=1).indices
+            keep.scatter_(1, top, True)
+            mask = mask & keep
+        return Candidates(mask=mask, score=score)
+
+
+@register_strategy("selector", "drift-aware")
+class DriftAwareSelector(PixelCosineSelector):
+    """Pixel-cosine reuse that also compares each patch with the frame its cached K/V were computed from (its
+    anchor: reuse is chained, so a patch that changes a little at every step is never 'changed' against the
+    previous frame yet drifts away from what its K/V encode), and recomputes a token reused `max_age` steps in a
+    row. A patch is a candidate when its similarity to the previous query frame is >= tau, to its anchor >=
+    anchor_tau, and its K/V are younger than max_age steps (null: no limit); score: the smaller similarity."""
+
+    @dataclass
+    class Config:
+        tau: float = 0.996
+        top_k: int | None = 100
+        cameras: list[str] | None = None
+        anchor_tau: float = 0.99
+        max_age: int | None = 4
+
+    def check(self, num_layers: int) -> None:
+        if self.config.max_age is not None and self.config.max_age < 1:
+            raise ConfigError(f"selector 'drift-aware': max_age must be >= 1 or null, got {self.config.max_age}")
+
+    def select(self, ctx: PlanContext) -> dict[str, Candidates]:
+        self._check_cameras(ctx)
         out = {}
         for camera, span in ctx.layout.vision.items():
             similarity = patch_cosine(ctx.current[camera], ctx.previous[camera], span.rows, span.cols)
             mask = similarity >= self.config.tau
-            if cameras is not None and camera not in cameras:
-                mask = torch.zeros_like(mask)
-            k = self.config.top_k
-            if k is not None and k < mask.shape[1]:
-                keep = torch.zeros_like(mask)
-                top = similarity.masked_fill(~mask, float("-inf")).topk(k, dim=1).indices
-                keep.scatter_(1, top, True)
-                mask = mask & keep
-            out[camera] = Candidates(mask=mask, score=similarity)
+            if ctx.anchors is not None:
+                anchored = patch_cosine(ctx.current[camera], ctx.anchors[camera], span.rows, span.cols)
+                mask &= anchored >= self.config.anchor_tau
+                similarity = torch.minimum(similarity, anchored)
+                if self.config.max_age is not None:
+                    mask &= ctx.ages[camera].to(mask.device) < self.config.max_age
+            out[camera] = self._candidates(camera, mask, similarity)
         return out

@@ -32,7 +32,13 @@ def streams(backbone, frames):
     return [[(Observation({"primary": img}, text), restart) for img, text, restart in row] for row in rows]
 
 
-@pytest.mark.parametrize("policy", ["static_reuse", "static_reuse_filter"])
+# per-row staleness (engine/staleness.py) decides this one's candidates: anchors and ages must follow each row
+DRIFT_AWARE = {"label": "drift-aware", "selector": {"name": "drift-aware", "tau": 0.996, "top_k": 100, "anchor_tau": 0.999,
+                                                    "max_age": 3},
+               "relevance": {"name": "none"}, "scheduler": {"name": "constant", "fraction": 1.0}, "gate": {"name": "full-first-step"}}
+
+
+@pytest.mark.parametrize("policy", ["static_reuse", "static_reuse_filter", DRIFT_AWARE], ids=["static", "filter", "drift"])
 def test_a_batch_of_episodes_equals_separate_runs(tiny, frames, policy):
     rows = streams(tiny, frames)
     alone = []
@@ -93,14 +99,15 @@ def test_reset_rows_needs_a_backbone_whose_own_state_is_per_row(tiny):
         vla.reset(rows=[0])  # nothing to forget yet: fine
 
 
-def test_rows_leave_the_batch_and_the_others_keep_their_caches(tiny, frames):
+@pytest.mark.parametrize("policy", ["static_reuse", DRIFT_AWARE], ids=["static", "drift"])
+def test_rows_leave_the_batch_and_the_others_keep_their_caches(tiny, frames, policy):
     """Envs whose episodes ended leave the batch (keep_rows); the rest go on exactly as alone, reusing."""
     rows = streams(tiny, frames)[:2] + [[(Observation({"primary": f.images["primary"]}, f.instruction), False) for f in frames]]
     alone = []
     for row in rows:
-        with CachedVLA(tiny, CachePolicy.from_config("static_reuse")) as vla:
+        with CachedVLA(tiny, CachePolicy.from_config(policy)) as vla:
             alone.append([vla.predict(obs) for obs, _ in row])
-    with CachedVLA(tiny, CachePolicy.from_config("static_reuse")) as vla:
+    with CachedVLA(tiny, CachePolicy.from_config(policy)) as vla:
         members = [0, 1, 2]
         for t in range(STEPS):
             if t == 3:

@@ -180,8 +180,9 @@ class CachedVLA:
                             lambda: backbone.decode(prefill, inputs, static))
         check_finite(prefill.logits, decoded.actions, engine.episode.step)
         step_index = engine.episode.step
+        staleness = None
         if engine.in_step:
-            engine.end_step(inputs.query_images)
+            staleness = engine.end_step(inputs.query_images, plan).staleness
         else:
             engine.advance()
         wall, device_ms = timer.stop()
@@ -190,7 +191,8 @@ class CachedVLA:
             logits=prefill.logits,
             plan=plan,
             tokens=decoded.tokens,
-            stats=self._stats(step_index, plan, layout.length, layout.num_visual, timer.ms, wall, device_ms, fresh),
+            stats=self._stats(step_index, plan, layout.length, layout.num_visual, timer.ms, wall, device_ms, fresh,
+                              staleness),
         )
 
     def _row_plan(self, row: int, inputs) -> ReusePlan:
@@ -208,10 +210,13 @@ class CachedVLA:
             previous=None if alone else {name: image[row : row + 1] for name, image in previous.items()},
             stats=None if alone or stats is None else stats.row(row),
         )
+        if not alone and episode.staleness is not None:
+            row_staleness = episode.staleness.rows(slice(row, row + 1))
+            ctx.anchors, ctx.ages = row_staleness.anchors, row_staleness.ages
         plan = self.policy.plan(ctx)
         return plan if self.buckets is None else self.buckets.apply(plan, layout.num_visual)
 
-    def _stats(self, step, plan, length, num_visual, ms, wall, device_ms, fresh) -> StepStats:
+    def _stats(self, step, plan, length, num_visual, ms, wall, device_ms, fresh, staleness=None) -> StepStats:
         dims = self.backbone.decoder_dims()
         reused = plan.counts
         tokens = [length - c for c in reused]
@@ -235,6 +240,7 @@ class CachedVLA:
             latency_ms=latency,
             device_ms=device_ms,
             episode_reset=any(fresh),
+            staleness=staleness,
         )
 
 

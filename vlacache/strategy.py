@@ -74,6 +74,9 @@ class PlanContext:
     current: Mapping[str, torch.Tensor]
     previous: Mapping[str, torch.Tensor] | None
     stats: AttentionStats | None
+    # per camera, the frame each token's cached K/V were computed from and the steps since (engine/staleness.py)
+    anchors: Mapping[str, torch.Tensor] | None = None
+    ages: Mapping[str, torch.Tensor] | None = None
 
 
 class Strategy:

@@ -144,6 +144,16 @@ class ReusePlan:
         reused = [torch.sort(order[:, :count], dim=1).values for count in counts]
         return cls(reused, order=order[:, : counts[-1]] if counts else order[:, :0])
 
+    def stale(self, length: int) -> torch.Tensor | None:
+        """[B, L] bool: the positions whose deepest-layer K/V come from an earlier step (None: nothing reused)."""
+        if not self.reused or (self.reused[-1].shape[1] == 0 and self.spliced is None):
+            return None
+        mask = torch.zeros(self.reused[-1].shape[0], length, dtype=torch.bool)
+        mask.scatter_(1, self.reused[-1].cpu(), True)
+        if self.spliced is not None:
+            mask |= self.spliced[-1].cpu()
+        return mask
+
     def priority(self) -> torch.Tensor:
         """`order`, or the order implied by the nesting: earlier layer first, then position."""
         if self.order is not None:
@@ -256,6 +266,7 @@ class StepStats:
     latency_ms: dict[str, float]
     device_ms: float | None = None
     episode_reset: bool = False
+    staleness: dict | None = None  # of the reused tokens: steps since computed, pixel drift to that frame (engine/staleness.py)
 
     def as_dict(self) -> dict:
         return {
@@ -268,4 +279,5 @@ class StepStats:
             "latency_ms": self.latency_ms,
             "device_ms": self.device_ms,
             "episode_reset": self.episode_reset,
+            "staleness": self.staleness,
         }

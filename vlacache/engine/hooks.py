@@ -19,6 +19,8 @@ from torch import nn
 
 from .probe import apply_rotary, query_heads, summarize_layers
 from .reuse_cache import ReuseCache
+from .staleness import Staleness
+from .staleness import advance as advance_staleness
 from ..types import AttentionStats, ReusePlan, TokenLayout
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -39,6 +41,7 @@ class StepRecord:
     reused_per_layer: list[int]
     tokens_per_layer: list[int]
     stats: AttentionStats | None
+    staleness: dict | None = None
 
 
 @dataclass
@@ -56,6 +59,7 @@ class EpisodeState:
     prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     final_hidden: torch.Tensor | None = None
     stats: AttentionStats | None = None
+    staleness: Staleness | None = None
 
     @property
     def step(self) -> int:
@@ -194,6 +198,8 @@ class CacheEngine:
             episode.final_hidden = pick(episode.final_hidden)
         if episode.previous_images is not None:
             episode.previous_images = {name: pick(image) for name, image in episode.previous_images.items()}
+        if episode.staleness is not None:
+            episode.staleness = episode.staleness.rows(index)
         if episode.stats is not None:
             stats = episode.stats
             episode.stats = AttentionStats({layer: pick(t) for layer, t in stats.to_keys.items()},
@@ -282,8 +288,9 @@ class CacheEngine:
         )
         return cache
 
-    def end_step(self, images: dict[str, torch.Tensor] | None = None) -> StepRecord:
-        """Close the step: keep its K/V, final hidden states, attention statistics and query images."""
+    def end_step(self, images: dict[str, torch.Tensor] | None = None, plan: ReusePlan | None = None) -> StepRecord:
+        """Close the step: keep its K/V, final hidden states, attention statistics and query images, and (given
+        the images and the step's plan) how stale each visual token's K/V now are."""
         step = self._step
         if step is None or step.in_prefill:
             raise RuntimeError("end_step() without a finished prefill: call begin_step() and run the model first")
@@ -295,14 +302,19 @@ class CacheEngine:
         self.episode.stats = (
             AttentionStats(step.to_keys, step.entropy, query="text") if step.probe_layers else None
         )
+        staleness = None
         if images is not None:
             self.episode.previous_images = {name: image.detach().clone() for name, image in images.items()}
+            stale = plan.stale(length) if plan is not None else None
+            self.episode.staleness, staleness = advance_staleness(self.episode.staleness, self.episode.previous_images,
+                                                                  stale, step.layout)
         self.advance()
         self._step = None
         return StepRecord(
             reused_per_layer=step.counts,
             tokens_per_layer=[length - c for c in step.counts],
             stats=self.episode.stats,
+            staleness=staleness,
         )
 
     def advance(self) -> None:

@@ -242,6 +242,7 @@ def bench_row(label: str, description: str, baseline: list[list[list[StepResult]
                 "device_ms_baseline": _median([r.stats.device_ms for r in base]) if base[-1].stats.device_ms is not None else None,
                 "device_ms_cached": _median([r.stats.device_ms for r in mine]) if stats.device_ms is not None else None,
                 "action_max_abs_diff": float(abs(base[-1].actions - mine[-1].actions).max()),
+                "staleness": stats.staleness,
             })
     summary = {"reuse_steps": len([s for s in steps if s["reuse_ratio"] > 0]),
                "mean_reuse_ratio": statistics.mean(s["reuse_ratio"] for s in steps)}
@@ -252,6 +253,13 @@ def bench_row(label: str, description: str, baseline: list[list[list[StepResult]
     fb = statistics.mean(s["flops_baseline"]["total"] for s in steps)
     fc = statistics.mean(s["flops_cached"]["total"] for s in steps)
     summary.update(flops_baseline=fb, flops_cached=fc, flops_ratio=fc / fb)
+    stale = [s["staleness"] for s in steps if s["staleness"]]
+    summary["staleness"] = {  # of the reused tokens: steps since their K/V were computed, pixel drift since
+        "reused_age_mean": statistics.mean(x["reused_age_mean"] for x in stale),
+        "reused_age_max": max(x["reused_age_max"] for x in stale),
+        "reused_drift_mean": statistics.mean(x["reused_drift_mean"] for x in stale),
+        "reused_drift_max": max(x["reused_drift_max"] for x in stale),
+    } if stale else None
     layers = len(steps[0]["tokens_per_layer"])
     summary["mean_reused_per_layer"] = [statistics.mean(s["reused_per_layer"][i] for s in steps) for i in range(layers)] \
         if steps[0]["reused_per_layer"] else []
