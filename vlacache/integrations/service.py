@@ -142,7 +142,7 @@ class PolicyService:
             chosen = {c: resize_for_policy(image, self.config.model_resize) for c, image in chosen.items()}
         if self.backbone.uses_proprio and proprio is None:
             raise InputError("the model needs the robot state (proprio) and the client sent none; enable the client's "
-                             "state (vla-eval: send_state, openpi: observation/state)")
+                             "state (vla-eval: send_state; openpi: observation/state; LeRobot: observation.state)")
         return Observation(images=chosen, instruction=instruction,
                            proprio=None if proprio is None else np.asarray(proprio, dtype=np.float32))
 
