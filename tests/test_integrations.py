@@ -92,6 +92,51 @@ def test_interleaved_sessions_equal_separate_runs(model, frames, request):
         assert any(r.stats.reuse_ratio > 0 for _, r in alone[name][1:]), "static reuse must reuse on similar frames"
 
 
+def test_sessions_batched_together_equal_separate_runs(tiny, frames):
+    """predict_many runs the sessions that can share a forward as one batch of episodes: each gets the actions
+    of its separate run, a session starting a new episode mid-way included, and one whose prompt has another
+    length runs on its own."""
+    from test_batched_episodes import other_instruction
+
+    images = [f.images["primary"] for f in frames]
+    instruction = frames[0].instruction
+    same_length = other_instruction(tiny, instruction)
+    longer = instruction + " and then stop"
+    assert len(tiny.prompt_ids(longer)) != len(tiny.prompt_ids(instruction))
+    plan = {"a": (images, instruction), "b": (images[::-1], same_length), "c": (images, longer)}
+    restart_b_at = 3
+    alone = {}
+    service = tiny_service(tiny)
+    try:
+        for name, (stream, text) in plan.items():
+            service.start_episode(name)
+            alone[name] = []
+            for t, image in enumerate(stream):
+                if name == "b" and t == restart_b_at:
+                    service.start_episode(name)
+                alone[name].append(service.predict(name, service.observation({"agentview": image}, text))[0])
+        names = list(plan)
+        for name in names:
+            service.start_episode(name)
+        together = {name: [] for name in names}
+        for t in range(len(images)):
+            if t == restart_b_at:
+                service.start_episode("b")
+            observations = [service.observation({"agentview": plan[n][0][t]}, plan[n][1]) for n in names]
+            for name, actions in zip(names, service.predict_many(names, observations)):
+                together[name].append(actions)
+        records = list(service.records)[-3 * len(images):]
+    finally:
+        service.close()
+    for name in names:
+        np.testing.assert_allclose(np.stack(together[name]), np.stack(alone[name]), atol=1e-5)
+    batched = [r for r in records if r["batch"] == 2]
+    assert {r["session"] for r in batched} == {"a", "b"} and all(r["batch"] == 1 for r in records if r["session"] == "c")
+    b_steps = [r["step"] for r in records if r["session"] == "b"]
+    assert b_steps == [0, 1, 2, 0, 1, 2] and [r["reuse_ratio"] > 0 for r in records if r["session"] == "b"].count(False) == 2
+    assert any(r["reuse_ratio"] > 0 for r in batched)
+
+
 def torch_equal(a, b) -> bool:
     return bool((a == b).all())
 
@@ -165,9 +210,10 @@ def test_vla_eval_orchestrator_runs_libero_episodes():
         assert (r["reuse_ratio"] > 0) == (r["step"] > 0), r
 
 
-def test_vla_eval_sessions_never_share_a_cache(tiny, frames):
-    """Two vla-eval clients (its own Connection class) on one served model, stepping in turn, each get the actions
-    of a separate run."""
+@pytest.mark.parametrize("max_batch_size", [1, 2])
+def test_vla_eval_sessions_never_share_a_cache(tiny, frames, max_batch_size):
+    """Two vla-eval clients (its own Connection class) on one served model each get the actions of a separate
+    run: stepping in turn (max_batch_size 1), or concurrently, their queries batched (max_batch_size 2)."""
     from vla_eval.api import serve_background
     from vla_eval.connection import Connection
 
@@ -192,22 +238,60 @@ def test_vla_eval_sessions_never_share_a_cache(tiny, frames):
         for connection in connections.values():
             await connection.connect()
             await connection.start_episode({"task": "t"})
+        async def step(name, connection, t):
+            action = await connection.act({"images": {"agentview": streams[name][t]}, "task_description": instruction})
+            together[name].append(np.asarray(action["actions"]))
+
         for t in range(len(frames)):
-            for name, connection in connections.items():
-                action = await connection.act({"images": {"agentview": streams[name][t]}, "task_description": instruction})
-                together[name].append(np.asarray(action["actions"]))
+            if max_batch_size == 1:
+                for name, connection in connections.items():
+                    await step(name, connection, t)
+            else:
+                async with anyio.create_task_group() as group:
+                    for name, connection in connections.items():
+                        group.start_soon(step, name, connection, t)
         for connection in connections.values():
             await connection.end_episode({"success": False})
             await connection.close()
 
     try:
-        with serve_background(VlaCacheModelServer.for_service(service)) as handle:
+        with serve_background(VlaCacheModelServer.for_service(service, max_batch_size=max_batch_size)) as handle:
             anyio.run(clients, handle.url)
     finally:
         service.close()
     assert len({r["session"] for r in service.records}) == 2
     for name in streams:
-        assert np.array_equal(np.stack(alone[name]), np.stack(together[name]))
+        np.testing.assert_allclose(np.stack(together[name]), np.stack(alone[name]), atol=1e-5)
+
+
+
+def test_vla_eval_batch_of_sessions_equals_separate_runs(tiny, frames):
+    """What vla-eval's dispatcher calls with max_batch_size > 1: predict_batch over several sessions' queries."""
+    from vla_eval.model_servers.base import SessionContext
+
+    from vlacache.integrations.vla_eval import VlaCacheModelServer
+
+    streams, instruction = episode_streams(frames)
+    reference = tiny_service(tiny)
+    try:
+        alone = {}
+        for name, images in streams.items():
+            reference.start_episode(name)
+            alone[name] = [reference.predict(name, reference.observation({"agentview": im}, instruction))[0][0]
+                           for im in images]
+    finally:
+        reference.close()
+    service = tiny_service(tiny)
+    server = VlaCacheModelServer.for_service(service, max_batch_size=2)
+    contexts = [SessionContext(session_id=name, episode_id="0") for name in streams]
+    try:
+        replies = [server.predict_batch([{"images": {"agentview": streams[c.session_id][t]}, "task_description": instruction}
+                                         for c in contexts], contexts) for t in range(len(frames))]
+    finally:
+        service.close()
+    for i, name in enumerate(streams):
+        np.testing.assert_allclose(np.stack([r[i]["actions"] for r in replies]), np.stack(alone[name]), atol=1e-5)
+    assert all(r["batch"] == 2 for r in service.records) and any(r["reuse_ratio"] > 0 for r in service.records)
 
 
 @pytest.mark.parametrize("launcher", ["python -m", "vla-eval serve"])

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
-from .engine import CacheEngine, CompiledSteps, ReuseBuckets
+from .engine import CacheEngine, CompiledSteps, EpisodeState, ReuseBuckets
 from .flops import decode_flops, prefill_flops
 from .policy import CachePolicy, PolicyConfig
 from .strategy import PlanContext
@@ -96,19 +96,34 @@ class CachedVLA:
         if self.engine.episode.key is not None:
             self.engine.reset_rows(list(rows))
 
-    def save_episode(self) -> "EpisodeSnapshot":
+    def save_episode(self, row: int | None = None) -> "EpisodeSnapshot":
         """This CachedVLA's episode state (the engine's cache and the backbone's own), to continue later with
-        `load_episode`: one model serving several independent episodes in turn (e.g. one per client session)."""
-        return EpisodeSnapshot(self.engine.episode, self.backbone.episode_state())
+        `load_episode`: one model serving several independent episodes in turn (e.g. one per client session).
+        `row`: only that row of a batch of episodes (a backbone with its own episode state cannot split it)."""
+        if row is None:
+            return EpisodeSnapshot(self.engine.episode, self.backbone.episode_state())
+        self._check_rows_separable()
+        return EpisodeSnapshot(self.engine.episode.rows([row]))
 
-    def load_episode(self, snapshot: "EpisodeSnapshot | None") -> None:
+    def load_episode(self, snapshot: "EpisodeSnapshot | Sequence[EpisodeSnapshot | None] | None") -> None:
         """Continue the episode `save_episode` returned (its K/V, previous frame, statistics, step count), or
-        start a new one with None. The snapshot's tensors are used in place, not copied."""
+        start a new one with None. The snapshot's tensors are used in place, not copied. A list of single-row
+        snapshots (None: a new episode) becomes one batch of episodes, row i continuing snapshot i; they must
+        share image sizes and prompt length."""
         self.reset()  # also clears a step that raised mid-way
         if snapshot is None:
             return
-        self.engine.episode = snapshot.engine
-        self.backbone.load_episode_state(snapshot.backbone)
+        if isinstance(snapshot, EpisodeSnapshot):
+            self.engine.episode = snapshot.engine
+            self.backbone.load_episode_state(snapshot.backbone)
+            return
+        self._check_rows_separable()
+        self.engine.episode = EpisodeState.stack([s.engine if s is not None else None for s in snapshot])
+
+    def _check_rows_separable(self) -> None:
+        if self.backbone.episode_state() is not None:
+            raise InputError(f"{type(self.backbone).__name__} keeps episode state of its own for the whole batch, so "
+                             "its batch rows cannot be saved or loaded one by one; run one episode at a time")
 
     def keep_rows(self, rows: Sequence[int]) -> None:
         """Go on with these batch rows only (in this order), e.g. when the other envs' episodes ended: the kept

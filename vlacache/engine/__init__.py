@@ -3,6 +3,7 @@
 hooks:       `CacheEngine`, the forward hooks that drop reused rows and splice last step's K/V (per episode state)
 reuse_cache: `ReuseCache`, the DynamicCache that performs the splice
 probe:       the few attention rows the next step's policy reads
+staleness:   per visual token, the frame its cached K/V were computed from and the steps since
 buckets:     `ReuseBuckets`, rounding a plan to a small set of shapes (for compiled and graph-captured steps)
 compiled:    `CompiledSteps`, torch.compile of the decoder's layer blocks and of the decode passes (static K/V cache)
 """

@@ -66,6 +66,65 @@ class EpisodeState:
         """Steps since the batch began (the furthest row)."""
         return max(self.steps, default=0)
 
+    def rows(self, rows: list[int]) -> "EpisodeState":
+        """The state of these batch rows only, in this order (tensors gathered, the rest shared)."""
+        index = torch.tensor(rows)
+
+        def pick(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.index_select(0, index.to(tensor.device))
+
+        stats = self.stats
+        return EpisodeState(
+            key=self.key,
+            row_keys=None if self.row_keys is None else [self.row_keys[r] for r in rows],
+            steps=[self.steps[r] for r in rows] if self.steps else [],
+            fresh={new for new, old in enumerate(rows) if old in self.fresh},
+            previous_images=None if self.previous_images is None else {n: pick(i) for n, i in self.previous_images.items()},
+            prompt_kv={layer: (pick(k), pick(v)) for layer, (k, v) in self.prompt_kv.items()},
+            final_hidden=None if self.final_hidden is None else pick(self.final_hidden),
+            stats=None if stats is None else AttentionStats({layer: pick(t) for layer, t in stats.to_keys.items()},
+                                                            {layer: pick(e) for layer, e in stats.entropy.items()},
+                                                            stats.query),
+            staleness=None if self.staleness is None else self.staleness.rows(index),
+        )
+
+    @classmethod
+    def stack(cls, states: list["EpisodeState | None"]) -> "EpisodeState":
+        """One batch of episodes from single-row states that share `key` (image sizes, prompt length) and hold
+        a finished step each; None (no step yet) joins as a fresh row, which computes everything at its next step."""
+        done = [s for s in states if s is not None]
+        if not done:
+            return cls()
+        template = done[0]
+        if any(s.key != template.key or len(s.steps) != 1 or s.final_hidden is None or set(s.prompt_kv) != set(template.prompt_kv)
+               or (s.stats is None) != (template.stats is None) or (s.staleness is None) != (template.staleness is None)
+               or (s.previous_images is None) != (template.previous_images is None) for s in done):
+            raise ValueError("EpisodeState.stack needs single-row states of one kind (same key, layers, statistics)")
+
+        def cat(get) -> torch.Tensor:
+            parts = [get(s if s is not None else template) for s in states]
+            return torch.cat([p if s is not None else torch.zeros_like(p) for p, s in zip(parts, states)])
+
+        stats = template.stats
+        staleness = template.staleness
+        return cls(
+            key=template.key,
+            row_keys=[s.row_keys[0] if s is not None else None for s in states],
+            steps=[s.steps[0] if s is not None else 0 for s in states],
+            fresh={i for i, s in enumerate(states) if s is None or 0 in s.fresh},
+            previous_images=None if template.previous_images is None else
+            {n: cat(lambda s, n=n: s.previous_images[n]) for n in template.previous_images},
+            prompt_kv={layer: (cat(lambda s, l=layer: s.prompt_kv[l][0]), cat(lambda s, l=layer: s.prompt_kv[l][1]))
+                       for layer in template.prompt_kv},
+            final_hidden=cat(lambda s: s.final_hidden),
+            stats=None if stats is None else AttentionStats(
+                {layer: cat(lambda s, l=layer: s.stats.to_keys[l]) for layer in stats.to_keys},
+                {layer: cat(lambda s, l=layer: s.stats.entropy[l]) for layer in stats.entropy}, stats.query),
+            staleness=None if staleness is None else Staleness(
+                {c: cat(lambda s, c=c: s.staleness.anchors[c]) for c in staleness.anchors},
+                {c: cat(lambda s, c=c: s.staleness.ages[c]) for c in staleness.ages}),
+        )
+
 
 @dataclass
 class _ActiveStep:
@@ -185,25 +244,7 @@ class CacheEngine:
             return
         if not rows or any(not 0 <= r < len(episode.row_keys) for r in rows) or len(set(rows)) != len(rows):
             raise IndexError(f"keep_rows needs distinct rows of 0..{len(episode.row_keys) - 1}, got {rows}")
-        index = torch.tensor(rows)
-
-        def pick(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.index_select(0, index.to(tensor.device))
-
-        episode.row_keys = [episode.row_keys[r] for r in rows]
-        episode.steps = [episode.steps[r] for r in rows]
-        episode.fresh = {new for new, old in enumerate(rows) if old in episode.fresh}
-        episode.prompt_kv = {layer: (pick(k), pick(v)) for layer, (k, v) in episode.prompt_kv.items()}
-        if episode.final_hidden is not None:
-            episode.final_hidden = pick(episode.final_hidden)
-        if episode.previous_images is not None:
-            episode.previous_images = {name: pick(image) for name, image in episode.previous_images.items()}
-        if episode.staleness is not None:
-            episode.staleness = episode.staleness.rows(index)
-        if episode.stats is not None:
-            stats = episode.stats
-            episode.stats = AttentionStats({layer: pick(t) for layer, t in stats.to_keys.items()},
-                                           {layer: pick(e) for layer, e in stats.entropy.items()}, stats.query)
+        self.episode = episode.rows(rows)
 
     def sync_episode(self, key: tuple, row_keys: list | tuple | None = None) -> list[bool]:
         """Reset automatically: all rows when the shared key (batch size, image sizes, prompt length) changes,

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -164,11 +164,9 @@ class PolicyService:
     def predict(self, session: str, obs: Observation) -> tuple[np.ndarray, StepResult]:
         """One control step of the session's episode: (client actions [chunk, 7], the step's result)."""
         with self._lock:
-            if session not in self._episode_ids:
-                self._episode_ids[session] = 0
+            self._episode_ids.setdefault(session, 0)
             if self._current != session:
-                if self._current is not None and self._current in self._episodes:
-                    self._episodes[self._current] = self.vla.save_episode()
+                self._park()
                 self.vla.load_episode(self._episodes.get(session))
                 self._current = session
             try:
@@ -177,14 +175,67 @@ class PolicyService:
                 self._episodes[session] = None  # what the failed step left is not trustworthy
                 self._current = None
                 raise
-            actions = to_client_actions(result.actions[0][: self.chunk], self.config.benchmark)
-            self._record(session, result)
-            return actions, result
+            self._record(session, result.stats.step, result.stats.reused_per_layer, result)
+            return self._client_actions(result, 0), result
 
-    def _record(self, session: str, result: StepResult) -> None:
+    def predict_many(self, sessions: Sequence[str], observations: Sequence[Observation]) -> list[np.ndarray]:
+        """One control step in each of several sessions' episodes: the client actions [chunk, 7] of each.
+        Sessions whose observations share image sizes and prompt length run as one batch of episodes (each row
+        gets what it would alone, within float rounding: tests/test_integrations.py); the others, and every
+        session of a backbone with its own episode state (CogACT), run one after another."""
+        if len(set(sessions)) != len(sessions):
+            raise InputError(f"each session may appear once in a batch, got {list(sessions)}")
+        if len(sessions) == 1 or self.backbone.episode_state() is not None:
+            return [self.predict(s, o)[0] for s, o in zip(sessions, observations)]
+        groups: dict[tuple, list[int]] = {}
+        for i, obs in enumerate(observations):
+            groups.setdefault(self.backbone.prepare(obs).batch_key(), []).append(i)
+        out: list[np.ndarray] = [None] * len(sessions)
+        for rows in groups.values():
+            if len(rows) == 1:
+                out[rows[0]] = self.predict(sessions[rows[0]], observations[rows[0]])[0]
+                continue
+            for i, actions in zip(rows, self._predict_batch([sessions[i] for i in rows], [observations[i] for i in rows])):
+                out[i] = actions
+        return out
+
+    def _predict_batch(self, sessions: list[str], observations: list[Observation]) -> list[np.ndarray]:
+        with self._lock:
+            self._park()
+            for session in sessions:
+                self._episode_ids.setdefault(session, 0)
+            self.vla.load_episode([self._episodes.get(s) for s in sessions])
+            try:
+                result = self.vla.predict(Observation.stack(observations))
+            except BaseException:
+                for session in sessions:
+                    self._episodes[session] = None
+                raise
+            counts = result.plan.info.get("row_counts") or [result.plan.counts] * len(sessions)
+            steps = self.vla.engine.episode.steps
+            actions = []
+            for row, session in enumerate(sessions):
+                self._episodes[session] = self.vla.save_episode(row=row)
+                self._record(session, steps[row] - 1, counts[row], result)
+                actions.append(self._client_actions(result, row))
+            self.vla.reset()  # the batch's state now lives in the sessions' snapshots
+            return actions
+
+    def _park(self) -> None:
+        """Save the episode that is loaded (if its session is still open) before another one is loaded."""
+        if self._current is not None and self._current in self._episodes:
+            self._episodes[self._current] = self.vla.save_episode()
+        self._current = None
+
+    def _client_actions(self, result: StepResult, row: int) -> np.ndarray:
+        return to_client_actions(result.actions[row][: self.chunk], self.config.benchmark)
+
+    def _record(self, session: str, step: int, reused_per_layer: list[int], result: StepResult) -> None:
         stats = result.stats
-        record = {"time": time.time(), "session": session, "episode": self._episode_ids[session], "step": stats.step,
-                  "reuse_ratio": stats.reuse_ratio, "reused_per_layer": stats.reused_per_layer,
+        layers = len(reused_per_layer)
+        reuse = sum(reused_per_layer) / (layers * stats.num_visual) if layers and stats.num_visual else 0.0
+        record = {"time": time.time(), "session": session, "episode": self._episode_ids[session], "step": step,
+                  "reuse_ratio": reuse, "reused_per_layer": list(reused_per_layer), "batch": len(result.actions),
                   "latency_ms": stats.latency_ms}
         self.records.append(record)
         if self._log is not None:

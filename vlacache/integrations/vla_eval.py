@@ -15,7 +15,9 @@ What it does with vla-eval's conventions:
     A chunk of actions goes back as one (chunk, 7) array and vla-eval's chunk buffer plays it out; the next
     query comes when the buffer is empty (`execute_chunk` actions later).
   * episodes: every websocket session (one per evaluation shard) is its own episode; EPISODE_START makes the
-    session's next query a full forward, EPISODE_END frees its K/V. Sessions never share a cache.
+    session's next query a full forward, EPISODE_END frees its K/V. Sessions never share a cache. With
+    `--max-batch-size N` (vla-eval's `max_batch_size`) the queries that arrive together run as one batch of
+    episodes where their prompt lengths and image sizes agree (PolicyService.predict_many).
 """
 
 from __future__ import annotations
@@ -103,17 +105,25 @@ class VlaCacheModelServer(PredictModelServer):
         await super().on_episode_end(result, ctx)
 
     def predict(self, obs: Mapping[str, Any], ctx: SessionContext) -> dict[str, np.ndarray]:
+        actions, _ = self.service.predict(ctx.session_id, self._observation(obs))
+        return self._reply(actions)
+
+    def predict_batch(self, obs_batch: list, ctx_batch: list) -> list[dict[str, np.ndarray]]:
+        """Queries of several sessions at once (`max_batch_size` > 1): one batch of episodes where they can share
+        a forward (PolicyService.predict_many), each session still its own episode."""
+        observations = [self._observation(obs) for obs in obs_batch]
+        actions = self.service.predict_many([ctx.session_id for ctx in ctx_batch], observations)
+        return [self._reply(a) for a in actions]
+
+    def _observation(self, obs: Mapping[str, Any]):
         images = obs.get("images")
         if not isinstance(images, Mapping):
             raise InputError(f"a vla-eval observation carries images as a camera -> image mapping, got {type(images).__name__}")
-        state = obs.get("states", obs.get("state"))
-        observation = self.service.observation(images, obs.get("task_description"), state)
-        actions, _ = self.service.predict(ctx.session_id, observation)
-        return {"actions": actions[0] if len(actions) == 1 else actions}
+        return self.service.observation(images, obs.get("task_description"), obs.get("states", obs.get("state")))
 
-    def predict_batch(self, obs_batch: list, ctx_batch: list) -> list[dict[str, np.ndarray]]:
-        """Sessions are separate episodes with their own caches: answered one after another."""
-        return [self.predict(obs, ctx) for obs, ctx in zip(obs_batch, ctx_batch)]
+    @staticmethod
+    def _reply(actions: np.ndarray) -> dict[str, np.ndarray]:
+        return {"actions": actions[0] if len(actions) == 1 else actions}
 
 
 def main(argv: list[str] | None = None) -> int:

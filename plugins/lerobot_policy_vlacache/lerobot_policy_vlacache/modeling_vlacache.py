@@ -11,7 +11,8 @@ What it does with LeRobot's conventions (checked against lerobot 0.6.1):
     convention (gripper -1 open / +1 close), so no postprocessing is needed. A chunk is queued and played out
     one action per `select_action`, the next query comes when the queue is empty.
   * episodes: row i of the batch is vlacache session f"row{i}", its own episode with its own K/V cache;
-    `reset()` (LeRobot calls it before every rollout) makes every row's next query a full forward.
+    `reset()` (LeRobot calls it before every rollout) makes every row's next query a full forward. The rows of
+    a vectorised env are queried as one batch of episodes (PolicyService.predict_many).
 """
 
 from __future__ import annotations
@@ -85,7 +86,6 @@ class VlaCachePolicy(PreTrainedPolicy):
         self._queue: deque[Tensor] = deque()
         self._rows = 0  # batch rows (sessions) seen so far
         self._new_episode = True
-        self.last_results: list = []  # the last query's vlacache StepResult per row
         logger.info("vlacache: serving %s (backbone cameras %s, proprio %s), %d action(s) per query",
                     service.config.name, list(service.backbone.cameras), service.backbone.uses_proprio,
                     self.n_action_steps)
@@ -114,13 +114,9 @@ class VlaCachePolicy(PreTrainedPolicy):
             self._rows = size
             self._new_episode = False
         self._rows = max(self._rows, size)
-        chunks, results = [], []
-        for row in range(size):
-            actions, result = self.service.predict(session_id(row), self._observation(batch, row))
-            chunks.append(np.asarray(actions, dtype=np.float32)[: self.n_action_steps])
-            results.append(result)
-        self.last_results = results
-        return torch.from_numpy(np.stack(chunks))
+        sessions = [session_id(row) for row in range(size)]
+        actions = self.service.predict_many(sessions, [self._observation(batch, row) for row in range(size)])
+        return torch.from_numpy(np.stack([np.asarray(a, dtype=np.float32)[: self.n_action_steps] for a in actions]))
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], **kwargs: Any) -> Tensor:
