@@ -63,6 +63,19 @@ def episode_streams(frames):
     return {"a": images, "b": images[::-1]}, frames[0].instruction
 
 
+def separate_runs(backbone, streams, instruction):
+    """Each stream's first actions per step, its episode run alone on a fresh service."""
+    service = tiny_service(backbone)
+    try:
+        alone = {}
+        for name, images in streams.items():
+            service.start_episode(name)
+            alone[name] = [service.predict(name, service.observation({"agentview": im}, instruction))[0][0] for im in images]
+    finally:
+        service.close()
+    return alone
+
+
 # -- the shared service ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model", ["tiny", "cogact_episode_noise"])
 def test_interleaved_sessions_equal_separate_runs(model, frames, request):
@@ -220,15 +233,7 @@ def test_vla_eval_sessions_never_share_a_cache(tiny, frames, max_batch_size):
     from vlacache.integrations.vla_eval import VlaCacheModelServer
 
     streams, instruction = episode_streams(frames)
-    reference = tiny_service(tiny)
-    try:
-        alone = {}
-        for name, images in streams.items():
-            reference.start_episode(name)
-            alone[name] = [reference.predict(name, reference.observation({"agentview": im}, instruction))[0][0]
-                           for im in images]
-    finally:
-        reference.close()
+    alone = separate_runs(tiny, streams, instruction)
 
     service = tiny_service(tiny)
     together = {name: [] for name in streams}
@@ -272,15 +277,7 @@ def test_vla_eval_batch_of_sessions_equals_separate_runs(tiny, frames):
     from vlacache.integrations.vla_eval import VlaCacheModelServer
 
     streams, instruction = episode_streams(frames)
-    reference = tiny_service(tiny)
-    try:
-        alone = {}
-        for name, images in streams.items():
-            reference.start_episode(name)
-            alone[name] = [reference.predict(name, reference.observation({"agentview": im}, instruction))[0][0]
-                           for im in images]
-    finally:
-        reference.close()
+    alone = separate_runs(tiny, streams, instruction)
     service = tiny_service(tiny)
     server = VlaCacheModelServer.for_service(service, max_batch_size=2)
     contexts = [SessionContext(session_id=name, episode_id="0") for name in streams]
