@@ -1,11 +1,13 @@
-"""Step gates: may veto reuse for a whole step."""
+"""Step gates: may veto reuse for a whole step, or turn it down (`scale`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from vlacache.config import ConfigError
 from vlacache.registry import register_strategy
 from vlacache.strategy import PlanContext, StepGate
+from vlacache.types import InputError
 
 
 @register_strategy("gate", "always")
@@ -38,3 +40,50 @@ class PeriodicRefreshGate(StepGate):
 
     def allow(self, ctx: PlanContext) -> bool:
         return ctx.step % max(self.config.every, 1) != 0
+
+
+@register_strategy("gate", "action-aware")
+class ActionAwareGate(StepGate):
+    """Turns reuse down while the end-effector makes fine motions (the action-aware control of ADP and
+    SpecPrune-VLA): the motion is the mean norm of the translation part (`dims`) of the previous query's
+    actions; below `min_motion` the scheduler's fractions are multiplied by `fine_scale` (0: no reuse), above
+    it they stand. Units are the backbone's un-normalised actions (LIBERO: the delta command, ~[-1, 1])."""
+
+    @dataclass
+    class Config:
+        min_motion: float = 0.3
+        fine_scale: float = 0.0
+        dims: list[int] = field(default_factory=lambda: [0, 1, 2])
+        steps: int = 1  # the first `steps` steps of an episode are full forwards, as full-first-step
+
+    def check(self, num_layers: int) -> None:
+        if not 0.0 <= self.config.fine_scale <= 1.0:
+            raise ConfigError(f"gate 'action-aware': fine_scale must be in [0, 1], got {self.config.fine_scale}")
+        if self.config.min_motion < 0 or not self.config.dims:
+            raise ConfigError("gate 'action-aware': min_motion must be >= 0 and dims must name action dimensions, "
+                              "e.g. dims: [0, 1, 2]")
+
+    def scale(self, ctx: PlanContext) -> float:
+        actions = (ctx.signals or {}).get("actions")
+        if ctx.step < self.config.steps or actions is None:
+            return 0.0
+        if max(self.config.dims) >= actions.shape[-1]:
+            raise InputError(f"gate 'action-aware': dims {self.config.dims} do not exist in {actions.shape[-1]}-d actions")
+        motion = float(actions[..., self.config.dims].norm(dim=-1).mean())
+        return 1.0 if motion >= self.config.min_motion else self.config.fine_scale
+
+
+@register_strategy("gate", "logit-margin")
+class LogitMarginGate(StepGate):
+    """Gated VLA-Cache: no reuse at a step that follows an unconfident one, i.e. whose top-1 minus top-2
+    probability of the prefill's last-position logits (OpenVLA: the first action token) was below `min_margin`.
+    Meaningful for backbones that decode action tokens; an L1 or diffusion head's logits carry no confidence."""
+
+    @dataclass
+    class Config:
+        min_margin: float = 0.2
+        steps: int = 1  # the first `steps` steps of an episode are full forwards, as full-first-step
+
+    def allow(self, ctx: PlanContext) -> bool:
+        margin = (ctx.signals or {}).get("logit_margin")
+        return ctx.step >= self.config.steps and margin is not None and float(margin.min()) >= self.config.min_margin

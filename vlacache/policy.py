@@ -95,18 +95,20 @@ class CachePolicy:
         if ctx.previous is None:
             empty.info["reason"] = "no previous query frame"
             return empty
-        if not self.gate.allow(ctx):
+        scale = min(max(float(self.gate.scale(ctx)), 0.0), 1.0)
+        if scale == 0.0:
             empty.info["reason"] = "gate vetoed reuse"
             return empty
         static = self.selector.select(ctx)
         candidates = self.relevance.filter(ctx, static)
-        fractions = self._monotone(self.scheduler.fractions(ctx), ctx.num_layers)
+        fractions = [f * scale for f in self._monotone(self.scheduler.fractions(ctx), ctx.num_layers)]
         ordered = {camera: self._order(c) + ctx.layout.vision[camera].start for camera, c in candidates.items()}
         plan = ReusePlan.from_order(*self._layer_order(ordered, fractions, ctx.batch_size))
         plan.info.update(
             static={c: s.mask for c, s in static.items()},
             candidates={c: s.mask for c, s in candidates.items()},
             fractions=fractions,
+            gate_scale=scale,
         )
         return plan
 

@@ -194,6 +194,7 @@ class CachedVLA:
                             ("decode", batch, layout.length), f"the {passes} decode passes (batch {batch}, {layout.length} tokens)",
                             lambda: backbone.decode(prefill, inputs, static))
         check_finite(prefill.logits, decoded.actions, engine.episode.step)
+        engine.episode.signals = step_signals(prefill.logits, decoded.actions)
         step_index = engine.episode.step
         staleness = None
         if engine.in_step:
@@ -228,6 +229,8 @@ class CachedVLA:
         if not alone and episode.staleness is not None:
             row_staleness = episode.staleness.rows(slice(row, row + 1))
             ctx.anchors, ctx.ages = row_staleness.anchors, row_staleness.ages
+        if not alone and episode.signals:
+            ctx.signals = {name: t[row : row + 1] for name, t in episode.signals.items()}
         plan = self.policy.plan(ctx)
         return plan if self.buckets is None else self.buckets.apply(plan, layout.num_visual)
 
@@ -257,6 +260,13 @@ class CachedVLA:
             episode_reset=any(fresh),
             staleness=staleness,
         )
+
+
+def step_signals(logits: torch.Tensor, actions: np.ndarray) -> dict[str, torch.Tensor]:
+    """What a step gives the next step's gates: its actions and its confidence (top-1 minus top-2 probability of
+    the last-position logits: for OpenVLA the first action token's distribution)."""
+    top = torch.softmax(logits.detach().float(), dim=-1).topk(2, dim=-1).values
+    return {"actions": torch.as_tensor(actions, dtype=torch.float32).cpu(), "logit_margin": (top[:, 0] - top[:, 1]).cpu()}
 
 
 def check_finite(logits: torch.Tensor, actions: np.ndarray, step: int) -> None:

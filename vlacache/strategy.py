@@ -77,6 +77,9 @@ class PlanContext:
     # per camera, the frame each token's cached K/V were computed from and the steps since (engine/staleness.py)
     anchors: Mapping[str, torch.Tensor] | None = None
     ages: Mapping[str, torch.Tensor] | None = None
+    # what the previous step gave (`EpisodeState.signals`): "actions" [B, chunk, dim] (un-normalised) and
+    # "logit_margin" [B] (top-1 minus top-2 probability of the prefill's last-position logits)
+    signals: Mapping[str, torch.Tensor] | None = None
 
 
 class Strategy:
@@ -124,7 +127,11 @@ class LayerScheduler(Strategy):
 
 
 class StepGate(Strategy):
-    """May veto reuse for a whole step (first step, periodic refresh, ...)."""
+    """May veto reuse for a whole step (first step, periodic refresh, ...), or turn it down: `scale` multiplies
+    the scheduler's fractions (1: as planned, 0: veto). A gate overrides `allow` (all or nothing) or `scale`."""
 
     def allow(self, ctx: PlanContext) -> bool:
         raise NotImplementedError
+
+    def scale(self, ctx: PlanContext) -> float:
+        return 1.0 if self.allow(ctx) else 0.0

@@ -60,6 +60,7 @@ class EpisodeState:
     final_hidden: torch.Tensor | None = None
     stats: AttentionStats | None = None
     staleness: Staleness | None = None
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)  # batch-first, what the last step gave (PlanContext)
 
     @property
     def step(self) -> int:
@@ -86,6 +87,7 @@ class EpisodeState:
                                                             {layer: pick(e) for layer, e in stats.entropy.items()},
                                                             stats.query),
             staleness=None if self.staleness is None else self.staleness.rows(index),
+            signals={name: pick(t) for name, t in self.signals.items()},
         )
 
     @classmethod
@@ -98,7 +100,8 @@ class EpisodeState:
         template = done[0]
         if any(s.key != template.key or len(s.steps) != 1 or s.final_hidden is None or set(s.prompt_kv) != set(template.prompt_kv)
                or (s.stats is None) != (template.stats is None) or (s.staleness is None) != (template.staleness is None)
-               or (s.previous_images is None) != (template.previous_images is None) for s in done):
+               or (s.previous_images is None) != (template.previous_images is None)
+               or set(s.signals) != set(template.signals) for s in done):
             raise ValueError("EpisodeState.stack needs single-row states of one kind (same key, layers, statistics)")
 
         def cat(get) -> torch.Tensor:
@@ -123,6 +126,7 @@ class EpisodeState:
             staleness=None if staleness is None else Staleness(
                 {c: cat(lambda s, c=c: s.staleness.anchors[c]) for c in staleness.anchors},
                 {c: cat(lambda s, c=c: s.staleness.ages[c]) for c in staleness.ages}),
+            signals={name: cat(lambda s, n=name: s.signals[n]) for name in template.signals},
         )
 
 
