@@ -193,3 +193,34 @@ def test_absolute_layer_beyond_the_depth_fails_at_attach(tiny):
     with pytest.raises(ConfigError, match=r"layer 15 does not exist in this \d+-layer decoder.*'15/32'"):
         vlacache.attach(tiny, policy)
     assert not any(layer._forward_pre_hooks for layer in tiny.decoder.layers)
+
+
+def test_per_camera_scale_applies_to_any_policy():
+    """`cameras: {wrist: s}` scales the scheduler's fractions on that camera only, for whatever the strategies
+    are (0: never reuse it); a camera the backbone lacks is named."""
+    from vlacache import CachedVLA, InputError, Observation
+    from vlacache.backbones.openvla_oft import build_preset as build_oft
+
+    oft = build_oft("tiny", seed=0)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)
+    obs = Observation({"primary": image, "wrist": image[::-1].copy()}, "pick up the bowl", proprio=np.zeros(8, np.float32))
+    base = {"label": "s", "selector": {"name": "pixel-cosine", "tau": 0.99, "top_k": None}, "relevance": {"name": "none"},
+            "scheduler": {"name": "constant", "fraction": 1.0}, "gate": {"name": "full-first-step"}}
+
+    def reused_per_camera(cameras):
+        with CachedVLA(oft, CachePolicy.from_config({**base, "cameras": cameras})) as vla:
+            vla.predict(obs)
+            plan = vla.predict(obs).plan
+        layout = oft.prepare(obs).layout
+        return {c: int(((plan.reused[-1] >= s.start) & (plan.reused[-1] < s.stop)).sum()) for c, s in layout.vision.items()}
+
+    full = reused_per_camera(None)
+    assert full["primary"] == full["wrist"] > 0
+    half = reused_per_camera({"wrist": 0.5})
+    assert half["primary"] == full["primary"] and half["wrist"] == full["wrist"] // 2
+    assert reused_per_camera({"wrist": 0.0})["wrist"] == 0
+    with pytest.raises(InputError, match="not inputs of this backbone"):
+        reused_per_camera({"left": 0.5})
+    with pytest.raises(ConfigError, match="must be a number in"):
+        CachePolicy.from_config({**base, "cameras": {"wrist": 2}})

@@ -13,7 +13,7 @@ from .config import ConfigError, check_keys, load_yaml, resolve_component, resol
 from .engine import StatsRequest
 from .registry import STRATEGIES
 from .strategy import Candidates, LayerScheduler, PlanContext, RelevanceFilter, StepGate, TokenSelector
-from .types import ReusePlan
+from .types import InputError, ReusePlan
 
 REUSE_ORDERS = ("similarity", "index")
 
@@ -28,6 +28,7 @@ class PolicyConfig:
     scheduler: dict = field(default_factory=lambda: {"name": "constant"})
     gate: dict = field(default_factory=lambda: {"name": "full-first-step"})
     reuse_order: str = "similarity"
+    cameras: dict | None = None  # camera -> scale of the scheduler's fractions there (0: never reuse it); null: 1 for all
 
 
 def build_strategy(kind: str, spec: Mapping[str, Any] | str):
@@ -47,12 +48,18 @@ class CachePolicy:
         gate: StepGate,
         reuse_order: str = "similarity",
         label: str = "policy",
+        cameras: Mapping[str, float] | None = None,
     ) -> None:
         if reuse_order not in REUSE_ORDERS:
             raise ConfigError(f"reuse_order must be one of {REUSE_ORDERS}, got '{reuse_order}'")
+        for camera, scale in (cameras or {}).items():
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale <= 1.0:
+                raise ConfigError(f"cameras: the scale of camera '{camera}' must be a number in [0, 1] (0: never reuse "
+                                  f"it, 1: as the scheduler says), got {scale!r}; e.g. cameras: {{wrist: 0.5}}")
         self.selector, self.relevance, self.scheduler, self.gate = selector, relevance, scheduler, gate
         self.reuse_order = reuse_order
         self.label = label
+        self.cameras = dict(cameras or {})
 
     @classmethod
     def from_config(cls, config: PolicyConfig | Mapping[str, Any] | str | Path) -> "CachePolicy":
@@ -70,6 +77,7 @@ class CachePolicy:
             build_strategy("gate", config.gate),
             reuse_order=config.reuse_order,
             label=config.label,
+            cameras=config.cameras,
         )
 
     def check(self, num_layers: int) -> None:
@@ -102,8 +110,13 @@ class CachePolicy:
         static = self.selector.select(ctx)
         candidates = self.relevance.filter(ctx, static)
         fractions = [f * scale for f in self._monotone(self.scheduler.fractions(ctx), ctx.num_layers)]
+        unknown = sorted(set(self.cameras) - set(ctx.layout.vision))
+        if unknown:
+            raise InputError(f"policy '{self.label}': cameras {unknown} are not inputs of this backbone, whose cameras "
+                             f"are {sorted(ctx.layout.vision)}; name some of those in the policy's cameras")
         ordered = {camera: self._order(c) + ctx.layout.vision[camera].start for camera, c in candidates.items()}
-        plan = ReusePlan.from_order(*self._layer_order(ordered, fractions, ctx.batch_size))
+        per_camera = {camera: [f * self.cameras.get(camera, 1.0) for f in fractions] for camera in ordered}
+        plan = ReusePlan.from_order(*self._layer_order(ordered, per_camera, ctx.num_layers, ctx.batch_size))
         plan.info.update(
             static={c: s.mask for c, s in static.items()},
             candidates={c: s.mask for c, s in candidates.items()},
@@ -113,16 +126,16 @@ class CachePolicy:
         return plan
 
     @staticmethod
-    def _layer_order(ordered: dict[str, torch.Tensor], fractions: list[float], batch_size: int):
-        """Layer l reuses the first floor(f_l * n) positions of each camera's order. Returns one order over all
-        cameras with the counts per layer: tokens that join at a shallower layer first; within one layer, the
-        cameras interleaved by their rank relative to their candidate count."""
+    def _layer_order(ordered: dict[str, torch.Tensor], fractions: dict[str, list[float]], num_layers: int, batch_size: int):
+        """Layer l reuses the first floor(f_l * n) positions of each camera's order (f: that camera's fractions).
+        Returns one order over all cameras with the counts per layer: tokens that join at a shallower layer first;
+        within one layer, the cameras interleaved by their rank relative to their candidate count."""
         parts, counts, taken = [], [], {camera: 0 for camera in ordered}
-        for fraction in fractions:
+        for layer in range(num_layers):
             new, rank = [], []
             for camera, order in ordered.items():
                 n = order.shape[1]
-                upto = math.floor(fraction * n + 1e-9)
+                upto = math.floor(fractions[camera][layer] * n + 1e-9)
                 new.append(order[:, taken[camera]:upto])
                 rank.append(torch.arange(taken[camera], upto, dtype=torch.float64) / max(n, 1))
                 taken[camera] = upto
