@@ -33,22 +33,27 @@ def _rope(x, positions, theta):
     return x * cos + rotated * sin
 
 
-def _attend(q, k, v, q_pos, k_pos, causal, record=None):
+def _attend(q, k, v, q_pos, k_pos, causal, record=None, excluded=None):
     scores = q.float() @ k.float().transpose(-1, -2) / q.shape[-1] ** 0.5
     if causal:
         scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    if excluded is not None:  # [B, n_keys]: keys no query may attend to (dropped tokens)
+        scores = scores.masked_fill(excluded[:, None, None, :], float("-inf"))
     probs = scores.softmax(-1)
     if record is not None:
         record.append(probs)
     return (probs @ v.float()).to(q.dtype)
 
 
-def reference_forward(lm, embeds, positions, past=None, reused=None, previous_kv=None, causal=True, attentions=None):
+def reference_forward(lm, embeds, positions, past=None, reused=None, previous_kv=None, causal=True, attentions=None,
+                      dropped=None):
     """Run the causal LM `lm` (LlamaForCausalLM weights) on `embeds` [B, n, D] at `positions` [n].
 
     past: per-layer (k, v) of earlier positions to attend to (decode). reused: per-layer LongTensor [B, m]
     positions whose k/v are overwritten by previous_kv[l]. attentions: a list that receives each layer's
-    attention probabilities [B, H, n, n_keys]. Returns logits [B, n, V], per-layer (k, v), hidden.
+    attention probabilities [B, H, n, n_keys]. dropped: per layer None or a bool [B, P] of the first P key
+    positions no query may attend to at that layer (tokens dropped from the sequence). Returns logits [B, n, V],
+    per-layer (k, v), hidden.
     """
     cfg = lm.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -78,7 +83,11 @@ def reference_forward(lm, embeds, positions, past=None, reused=None, previous_kv
         rep = heads // kv_heads
         kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         k_pos = torch.arange(k.shape[2])
-        out = _attend(q, kk, vv, positions, k_pos, causal, attentions).transpose(1, 2).reshape(batch, n, heads * d)
+        excluded = None
+        if dropped is not None and dropped[index] is not None:
+            excluded = torch.zeros(batch, k.shape[2], dtype=torch.bool)
+            excluded[:, : dropped[index].shape[1]] = dropped[index]
+        out = _attend(q, kk, vv, positions, k_pos, causal, attentions, excluded).transpose(1, 2).reshape(batch, n, heads * d)
         x = x + out @ attn.o_proj.weight.T
         h = _rms(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
         mlp = layer.mlp

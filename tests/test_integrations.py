@@ -181,6 +181,7 @@ def test_bad_client_input_names_the_fix(tiny, frames):
     with pytest.raises(ConfigError, match="not a camera of this backbone"):
         PolicyService(load_serve_config({"backbone": {"name": "openvla", "preset": "tiny"}, "cameras": {"x": "wrist"}}),
                       backbone=tiny)
+    assert not any(layer._forward_pre_hooks for layer in tiny.decoder.layers)  # a refused service leaves no hooks
 
 
 def test_client_actions_follow_the_benchmark_convention():

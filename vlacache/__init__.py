@@ -7,8 +7,8 @@ from .env import Env
 from .policy import CachePolicy, PolicyConfig
 from .registry import BACKBONES, ENVS, STRATEGIES, Registry, register_backbone, register_env, register_strategy
 from .runtime import CachedVLA, StepResult, attach
-from .strategy import Candidates, LayerScheduler, PlanContext, RelevanceFilter, StepGate, TokenSelector
-from .types import AttentionStats, InputError, Observation, ReusePlan, StepStats, TokenLayout
+from .strategy import Candidates, LayerScheduler, PlanContext, RelevanceFilter, StepGate, TokenPruner, TokenSelector
+from .types import AttentionStats, InputError, Observation, PruneRule, ReusePlan, StepStats, TokenLayout
 
 # Built-ins register on import, after the core they depend on.
 from . import strategies, backbones, envs  # noqa: E402  isort: skip
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionStats", "BACKBONES", "Backbone", "CacheEngine", "CachePolicy", "CachedVLA", "Candidates", "ConfigError",
-    "ENVS", "Env", "InputError", "LayerScheduler", "Observation", "PlanContext", "PolicyConfig", "Registry",
+    "ENVS", "Env", "InputError", "LayerScheduler", "Observation", "PlanContext", "PolicyConfig", "PruneRule", "Registry",
     "RelevanceFilter", "ReusePlan", "STRATEGIES", "StatsRequest", "StepGate", "StepResult", "StepStats",
-    "TokenLayout", "TokenSelector", "attach", "register_backbone", "register_env", "register_strategy",
+    "TokenLayout", "TokenPruner", "TokenSelector", "attach", "register_backbone", "register_env", "register_strategy",
 ]

@@ -12,7 +12,7 @@ import torch
 from .config import ConfigError, check_keys, load_yaml, resolve_component, resolve_config_path, to_plain
 from .engine import StatsRequest
 from .registry import STRATEGIES
-from .strategy import Candidates, LayerScheduler, PlanContext, RelevanceFilter, StepGate, TokenSelector
+from .strategy import Candidates, LayerScheduler, PlanContext, RelevanceFilter, StepGate, TokenPruner, TokenSelector
 from .types import InputError, ReusePlan
 
 REUSE_ORDERS = ("similarity", "index")
@@ -27,6 +27,7 @@ class PolicyConfig:
     relevance: dict = field(default_factory=lambda: {"name": "none"})
     scheduler: dict = field(default_factory=lambda: {"name": "constant"})
     gate: dict = field(default_factory=lambda: {"name": "full-first-step"})
+    pruner: dict = field(default_factory=lambda: {"name": "none"})
     reuse_order: str = "similarity"
     cameras: dict | None = None  # camera -> scale of the scheduler's fractions there (0: never reuse it); null: 1 for all
 
@@ -49,6 +50,7 @@ class CachePolicy:
         reuse_order: str = "similarity",
         label: str = "policy",
         cameras: Mapping[str, float] | None = None,
+        pruner: TokenPruner | None = None,
     ) -> None:
         if reuse_order not in REUSE_ORDERS:
             raise ConfigError(f"reuse_order must be one of {REUSE_ORDERS}, got '{reuse_order}'")
@@ -60,6 +62,7 @@ class CachePolicy:
         self.reuse_order = reuse_order
         self.label = label
         self.cameras = dict(cameras or {})
+        self.pruner = pruner if pruner is not None else build_strategy("pruner", "none")
 
     @classmethod
     def from_config(cls, config: PolicyConfig | Mapping[str, Any] | str | Path) -> "CachePolicy":
@@ -78,17 +81,22 @@ class CachePolicy:
             reuse_order=config.reuse_order,
             label=config.label,
             cameras=config.cameras,
+            pruner=build_strategy("pruner", config.pruner),
         )
 
     def check(self, num_layers: int) -> None:
         """Fail at attach time if a component's settings cannot run on a decoder of this depth."""
-        for component in (self.selector, self.relevance, self.scheduler, self.gate):
+        for component in (self.selector, self.relevance, self.scheduler, self.gate, self.pruner):
             component.check(num_layers)
 
     @property
     def enabled(self) -> bool:
-        """False for the no-cache policy (selector 'none'): run the model untouched."""
-        return getattr(self.selector, "selects_nothing", False) is False
+        """False for the no-cache policy (selector 'none', no pruner): run the model untouched."""
+        return getattr(self.selector, "selects_nothing", False) is False or self.prunes
+
+    @property
+    def prunes(self) -> bool:
+        return getattr(self.pruner, "prunes", False)
 
     def stats_request(self, num_layers: int) -> StatsRequest | None:
         layers = set(self.relevance.required_layers(num_layers))
@@ -99,6 +107,12 @@ class CachePolicy:
         return StatsRequest(layers=tuple(sorted(layers)), query=self.relevance.query)
 
     def plan(self, ctx: PlanContext) -> ReusePlan:
+        """The step's plan: what is reused (from the previous step) and the prune rules (applied in the forward)."""
+        plan = self._reuse_plan(ctx)
+        plan.prune = tuple(self.pruner.rules(ctx)) if self.prunes else ()
+        return plan
+
+    def _reuse_plan(self, ctx: PlanContext) -> ReusePlan:
         empty = ReusePlan.empty(ctx.batch_size, ctx.num_layers)
         if ctx.previous is None:
             empty.info["reason"] = "no previous query frame"
@@ -109,6 +123,9 @@ class CachePolicy:
             return empty
         static = self.selector.select(ctx)
         candidates = self.relevance.filter(ctx, static)
+        if ctx.void is not None:  # dropped at the previous step: no K/V to reuse
+            candidates = {c: Candidates(m.mask & ~ctx.void[:, ctx.layout.vision[c].start:ctx.layout.vision[c].stop].to(m.mask.device),
+                                        m.score) for c, m in candidates.items()}
         fractions = [f * scale for f in self._monotone(self.scheduler.fractions(ctx), ctx.num_layers)]
         unknown = sorted(set(self.cameras) - set(ctx.layout.vision))
         if unknown:
@@ -172,5 +189,5 @@ class CachePolicy:
     def __repr__(self) -> str:
         return (
             f"CachePolicy({self.label!r}, selector={self.selector}, relevance={self.relevance}, "
-            f"scheduler={self.scheduler}, gate={self.gate}, reuse_order={self.reuse_order!r})"
+            f"scheduler={self.scheduler}, gate={self.gate}, pruner={self.pruner}, reuse_order={self.reuse_order!r})"
         )

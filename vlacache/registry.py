@@ -69,7 +69,7 @@ def _same_definition(old: object, new: object) -> bool:
     )
 
 
-STRATEGY_KINDS = ("selector", "relevance", "scheduler", "gate")
+STRATEGY_KINDS = ("selector", "relevance", "scheduler", "gate", "pruner")
 STRATEGIES: dict[str, Registry] = {kind: Registry(f"{kind} strategy") for kind in STRATEGY_KINDS}
 BACKBONES: Registry = Registry("backbone")
 ENVS: Registry = Registry("env")
@@ -77,7 +77,7 @@ PERTURBATIONS: Registry = Registry("perturbation")
 
 
 def register_strategy(kind: str, name: str) -> Callable[[T], T]:
-    """Register a strategy class under `kind` (selector / relevance / scheduler / gate) and `name`."""
+    """Register a strategy class under `kind` (selector / relevance / scheduler / gate / pruner) and `name`."""
     if kind not in STRATEGIES:
         raise RegistryError(f"unknown strategy kind '{kind}'. Valid kinds: {', '.join(STRATEGY_KINDS)}")
     return STRATEGIES[kind].register(name)

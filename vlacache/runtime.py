@@ -76,6 +76,11 @@ class CachedVLA:
         if policy is not None:
             policy.check(self.engine.num_layers)
         self.compiled = None
+        if compile and policy is not None and policy.prunes and backbone.decode_passes():
+            raise InputError(
+                f"a policy that drops tokens ({policy.pruner}) cannot run compiled on {type(backbone).__name__}: its "
+                "compiled decode passes run without the engine's hooks, which keep the dropped keys out; use compile=False"
+            )
         if compile:
             self.compiled = CompiledSteps(backbone.decoder, backbone.causal_lm() if backbone.decode_passes() else None, compile_mode)
         if self.caching:
@@ -196,9 +201,10 @@ class CachedVLA:
         check_finite(prefill.logits, decoded.actions, engine.episode.step)
         engine.episode.signals = step_signals(prefill.logits, decoded.actions)
         step_index = engine.episode.step
-        staleness = None
+        staleness = dropped = None
         if engine.in_step:
-            staleness = engine.end_step(inputs.query_images, plan).staleness
+            record = engine.end_step(inputs.query_images, plan)
+            staleness, dropped = record.staleness, record.dropped_per_layer
         else:
             engine.advance()
         wall, device_ms = timer.stop()
@@ -208,7 +214,7 @@ class CachedVLA:
             plan=plan,
             tokens=decoded.tokens,
             stats=self._stats(step_index, plan, layout.length, layout.num_visual, timer.ms, wall, device_ms, fresh,
-                              staleness),
+                              staleness, dropped),
         )
 
     def _row_plan(self, row: int, inputs) -> ReusePlan:
@@ -231,13 +237,14 @@ class CachedVLA:
             ctx.anchors, ctx.ages = row_staleness.anchors, row_staleness.ages
         if not alone and episode.signals:
             ctx.signals = {name: t[row : row + 1] for name, t in episode.signals.items()}
+            ctx.void = ctx.signals.get("void")
         plan = self.policy.plan(ctx)
         return plan if self.buckets is None else self.buckets.apply(plan, layout.num_visual)
 
-    def _stats(self, step, plan, length, num_visual, ms, wall, device_ms, fresh, staleness=None) -> StepStats:
+    def _stats(self, step, plan, length, num_visual, ms, wall, device_ms, fresh, staleness=None, dropped=None) -> StepStats:
         dims = self.backbone.decoder_dims()
         reused = plan.counts
-        tokens = [length - c for c in reused]
+        tokens = [length - c - d for c, d in zip(reused, dropped or [0] * len(reused))]
         flops = {
             "vision": self.backbone.vision_flops(),
             "prefill": prefill_flops(dims, tokens, length),
@@ -259,6 +266,7 @@ class CachedVLA:
             device_ms=device_ms,
             episode_reset=any(fresh),
             staleness=staleness,
+            dropped_per_layer=dropped,
         )
 
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 
 from .config import ConfigError
-from .types import AttentionStats, TokenLayout
+from .types import AttentionStats, PruneRule, TokenLayout
 
 _RELATIVE = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 
@@ -80,6 +80,8 @@ class PlanContext:
     # what the previous step gave (`EpisodeState.signals`): "actions" [B, chunk, dim] (un-normalised) and
     # "logit_margin" [B] (top-1 minus top-2 probability of the prefill's last-position logits)
     signals: Mapping[str, torch.Tensor] | None = None
+    # [B, L] bool: positions dropped by a prune rule at the previous step, whose K/V cannot be reused
+    void: torch.Tensor | None = None
 
 
 class Strategy:
@@ -135,3 +137,13 @@ class StepGate(Strategy):
 
     def scale(self, ctx: PlanContext) -> float:
         return 1.0 if self.allow(ctx) else 0.0
+
+
+class TokenPruner(Strategy):
+    """Drops visual tokens from some decoder layer on (FastV, SparseVLM): the prune rules of one step, applied
+    inside the forward from that forward's own attention (`PruneRule`)."""
+
+    prunes: bool = True
+
+    def rules(self, ctx: PlanContext) -> list[PruneRule]:
+        raise NotImplementedError

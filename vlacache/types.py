@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -94,6 +94,20 @@ class TokenLayout:
         return grid.view(-1, span.rows, span.cols)
 
 
+@dataclass(frozen=True)
+class PruneRule:
+    """Drop visual tokens from decoder layer `layer` on: they are not computed there or deeper, and no query
+    attends to their keys (FastV's "mask out the discarded tokens"). Decided inside the forward, from the
+    attention the tokens receive at layer `layer - 1` of the same forward: `choose(attention, eligible)` gets the
+    attention [B, n, V] of the `query` rows ('last' = the last prompt position, 'text' = the instruction's tokens;
+    mean over heads) to the V visual tokens in layout order and eligible [B, V] (not reused, not dropped yet), and
+    returns the visual indices [B, k] to drop, the same k in every row."""
+
+    layer: int
+    choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    query: str = "last"
+
+
 @dataclass
 class ReusePlan:
     """Which sequence positions reuse last step's K/V at each decoder layer.
@@ -113,6 +127,7 @@ class ReusePlan:
     info: dict = field(default_factory=dict)
     order: torch.Tensor | None = None
     spliced: list[torch.Tensor] | None = None
+    prune: tuple[PruneRule, ...] = ()  # in-forward token dropping, by layer (the policy's pruner)
 
     @classmethod
     def combine(cls, plans: Sequence["ReusePlan"], length: int) -> "ReusePlan":
@@ -121,6 +136,8 @@ class ReusePlan:
             return plans[0]
         if any(p.reused[0].shape[0] != 1 or p.spliced is not None for p in plans):
             raise ValueError("ReusePlan.combine takes one single-row plan per batch row")
+        if any(p.prune != plans[0].prune for p in plans):
+            raise ValueError("the rows of a batch must share their prune rules (one policy)")
         layers = plans[0].num_layers
         common = [min(p.counts[layer] for p in plans) for layer in range(layers)]
         deepest = common[-1] if common else 0
@@ -134,6 +151,7 @@ class ReusePlan:
                 plan.spliced.append(mask)
         plan.info["row_counts"] = [p.counts for p in plans]
         plan.info["rows"] = [p.info for p in plans]
+        plan.prune = plans[0].prune
         return plan
 
     @classmethod
@@ -173,6 +191,7 @@ class ReusePlan:
             raise ValueError(f"truncated counts {list(counts)} must lie between 0 and the plan's counts {self.counts}")
         plan = ReusePlan.from_order(self.priority(), counts)
         plan.info = dict(self.info)
+        plan.prune = self.prune
         return plan
 
     @classmethod
@@ -214,6 +233,9 @@ class ReusePlan:
             previous = r
         if self.spliced is not None:
             self._validate_spliced(batch_size, seq_len)
+        layers = [rule.layer for rule in self.prune]
+        if layers != sorted(set(layers)) or any(not 1 <= k < num_layers for k in layers):
+            raise ValueError(f"prune rules must name distinct decoder layers in 1..{num_layers - 1}, in order; got {layers}")
 
     def _validate_spliced(self, batch_size: int, seq_len: int) -> None:
         previous = None
@@ -267,6 +289,7 @@ class StepStats:
     device_ms: float | None = None
     episode_reset: bool = False
     staleness: dict | None = None  # of the reused tokens: steps since computed, pixel drift to that frame (engine/staleness.py)
+    dropped_per_layer: list[int] | None = None  # visual tokens dropped per layer by the policy's pruner (None: no pruner)
 
     def as_dict(self) -> dict:
         return {
@@ -280,4 +303,5 @@ class StepStats:
             "device_ms": self.device_ms,
             "episode_reset": self.episode_reset,
             "staleness": self.staleness,
+            "dropped_per_layer": self.dropped_per_layer,
         }

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .probe import apply_rotary, query_heads, summarize_layers
+from .probe import apply_rotary, attention_log_probs, query_heads, summarize_layers
+from .pruning import PruneState, exclude_keys, rows_of_mask
 from .reuse_cache import ReuseCache
 from .staleness import Staleness
 from .staleness import advance as advance_staleness
@@ -42,6 +43,7 @@ class StepRecord:
     tokens_per_layer: list[int]
     stats: AttentionStats | None
     staleness: dict | None = None
+    dropped_per_layer: list[int] | None = None
 
 
 @dataclass
@@ -149,6 +151,9 @@ class _ActiveStep:
     to_keys: dict[int, torch.Tensor] = field(default_factory=dict)
     entropy: dict[int, torch.Tensor] = field(default_factory=dict)
     final_hidden: torch.Tensor | None = None
+    prune: PruneState | None = None
+    spliced: list[torch.Tensor] | None = None
+    absent: list[int] = field(default_factory=list)  # per layer, rows not computed (reused or dropped)
 
 
 def decoder_layers(decoder: nn.Module) -> nn.ModuleList:
@@ -297,7 +302,14 @@ class CacheEngine:
         plan.validate(batch_size, self.num_layers, layout.length)
         if not plan.is_empty:
             self._check_reusable(layout, batch_size)
+        void = self.episode.signals.get("void")
+        if void is not None and not plan.is_empty:
+            stale = plan.stale(layout.length)
+            if stale is not None and stale.shape == void.shape and bool((stale & void.cpu()).any()):
+                raise ValueError("the plan reuses tokens dropped at the previous step (their K/V are void); "
+                                 "exclude PlanContext.void from the candidates")
         cache = self.new_cache()
+        cache.length = layout.length
         device = next(self.decoder.parameters()).device
         kept, select = self._row_maps(plan, layout.length, batch_size, device)
         final_splice = None
@@ -330,6 +342,9 @@ class CacheEngine:
             query_positions=query_positions,
             probe_layers=probe_layers,
             final_splice=final_splice,  # the deepest layer's mask (masks are nested)
+            prune=PruneState.build(plan.prune, layout, plan.reused, plan.spliced, batch_size, device),
+            spliced=plan.spliced,
+            absent=list(plan.counts),
         )
         return cache
 
@@ -353,13 +368,19 @@ class CacheEngine:
             stale = plan.stale(length) if plan is not None else None
             self.episode.staleness, staleness = advance_staleness(self.episode.staleness, self.episode.previous_images,
                                                                   stale, step.layout)
+        prune = step.prune
+        dropped = prune.dropped if prune is not None else None
+        self.episode.signals = {**self.episode.signals, "void": torch.zeros(step.batch_size, length, dtype=torch.bool)
+                                if dropped is None else dropped.cpu()}
         self.advance()
         self._step = None
         return StepRecord(
             reused_per_layer=step.counts,
-            tokens_per_layer=[length - c for c in step.counts],
+            tokens_per_layer=[length - c for c in step.absent],
             stats=self.episode.stats,
             staleness=staleness,
+            dropped_per_layer=None if prune is None else
+            [int(prune.dropped_at[l][0].sum()) if l in prune.dropped_at else 0 for l in range(self.num_layers)],
         )
 
     def advance(self) -> None:
@@ -431,8 +452,17 @@ class CacheEngine:
 
     def _before_layer(self, index: int, layer: nn.Module, args: tuple, kwargs: dict):
         step = self._step
-        if step is None or not step.in_prefill:
+        if step is None:
             return None
+        if not step.in_prefill:
+            return self._decode_without_dropped(step, index, args, kwargs)
+        prune = step.prune
+        if prune is not None:
+            if index in prune.queries:  # a rule's scoring layer: the full-length rotary table and mask
+                prune.rope = prune.rope or kwargs["position_embeddings"]
+                prune.masks[index] = kwargs.get("attention_mask")
+            if index in prune.rules:
+                self._apply_rule(step, index)
         if index in step.probe_layers:  # the full-length rotary table and mask, before this hook cuts them
             step.rope = step.rope or kwargs["position_embeddings"]
             step.masks[index] = kwargs.get("attention_mask")
@@ -443,16 +473,18 @@ class CacheEngine:
         if step.select[index] is not None:
             select = step.select[index]
             hidden = hidden.gather(1, select[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        count = step.counts[index]
+        count = step.absent[index]
         cos, sin = kwargs["position_embeddings"]
         memo_key = ("rope", count)
         if memo_key not in step.memo:
             step.memo[memo_key] = (self._rows_of(cos, rows, 1), self._rows_of(sin, rows, 1))
         kwargs["position_embeddings"] = step.memo[memo_key]
         mask = kwargs.get("attention_mask")
-        mask_key = ("mask", count, id(mask))
+        dropped = prune.dropped_at.get(index) if prune is not None else None
+        mask_key = ("mask", count, id(mask), None if dropped is None else id(dropped))
         if mask_key not in step.memo:
-            step.memo[mask_key] = self._mask_rows(layer, mask, rows, step.layout.length, hidden.dtype)
+            rows_mask = self._mask_rows(layer, mask, rows, step.layout.length, hidden.dtype)
+            step.memo[mask_key] = rows_mask if dropped is None else exclude_keys(rows_mask, dropped)
         kwargs["attention_mask"] = step.memo[mask_key]
         for name in ("position_ids", "cache_position"):
             value = kwargs.get(name)
@@ -466,12 +498,73 @@ class CacheEngine:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
+    def _apply_rule(self, step: _ActiveStep, layer: int) -> None:
+        """Score the visual tokens by layer-1's attention in this forward, let the rule drop some, and take them
+        out of every layer from `layer` on (rows, masks, the cache's splice)."""
+        prune, length, batch = step.prune, step.layout.length, step.batch_size
+        rule, scoring = prune.rules[layer], layer - 1
+        queries = prune.queries[scoring]
+        attn = self.layers[scoring].self_attn
+        cos, sin = prune.rope
+        rotated = apply_rotary(attn, prune.q_rows.pop(scoring), self._rows_of(cos, queries, 1), self._rows_of(sin, queries, 1))
+        mask_rows = self._mask_rows(self.layers[scoring], prune.masks.get(scoring), queries, length, rotated.dtype)
+        if scoring in prune.dropped_at:
+            mask_rows = exclude_keys(mask_rows, prune.dropped_at[scoring])
+        keys = step.cache.prefill_kv[scoring][0]
+        scaling = getattr(attn, "scaling", rotated.shape[-1] ** -0.5)
+        rows = attention_log_probs(rotated[None], [keys], mask_rows, scaling)[0].exp().mean(dim=1)  # [B, n, L]
+        dropped = prune.choose(rule, rows)
+        prune.dropped = dropped
+        previous = step.kept[scoring]
+        if previous is None:
+            previous = torch.arange(length, device=dropped.device).expand(batch, length)
+        for index in range(layer, self.num_layers):
+            prune.dropped_at[index] = dropped
+            rows = rows_of_mask(prune.absent(index, dropped))
+            step.select[index] = None if rows.shape == previous.shape else torch.searchsorted(previous, rows)
+            step.kept[index] = rows
+            step.absent[index] = length - rows.shape[1]
+            pad = None
+            if step.spliced is not None and bool(step.spliced[index].any()):
+                pad = step.spliced[index].to(rows.device).gather(1, rows)
+            base_k, base_v = step.cache.splice.get(index, (None, None, None, None))[:2]
+            step.cache.splice[index] = (base_k, base_v, rows, pad)
+            previous = rows
+
+    def _decode_without_dropped(self, step: _ActiveStep, index: int, args: tuple, kwargs: dict):
+        """A decode pass's queries at a layer from which tokens were dropped: their keys are excluded."""
+        prune = step.prune
+        if prune is None or index not in prune.dropped_at:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # sdpa's causal fast path: an explicit causal mask over cache + new positions
+            queries = hidden.shape[1]
+            past = step.cache.get_seq_length(index)
+            positions = kwargs.get("cache_position")
+            positions = torch.arange(past, past + queries, device=hidden.device) if positions is None else positions.to(hidden.device)
+            allowed = torch.arange(past + queries, device=hidden.device)[None, :] <= positions[:, None]
+            mask = allowed[None, None]
+            if self._additive_mask:
+                mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(~mask, torch.finfo(hidden.dtype).min)
+        kwargs["attention_mask"] = exclude_keys(mask, prune.dropped_at[index])
+        return args, kwargs
+
     def _after_q_proj(self, index: int, q_proj: nn.Module, args: tuple, output: torch.Tensor):
         step = self._step
-        if step is None or not step.in_prefill or index not in step.probe_layers:
+        if step is None or not step.in_prefill:
+            return None
+        prune = step.prune
+        if prune is not None and index in prune.queries:
+            rows, queries = step.kept[index], prune.queries[index]
+            local = queries if rows is None else torch.searchsorted(rows, queries)
+            attn = self.layers[index].self_attn
+            picked = output.gather(1, local[:, :, None].expand(-1, -1, output.shape[-1]))
+            prune.q_rows[index] = query_heads(attn, picked, self._head_dim(attn))
+        if index not in step.probe_layers:
             return None
         rows = step.kept[index]
-        key = ("probe rows", None if rows is None else step.counts[index])
+        key = ("probe rows", None if rows is None else step.absent[index])
         if key not in step.memo:
             queries = step.query_positions
             local = queries if rows is None else torch.searchsorted(rows, queries)
@@ -499,10 +592,13 @@ class CacheEngine:
         length = step.layout.length
         masks = [step.masks[i] for i in layers]
         dtype = rotated.dtype
-        if all(m is masks[0] for m in masks):
+        dropped = {} if step.prune is None else step.prune.dropped_at
+        if all(m is masks[0] for m in masks) and not any(i in dropped for i in layers):
             mask_rows = self._mask_rows(self.layers[layers[0]], masks[0], queries, length, dtype)
-        else:  # e.g. sliding-window and global layers: each its own mask
-            mask_rows = torch.stack([self._mask_rows(self.layers[i], m, queries, length, dtype) for i, m in zip(layers, masks)])
+        else:  # e.g. sliding-window and global layers, or tokens dropped from some layer on: each its own mask
+            rows = [self._mask_rows(self.layers[i], m, queries, length, dtype) for i, m in zip(layers, masks)]
+            rows = [r if i not in dropped else exclude_keys(r, dropped[i]) for i, r in zip(layers, rows)]
+            mask_rows = torch.stack([r.expand(queries.shape[0], *r.shape[1:]) for r in rows])
         keys = [step.cache.prefill_kv[i][0] for i in layers]
         scaling = getattr(attn, "scaling", rotated.shape[-1] ** -0.5)
         to_keys, entropy = summarize_layers(rotated, keys, mask_rows, scaling)
@@ -517,7 +613,10 @@ class CacheEngine:
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
         rows = step.kept[-1]
         if rows is not None or step.final_splice is not None:
-            previous = self.episode.final_hidden.to(hidden.device, hidden.dtype)
+            previous = self.episode.final_hidden
+            if previous is None:  # tokens dropped at a step with nothing reused: their final states stay void
+                previous = hidden.new_zeros(hidden.shape[0], step.layout.length, hidden.shape[-1])
+            previous = previous.to(hidden.device, hidden.dtype)
             if rows is not None:
                 index = rows[:, :, None].expand(-1, -1, hidden.shape[-1])
                 hidden = previous.scatter(1, index, hidden)

@@ -48,6 +48,15 @@ def summarize_layers(
     matched by reshaping the queries, never by copying keys); mask_rows: [B, 1, n, L] or [P, B, 1, n, L], bool
     (True = may attend) or additive float.
     """
+    log_probs = attention_log_probs(queries, keys, mask_rows, scaling)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum(-1)
+    return probs.mean(dim=(2, 3)), entropy.mean(dim=(2, 3))
+
+
+def attention_log_probs(queries: torch.Tensor, keys: Sequence[torch.Tensor], mask_rows: torch.Tensor,
+                        scaling: float) -> torch.Tensor:
+    """log softmax(QK^T * scaling + mask) [P, B, H, n, L] of P layers (arguments as `summarize_layers`)."""
     layers, batch, heads, n, head_dim = queries.shape
     kv_heads = keys[0].shape[1]
     grouped = queries.float().reshape(layers, batch, kv_heads, heads // kv_heads * n, head_dim)
@@ -57,7 +66,4 @@ def summarize_layers(
         scores = scores.masked_fill(~mask_rows, torch.finfo(scores.dtype).min)
     else:
         scores = (scores + mask_rows.float()).clamp_min(torch.finfo(scores.dtype).min)
-    log_probs = torch.log_softmax(scores, dim=-1)
-    probs = log_probs.exp()
-    entropy = -(probs * log_probs).sum(-1)
-    return probs.mean(dim=(2, 3)), entropy.mean(dim=(2, 3))
+    return torch.log_softmax(scores, dim=-1)

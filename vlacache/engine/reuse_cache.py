@@ -21,11 +21,15 @@ class ReuseCache(DynamicCache):
         self.splice: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.prefill_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.recording = True
+        self.length = 0  # the prompt length (set by the engine): the size of a zero base for dropped tokens
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         splice = self.splice.pop(layer_idx, None)
         if splice is not None:
             previous_k, previous_v, kept, pad = splice
+            if previous_k is None:  # tokens dropped, nothing reused: their K/V stay zero (no query attends to them)
+                shape = (*key_states.shape[:2], self.length, key_states.shape[-1])
+                previous_k, previous_v = key_states.new_zeros(shape), value_states.new_zeros(shape)
             key_states, value_states = key_states.to(previous_k.dtype), value_states.to(previous_v.dtype)
             index = None if kept is None else kept[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[-1])
             if pad is not None:  # rows computed only to fill the batch's common shape: their row reuses them

@@ -233,6 +233,7 @@ def bench_row(label: str, description: str, baseline: list[list[list[StepResult]
                 "step": t,
                 "tokens_per_layer": stats.tokens_per_layer,
                 "reused_per_layer": stats.reused_per_layer,
+                "dropped_per_layer": stats.dropped_per_layer,
                 "reuse_ratio": stats.reuse_ratio,
                 "num_visual": stats.num_visual,
                 "flops_baseline": base[-1].stats.flops,
@@ -263,6 +264,8 @@ def bench_row(label: str, description: str, baseline: list[list[list[StepResult]
     layers = len(steps[0]["tokens_per_layer"])
     summary["mean_reused_per_layer"] = [statistics.mean(s["reused_per_layer"][i] for s in steps) for i in range(layers)] \
         if steps[0]["reused_per_layer"] else []
+    summary["mean_dropped_per_layer"] = [statistics.mean(s["dropped_per_layer"][i] for s in steps) for i in range(layers)] \
+        if steps[0]["dropped_per_layer"] else None
     return {"label": label, "policy": description, "summary": summary, "steps": steps}
 
 

@@ -102,12 +102,12 @@ class PolicyService:
     def __init__(self, config: ServeConfig, backbone: Backbone | None = None, default_cameras: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.backbone = backbone if backbone is not None else build_backbone(config.backbone)
-        self.vla = CachedVLA(self.backbone, build_policy(config.policy), **config.fast_path.options())
         self.cameras = dict(config.cameras if config.cameras is not None else default_cameras or {})
         for name, camera in self.cameras.items():
             if camera not in self.backbone.cameras:
                 raise ConfigError(f"cameras: '{name}' maps to '{camera}', which is not a camera of this backbone "
                                   f"({', '.join(self.backbone.cameras)})")
+        self.vla = CachedVLA(self.backbone, build_policy(config.policy), **config.fast_path.options())  # attaches hooks
         self._episodes: dict[str, EpisodeSnapshot | None] = {}
         self._episode_ids: dict[str, int] = {}
         self._current: str | None = None

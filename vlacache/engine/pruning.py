@@ -1,0 +1,103 @@
+"""Dropping visual tokens inside a forward (`PruneRule`: FastV, SparseVLM), on top of the reuse machinery.
+
+At the first prefill layer K of a rule, the engine scores the visual tokens by the attention layer K-1 of this
+same forward gave them (the rule's query rows, averaged over heads; the queries were kept by a hook on that
+layer's `q_proj`), lets the rule choose which to drop, and from layer K on: they leave the computed rows like
+reused tokens do, and every query's mask excludes their keys (prefill and decode passes). Their cached K/V and
+final hidden states hold nothing usable afterwards: the next step may not reuse them (`void`).
+
+Composition with reuse: a rule chooses only among tokens no layer reuses, so at every layer each batch row
+misses |reused_l| + |dropped| rows and the batch keeps one shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..types import PruneRule, TokenLayout
+
+
+@dataclass
+class PruneState:
+    """One step's prune rules and what they dropped so far."""
+
+    rules: dict[int, PruneRule]  # layer K -> rule
+    queries: dict[int, torch.Tensor]  # layer K-1 -> query positions [B, n] whose attention ranks the tokens
+    visual: torch.Tensor  # [V] positions of the visual tokens, layout order
+    reused: list[torch.Tensor | None]  # per layer, bool [B, L] of the plan's reused positions
+    busy: torch.Tensor  # bool [B, L]: reused at some layer, or spliced (computed but overwritten): never dropped
+    dropped: torch.Tensor | None = None  # bool [B, L], grows as rules fire
+    dropped_at: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> bool [B, L] dropped there
+    q_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer K-1 -> [B, H, n, d] recorded queries
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, rules, layout: TokenLayout, reused: list[torch.Tensor], spliced: list[torch.Tensor] | None,
+              batch: int, device: torch.device) -> "PruneState | None":
+        if not rules:
+            return None
+        length = layout.length
+        masks = []
+        for positions in reused:
+            if positions.shape[1] == 0:
+                masks.append(None)
+                continue
+            mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
+            masks.append(mask.scatter_(1, positions.to(device), True))
+        busy = masks[-1].clone() if masks and masks[-1] is not None else torch.zeros(batch, length, dtype=torch.bool, device=device)
+        if spliced is not None:
+            busy |= spliced[-1].to(device)
+        queries = {}
+        for rule in rules:
+            positions = layout.text.positions() if rule.query == "text" else torch.tensor([length - 1])
+            queries[rule.layer - 1] = positions.expand(batch, -1).contiguous().to(device)
+        visual = torch.cat([span.positions() for span in layout.vision.values()]).to(device)
+        return cls({r.layer: r for r in rules}, queries, visual, masks, busy)
+
+    def choose(self, rule: PruneRule, attention: torch.Tensor) -> torch.Tensor:
+        """Apply a rule to its query rows' attention over keys [B, n, L] at its scoring layer (mean over heads);
+        returns the new dropped mask."""
+        scores = attention[:, :, self.visual]
+        taken = self.busy if self.dropped is None else self.busy | self.dropped
+        eligible = ~taken[:, self.visual]
+        chosen = rule.choose(scores, eligible)
+        if chosen.dim() != 2 or chosen.shape[0] != scores.shape[0]:
+            raise ValueError(f"prune rule at layer {rule.layer} must return visual indices [B, n], got {tuple(chosen.shape)}")
+        chosen = chosen.to(self.visual.device)
+        if chosen.numel() and not bool(eligible.gather(1, chosen).all()):
+            raise ValueError(f"prune rule at layer {rule.layer} chose a token that is reused or already dropped")
+        dropped = torch.zeros_like(taken) if self.dropped is None else self.dropped.clone()
+        dropped.scatter_(1, self.visual[chosen], True)
+        return dropped
+
+    def absent(self, layer: int, dropped: torch.Tensor) -> torch.Tensor:
+        """Bool [B, L]: the positions layer `layer` does not compute once `dropped` is dropped."""
+        reused = self.reused[layer]
+        return dropped if reused is None else reused | dropped
+
+
+def rows_of_mask(absent: torch.Tensor) -> torch.Tensor:
+    """The computed positions [B, K] (ascending) of each row of a bool [B, L] mask of absent ones; every row must
+    miss as many."""
+    counts = absent.sum(dim=1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(f"rows of a batch miss different numbers of tokens ({counts.tolist()}); cannot keep one shape")
+    length = absent.shape[1]
+    return torch.arange(length, device=absent.device).expand_as(absent)[~absent].view(absent.shape[0], -1)
+
+
+def exclude_keys(mask: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """An attention mask [B|1, 1, q, K] (bool: True = may attend; or additive) with the keys `dropped` [B, L]
+    (the first L key positions) excluded for every query."""
+    batch = dropped.shape[0]
+    mask = mask.expand(batch, *mask.shape[1:])
+    length = dropped.shape[1]
+    columns = torch.zeros(batch, mask.shape[-1], dtype=torch.bool, device=mask.device)
+    columns[:, :length] = dropped.to(mask.device)
+    columns = columns[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & ~columns
+    return mask.masked_fill(columns, torch.finfo(mask.dtype).min)
