@@ -44,6 +44,16 @@ def lowest(scores: torch.Tensor, eligible: torch.Tensor, wanted: int) -> torch.T
     return scores.masked_fill(~eligible, float("inf")).topk(count, dim=1, largest=False).indices
 
 
+def prune_layers(specs: list, num_layers: int, name: str) -> tuple[int, ...]:
+    """A multi-layer pruner's layers on this decoder: distinct and >= 1 (each rule ranks by the layer before)."""
+    layers = resolve_layers(specs, num_layers, f"pruner '{name}'")
+    if len(layers) != len(specs) or layers[0] < 1:
+        raise ConfigError(f"pruner '{name}': layers {specs} give {list(layers)} on this {num_layers}-layer decoder; "
+                          "they must be distinct and >= 1 (give absolute layers for a shallow decoder, e.g. "
+                          "layers: [1, 2])")
+    return layers
+
+
 @register_strategy("pruner", "fastv")
 class FastVPruner(TokenPruner):
     """FastV ("an image is worth 1/2 tokens after layer 2"): at decoder layer `layer` (K), rank the visual tokens by
@@ -102,12 +112,7 @@ class SparseVLMPruner(TokenPruner):
         ratios: list = field(default_factory=lambda: [0.25, 0.25, 0.17])
 
     def _layers(self, num_layers: int) -> tuple[int, ...]:
-        layers = resolve_layers(self.config.layers, num_layers, "pruner 'sparsevlm'")
-        if len(layers) != len(self.config.layers) or layers[0] < 1:
-            raise ConfigError(f"pruner 'sparsevlm': layers {self.config.layers} give {list(layers)} on this "
-                              f"{num_layers}-layer decoder; they must be distinct and >= 1 (give absolute layers "
-                              "for a shallow decoder, e.g. layers: [1, 2])")
-        return layers
+        return prune_layers(self.config.layers, num_layers, "sparsevlm")
 
     def check(self, num_layers: int) -> None:
         self._layers(num_layers)
@@ -119,3 +124,53 @@ class SparseVLMPruner(TokenPruner):
     def rules(self, ctx: PlanContext) -> list[PruneRule]:
         return [PruneRule(layer, RatedByText(ratio), "text")
                 for layer, ratio in zip(self._layers(ctx.num_layers), self.config.ratios)]
+
+
+@dataclass(frozen=True)
+class DropOutsideMass:
+    """A layer-dynamic count: keep the fewest eligible visual tokens that hold `keep_mass` of the attention the
+    eligible tokens receive (mean over the query rows), drop the rest, at most floor(max_ratio * V); a layer whose
+    attention is concentrated drops many, a diffuse one few."""
+
+    keep_mass: float
+    max_ratio: float
+
+    def __call__(self, attention: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+        scores = attention.float().mean(dim=1).masked_fill(~eligible, 0.0)
+        ranked = scores.sort(dim=1, descending=True).values
+        before = (ranked.cumsum(dim=1) - ranked) / ranked.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        keep = ((before < self.keep_mass) & (ranked > 0)).sum(dim=1)
+        surplus = int((eligible.sum(dim=1) - keep).clamp_min(0).min())
+        return lowest(scores, eligible, min(surplus, math.floor(self.max_ratio * attention.shape[-1] + 1e-9)))
+
+
+@register_strategy("pruner", "layer-dynamic")
+class LayerDynamicPruner(TokenPruner):
+    """A layer-dynamic pruning schedule after SpecPrune-VLA (known here from its abstract only: pruning at several
+    depths, how much decided per layer): at each of `layers` (5, 10, 15, 20 of 32 by default) the eligible visual
+    tokens are ranked by the attention the `query` rows gave them in the layer before, and the tokens outside the
+    top `keep_mass` of that attention are dropped from there on, at most `max_ratio` of all visual tokens per
+    layer: the count follows how concentrated each layer's attention is, per step. Not SpecPrune's own rule (its
+    paper's details were not available); its action-aware control is the `action-aware` gate."""
+
+    @dataclass
+    class Config:
+        layers: list = field(default_factory=lambda: ["5/32", "10/32", "15/32", "20/32"])
+        keep_mass: float = 0.9
+        max_ratio: float = 0.3
+        query: str = "text"
+
+    def _layers(self, num_layers: int) -> tuple[int, ...]:
+        return prune_layers(self.config.layers, num_layers, "layer-dynamic")
+
+    def check(self, num_layers: int) -> None:
+        self._layers(num_layers)
+        if not 0.0 < self.config.keep_mass <= 1.0 or not 0.0 <= self.config.max_ratio <= 1.0:
+            raise ConfigError(f"pruner 'layer-dynamic': keep_mass must be in (0, 1] and max_ratio in [0, 1], got "
+                              f"{self.config.keep_mass} and {self.config.max_ratio}")
+        if self.config.query not in QUERIES:
+            raise ConfigError(f"pruner 'layer-dynamic': query must be one of {QUERIES}, got {self.config.query!r}")
+
+    def rules(self, ctx: PlanContext) -> list[PruneRule]:
+        choose = DropOutsideMass(self.config.keep_mass, self.config.max_ratio)
+        return [PruneRule(layer, choose, self.config.query) for layer in self._layers(ctx.num_layers)]

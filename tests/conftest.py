@@ -15,6 +15,13 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def demo_folder(tmp_path_factory):
+    from demo_fixture import write_demo_folder
+
+    return write_demo_folder(tmp_path_factory.mktemp("demos"))
+
+
+@pytest.fixture(scope="session")
 def frames():
     from vlacache.envs.replay import ReplayEnv
 

@@ -193,3 +193,45 @@ def test_sparsevlm_layers_must_fit_the_decoder(tiny):
 
     with pytest.raises(ConfigError, match="absolute layers"):
         CachedVLA(tiny, CachePolicy.from_config({"label": "x", "pruner": {"name": "sparsevlm"}}))  # 2/32 -> 0 on 4 layers
+
+
+def expected_mass_drop(attention_layer, eligible, keep_mass, cap):
+    """The layer-dynamic choice recomputed row by row from the reference's attention [B, H, L, L] of one layer:
+    per row the fewest tokens holding keep_mass of the eligible attention stay, the batch drops the smallest
+    surplus (at most cap), lowest attention first."""
+    text = LAYOUT.text.positions()
+    scores = attention_layer.mean(1)[:, text][:, :, VISUAL].mean(1).double()  # [B, V]
+    surplus = []
+    for row in range(scores.shape[0]):
+        values = sorted(scores[row][eligible[row]].tolist(), reverse=True)
+        kept, mass = 0, 0.0
+        while kept < len(values) and mass < keep_mass * sum(values):
+            mass += values[kept]
+            kept += 1
+        surplus.append(len(values) - kept)
+    count = min(min(surplus), cap)
+    lowest = scores.masked_fill(~eligible, float("inf")).topk(count, dim=1, largest=False).indices
+    return torch.zeros(eligible.shape[0], L, dtype=torch.bool).scatter_(1, VISUAL[lowest], True), count
+
+
+def test_layer_dynamic_drops_what_lies_outside_the_attention_mass():
+    lm = tiny_llama("eager")
+    e1, _ = two_steps(batch=2)
+    policy = CachePolicy.from_config({"label": "layer-dynamic", "pruner": {
+        "name": "layer-dynamic", "layers": [1, 3], "keep_mass": 0.6, "max_ratio": 0.3}})
+    from vlacache.strategy import PlanContext
+
+    plan = policy.plan(PlanContext(step=0, batch_size=2, num_layers=4, layout=LAYOUT, current={}, previous=None, stats=None))
+    cap = int(0.3 * len(VISUAL))
+    with torch.no_grad(), CacheEngine(lm.model) as engine:
+        run_step(lm, engine, e1, plan)
+        record = engine.end_step()
+        attentions = []
+        reference_forward(lm, e1, torch.arange(L), attentions=attentions)
+        first, n1 = expected_mass_drop(attentions[0], torch.ones(2, len(VISUAL), dtype=torch.bool), 0.6, cap)
+        attentions = []
+        reference_forward(lm, e1, torch.arange(L), attentions=attentions, dropped=[None, first, first, first])
+        second, n2 = expected_mass_drop(attentions[2], ~first[:, VISUAL], 0.6, cap)
+    assert 0 < n1 and 0 < n2  # the counts follow the attention, not a fixed ratio
+    assert record.dropped_per_layer == [0, n1, n1, n1 + n2]
+    assert torch.equal(engine.episode.signals["void"], first | second)

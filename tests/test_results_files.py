@@ -65,6 +65,29 @@ def test_fingerprint_counts_what_decides_outcomes_and_nothing_else(tmp_path):
     assert experiment_fingerprints(bucketed)["static-reuse"]["fast_path"] == {"buckets": 4, "compile": False, "compile_mode": None} != fp["fast_path"]
 
 
+def test_fingerprint_counts_pruners_camera_scales_and_trained_strategy_weights(tmp_path):
+    def policy_print(policy):
+        return experiment_fingerprints(quick_config(tmp_path, policies=[policy], max_steps=3))[policy["label"]]["policy"]
+
+    fastv = {"label": "p", "pruner": {"name": "fastv", "layer": 1, "ratio": 0.5}}
+    assert policy_print(fastv)["pruner"] == {"name": "fastv", "layer": 1, "ratio": 0.5, "query": "last"}
+    assert policy_print({**fastv, "pruner": {"name": "fastv", "layer": 1, "ratio": 0.3}}) != policy_print(fastv)
+    assert policy_print({**fastv, "cameras": {"wrist": 0.5}}) != policy_print(fastv)
+    # the learned selector: the same name and settings with re-trained weights is a change
+    import shutil
+
+    from vlacache.strategies.learned import classifier_folder
+
+    folder = tmp_path / "selector"
+    shutil.copytree(classifier_folder("micro_oft_libero_spatial"), folder)
+    learned = {"label": "l", "selector": {"name": "learned", "checkpoint": str(folder)}}
+    before = policy_print(learned)
+    assert set(before["selector"]["checkpoint_identity"]["files"]) == {"model.safetensors", "selector.json"}
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    assert policy_print(learned) != before
+
+
 def test_checkpoint_identity_is_names_sizes_and_content(tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
     (ckpt / "checkpoints").mkdir(parents=True)

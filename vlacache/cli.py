@@ -116,7 +116,19 @@ def _demos(args) -> int:
 
 
 def _train(args) -> int:
+    from .config import load_yaml, resolve_config_path
     from .experiment import load_config
+
+    objective = load_yaml(resolve_config_path(args.config, "train")).get("objective", "bc")
+    objective = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("objective=")), objective)
+    if objective == "reuse":
+        from .train.reuse import ReuseTrainConfig, train_reuse
+
+        config = load_config(ReuseTrainConfig, args.config, "train", args.overrides)
+        folder = train_reuse(config, progress=not args.quiet)
+        print(f"wrote {folder} (a learned selector: name it in a policy as selector: {{name: learned, checkpoint: "
+              f"{folder}}}) and {config.output_dir}/curves.csv / .png")
+        return 0
     from .train.bc import TrainConfig, train
 
     config = load_config(TrainConfig, args.config, "train", args.overrides)
@@ -176,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. episodes_per_task=10 workers=2")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_demos)
-    p = sub.add_parser("train", help="behaviour cloning of a backbone on demonstrations (Lightning, resumable)")
+    p = sub.add_parser("train", help="behaviour cloning of a backbone on demonstrations, or (objective: reuse) a learned "
+                                     "reuse selector on recorded episodes (Lightning, resumable)")
     p.add_argument("config", help="train YAML path or shipped name (configs/train/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 demos=data/demos/libero_spatial")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

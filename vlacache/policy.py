@@ -99,7 +99,7 @@ class CachePolicy:
         return getattr(self.pruner, "prunes", False)
 
     def stats_request(self, num_layers: int) -> StatsRequest | None:
-        layers = set(self.relevance.required_layers(num_layers))
+        layers = set(self.relevance.required_layers(num_layers)) | set(self.selector.required_layers(num_layers))
         if self.scheduler.needs_entropy:
             layers |= set(range(num_layers))
         if not layers:

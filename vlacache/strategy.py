@@ -102,6 +102,10 @@ class Strategy:
 class TokenSelector(Strategy):
     """Finds static visual tokens: per camera, which patches could reuse last step's K/V."""
 
+    def required_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Decoder layers whose attention statistics this selector reads (empty: none)."""
+        return ()
+
     def select(self, ctx: PlanContext) -> dict[str, Candidates]:
         raise NotImplementedError
 

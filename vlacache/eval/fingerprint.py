@@ -4,7 +4,7 @@ Counted: the backbone's resolved typed config (device as its kind: cpu / cuda) a
 (for a directory: every file's relative name, size and content hash, or mtime above 64 MiB so that a released
 7B checkpoint costs a listing),
 the policy's full resolved parameters (every strategy's typed Config, so the same label with new parameters is
-a change), the env and perturbation typed configs (plus `data_identity(config)` when the env class defines it:
+a change; the per-camera scales; a trained strategy's checkpoint identity, e.g. the learned selector's weights), the env and perturbation typed configs (plus `data_identity(config)` when the env class defines it:
 the replay env's recording hash),
 max_steps, execute_chunk, episodes, the fast path (reuse buckets change what is reused), batch_envs (a batched step
 rounds differently), and the code version (vlacache.__version__ and a hash of its Python
@@ -118,9 +118,12 @@ def code_version() -> dict[str, Any]:
 
 def policy_fingerprint(spec: Any) -> dict[str, Any]:
     config = resolve_policy_config(spec)
-    out: dict[str, Any] = {"label": config.label, "reuse_order": config.reuse_order}
-    for kind in ("selector", "relevance", "scheduler", "gate"):
-        out[kind] = component(STRATEGIES[kind], getattr(config, kind), kind)[1]
+    out: dict[str, Any] = {"label": config.label, "reuse_order": config.reuse_order, "cameras": config.cameras}
+    for kind in ("selector", "relevance", "scheduler", "gate", "pruner"):
+        cls, out[kind] = component(STRATEGIES[kind], getattr(config, kind), kind)
+        folder = getattr(cls, "checkpoint_folder", None)
+        if folder is not None:  # trained parameters (the learned selector): the same name with new weights is a change
+            out[kind]["checkpoint_identity"] = checkpoint_identity(folder(out[kind]["checkpoint"]))
     return out
 
 

@@ -25,7 +25,9 @@ import torch
 from ..backbone import Backbone
 from ..config import ConfigError
 from ..types import Observation
+from .curves import write_curves
 from .demos import load_demos
+from .lightning_run import fit_resuming, start_run
 
 __all__ = ["TrainConfig", "DemoSamples", "BehaviourCloning", "train"]
 
@@ -34,6 +36,7 @@ __all__ = ["TrainConfig", "DemoSamples", "BehaviourCloning", "train"]
 class TrainConfig:
     """`vlacache train CONFIG`: what to train, on which demonstrations, how long, where to write."""
 
+    objective: str = "bc"  # behaviour cloning; `objective: reuse` is a ReuseTrainConfig (train/reuse.py)
     name: str = "micro"
     backbone: dict = field(default_factory=lambda: {"name": "openvla-oft", "preset": "micro", "device": "cpu"})
     demos: str = "???"  # a folder written by `vlacache demos`
@@ -54,6 +57,7 @@ class TrainConfig:
 
     def check(self) -> "TrainConfig":
         problems = [
+            (self.objective == "bc", "objective must be 'bc' (behaviour cloning) or 'reuse' (a learned selector)"),
             (self.chunk >= 1, "chunk must be >= 1"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -199,11 +203,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     from ..experiment import build_backbone
 
     config.check()
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    L.seed_everything(config.seed, workers=True, verbose=False)
+    out = start_run(config.output_dir, config.threads, config.seed)
     demos = load_demos(config.demos)
     stats_all = demos.statistics or {}
     key = config.unnorm_key or (next(iter(stats_all)) if len(stats_all) == 1 else None)
@@ -229,17 +229,10 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
             val_set, batch_sampler=PromptLengthBatches(val_set, prompt_length, config.batch_size, False, config.seed),
             collate_fn=collate)
     module = BehaviourCloning(backbone, config)
-    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=-1,
-                                                      every_n_epochs=1)
-    trainer = L.Trainer(
-        accelerator="cpu" if backbone.device.type == "cpu" else "auto", devices=1, max_epochs=config.epochs,
-        max_steps=config.max_steps, callbacks=[checkpoints], logger=L.pytorch.loggers.CSVLogger(out, name="logs"),
-        enable_progress_bar=progress, deterministic="warn", log_every_n_steps=10, num_sanity_val_steps=0,
-        enable_model_summary=False,
-    )
-    last = out / "checkpoints" / "last.ckpt"
-    trainer.fit(module, ckpt_path=str(last) if last.is_file() else None, **loaders)
-    write_loss_curves(out)
+    fit_resuming(module, out, config.epochs, progress, loaders,
+                 accelerator="cpu" if backbone.device.type == "cpu" else "auto", max_steps=config.max_steps,
+                 deterministic="warn")
+    write_curves(out, {"train_loss_epoch": "train_loss", "val_loss": "val_loss"}, ylabel="loss")
     policy_dir = out / "policy"
     export(backbone, policy_dir, config.save_dtype)
     (out / "train_config.json").write_text(json.dumps(config.__dict__, indent=1, default=str))
@@ -258,42 +251,3 @@ def export(backbone: Backbone, folder: Path, dtype: str) -> None:
     finally:
         for name, module in modules.items():
             module.to(previous[name])
-
-
-def write_loss_curves(out: Path) -> None:
-    """logs/version_*/metrics.csv (one per run of the command; a resumed run writes a new version) ->
-    loss_curves.csv (epoch, train, val) and loss_curves.png."""
-    import csv
-
-    rows: dict[int, dict[str, float]] = {}
-    versions = sorted((out / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
-    for metrics in versions:
-        with open(metrics) as handle:
-            for row in csv.DictReader(handle):
-                epoch = int(float(row["epoch"])) if row.get("epoch") else None
-                for name in ("train_loss_epoch", "val_loss"):
-                    if epoch is not None and row.get(name):
-                        rows.setdefault(epoch, {})[name] = float(row[name])
-    if not rows:
-        return
-    with open(out / "loss_curves.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["epoch", "train_loss", "val_loss"])
-        for epoch in sorted(rows):
-            writer.writerow([epoch, rows[epoch].get("train_loss_epoch", ""), rows[epoch].get("val_loss", "")])
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for name, label in (("train_loss_epoch", "train"), ("val_loss", "validation")):
-        points = [(e, r[name]) for e, r in sorted(rows.items()) if name in r]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=100)
-    plt.close(fig)
