@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from vlacache.config import ConfigError
 from vlacache.registry import register_strategy
 from vlacache.strategy import PlanContext, StepGate
@@ -47,7 +49,8 @@ class ActionAwareGate(StepGate):
     """Turns reuse down while the end-effector makes fine motions (the action-aware control of ADP and
     SpecPrune-VLA): the motion is the mean norm of the translation part (`dims`) of the previous query's
     actions; below `min_motion` the scheduler's fractions are multiplied by `fine_scale` (0: no reuse), above
-    it they stand. Units are the backbone's un-normalised actions (LIBERO: the delta command, ~[-1, 1])."""
+    it they stand, and with `pruning: true` the policy's pruner drops nothing at such a step either. Units are
+    the backbone's un-normalised actions (LIBERO: the delta command, ~[-1, 1])."""
 
     @dataclass
     class Config:
@@ -55,6 +58,7 @@ class ActionAwareGate(StepGate):
         fine_scale: float = 0.0
         dims: list[int] = field(default_factory=lambda: [0, 1, 2])
         steps: int = 1  # the first `steps` steps of an episode are full forwards, as full-first-step
+        pruning: bool = True  # also hold the pruner back during fine motions
 
     def check(self, num_layers: int) -> None:
         if not 0.0 <= self.config.fine_scale <= 1.0:
@@ -67,10 +71,16 @@ class ActionAwareGate(StepGate):
         actions = (ctx.signals or {}).get("actions")
         if ctx.step < self.config.steps or actions is None:
             return 0.0
+        return 1.0 if self._motion(actions) >= self.config.min_motion else self.config.fine_scale
+
+    def allow_pruning(self, ctx: PlanContext) -> bool:
+        actions = (ctx.signals or {}).get("actions")
+        return not self.config.pruning or actions is None or self._motion(actions) >= self.config.min_motion
+
+    def _motion(self, actions: torch.Tensor) -> float:
         if max(self.config.dims) >= actions.shape[-1]:
             raise InputError(f"gate 'action-aware': dims {self.config.dims} do not exist in {actions.shape[-1]}-d actions")
-        motion = float(actions[..., self.config.dims].norm(dim=-1).mean())
-        return 1.0 if motion >= self.config.min_motion else self.config.fine_scale
+        return float(actions[..., self.config.dims].norm(dim=-1).mean())
 
 
 @register_strategy("gate", "logit-margin")

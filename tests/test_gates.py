@@ -73,3 +73,20 @@ def test_signals_follow_rows_through_stack_and_split():
     batch = EpisodeState.stack([state(1.0), None, state(3.0)])
     assert batch.signals["logit_margin"].tolist() == [1.0, 0.0, 3.0] and batch.fresh == {1}
     assert batch.rows([2]).signals["actions"].unique().tolist() == [3.0]
+
+
+def test_action_aware_gate_holds_the_pruner_back_during_fine_motions():
+    from vlacache.strategy import PlanContext
+
+    def prune_rules(gate, actions, step=3):
+        policy = CachePolicy.from_config({"label": "p", "pruner": {"name": "fastv", "layer": 1, "ratio": 0.5}, "gate": gate})
+        ctx = PlanContext(step=step, batch_size=1, num_layers=4, layout=None, current={}, previous=None, stats=None)
+        ctx.signals = None if actions is None else {"actions": torch.tensor([[actions]])}
+        return len(policy.plan(ctx).prune)
+
+    fine, coarse = [0.05, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0], [0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    gate = {"name": "action-aware", "min_motion": 0.3}
+    assert prune_rules(gate, fine) == 0 and prune_rules(gate, coarse) == 1
+    assert prune_rules(gate, None, step=0) == 1  # FastV prunes the first step: no motion is known yet
+    assert prune_rules({**gate, "pruning": False}, fine) == 1
+    assert prune_rules({"name": "full-first-step"}, fine, step=0) == 1  # other gates leave the pruner alone

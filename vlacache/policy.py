@@ -109,7 +109,7 @@ class CachePolicy:
     def plan(self, ctx: PlanContext) -> ReusePlan:
         """The step's plan: what is reused (from the previous step) and the prune rules (applied in the forward)."""
         plan = self._reuse_plan(ctx)
-        plan.prune = tuple(self.pruner.rules(ctx)) if self.prunes else ()
+        plan.prune = tuple(self.pruner.rules(ctx)) if self.prunes and self.gate.allow_pruning(ctx) else ()
         return plan
 
     def _reuse_plan(self, ctx: PlanContext) -> ReusePlan:

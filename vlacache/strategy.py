@@ -134,13 +134,19 @@ class LayerScheduler(Strategy):
 
 class StepGate(Strategy):
     """May veto reuse for a whole step (first step, periodic refresh, ...), or turn it down: `scale` multiplies
-    the scheduler's fractions (1: as planned, 0: veto). A gate overrides `allow` (all or nothing) or `scale`."""
+    the scheduler's fractions (1: as planned, 0: veto). A gate overrides `allow` (all or nothing) or `scale`,
+    and `allow_pruning` to hold the pruner back too."""
 
     def allow(self, ctx: PlanContext) -> bool:
         raise NotImplementedError
 
     def scale(self, ctx: PlanContext) -> float:
         return 1.0 if self.allow(ctx) else 0.0
+
+    def allow_pruning(self, ctx: PlanContext) -> bool:
+        """Whether the policy's pruner may drop tokens at this step (a gate that governs pruning overrides it;
+        by default pruning is the pruner's own business, e.g. FastV prunes the first step too)."""
+        return True
 
 
 class TokenPruner(Strategy):
