@@ -85,7 +85,9 @@ def _run(args) -> int:
     config = load_config(ExperimentConfig, args.config or "default", "experiment", args.overrides)
     rows = launch(config, progress=not args.quiet, restart=args.restart)
     if rows:
-        print_summary(rows)
+        from .experiment import build_policy
+
+        print_summary(rows, reusing={p.label for p in map(build_policy, config.policies) if p.enabled and not p.prunes})
         out = Path(config.output_dir)
         print(f"results: {out}/episodes*.jsonl (one line per episode), {out / 'summary.md'}, "
               f"{out / 'summary.csv'}, {out / 'summary.png'}")

@@ -369,7 +369,9 @@ def launch(config: ExperimentConfig, progress: bool = True, restart: bool = Fals
         return rows
 
 
-def print_summary(rows: list[dict], console=None) -> None:
+def print_summary(rows: list[dict], console=None, reusing: set[str] | None = None) -> None:
+    """The per-policy table; `reusing`: the labels of the policies meant to reuse (a 0% reuse note is about
+    those only; None: every policy but no-cache)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -392,7 +394,8 @@ def print_summary(rows: list[dict], console=None) -> None:
             f"Note: {errors} episode(s) raised an error; SR counts them as failures. The messages are in the\n"
             "'error' field of episodes*.jsonl; running the same command again retries them (retry_errors, max_retries)."
         )
-    if any(row["reuse_ratio"] == 0 for row in rows if row["policy"] != "no-cache"):
+    if any(row["reuse_ratio"] == 0 for row in rows
+           if (row["policy"] in reusing if reusing is not None else row["policy"] != "no-cache")):
         console.print(
             "Note: a policy with 0% reuse found nothing it judged safe to reuse. With random weights (the tiny\n"
             "presets) attention entropy does not fall with depth, so the entropy-adaptive schedule of vla-cache\n"
