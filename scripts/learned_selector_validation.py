@@ -19,9 +19,8 @@ import torch
 
 from vlacache import attach
 from vlacache.experiment import build_backbone, load_config
-from vlacache.train.bc import split_episodes
 from vlacache.train.demos import load_demos
-from vlacache.train.reuse import ReuseTrainConfig, action_scale, query_episodes
+from vlacache.train.reuse import ReuseTrainConfig, action_deviation, action_scale, held_out_split, query_episodes
 from vlacache.types import Observation
 
 POLICIES = ["vla_cache", "vla_cache_drift", "vla_cache_learned",
@@ -44,15 +43,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = load_config(ReuseTrainConfig, "learned_reuse_micro_oft", "train")
-    demos = load_demos(config.demos)
-    picked = sorted(set(np.linspace(0, len(demos) - 1, config.max_episodes).round().astype(int).tolist()))
-    _, val = split_episodes([demos[i] for i in picked], config.val_fraction, config.seed)
+    _, val = held_out_split(config, load_demos(config.demos))
     episodes = query_episodes(val, config.query_every)
     backbone = build_backbone(config.backbone)
     scale = action_scale(backbone)
 
     def deviation(a: np.ndarray, b: np.ndarray) -> float:
-        return float((np.abs(a - b) / scale).reshape(-1, scale.size).mean(0).max())
+        return action_deviation(a, b, scale)
 
     with attach(backbone, "no_cache") as plain:
         reference = [[plain.predict(o).actions for o in e.observations] for e in episodes]

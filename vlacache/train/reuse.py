@@ -28,6 +28,7 @@ import torch
 
 from ..config import ConfigError
 from ..types import Observation
+from .bc import split_episodes
 from .demos import load_demos
 
 __all__ = ["ReuseTrainConfig", "ReuseTraining", "train_reuse"]
@@ -97,6 +98,26 @@ def query_episodes(demos: list[dict[str, Any]], query_every: int) -> list[QueryE
     return out
 
 
+def held_out_split(config: ReuseTrainConfig, demos) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The training and validation demonstrations: `max_episodes` spread evenly over the folder's (task, seed)
+    order, split by episode."""
+    count = len(demos) if config.max_episodes is None else min(config.max_episodes, len(demos))
+    picked = sorted(set(np.linspace(0, len(demos) - 1, count).round().astype(int).tolist()))
+    return split_episodes([demos[i] for i in picked], config.val_fraction, config.seed)
+
+
+def action_deviation(actions: np.ndarray, reference: np.ndarray, scale: np.ndarray) -> float:
+    """|actions - reference| in units of `scale` (half the q01..q99 range), mean over the chunk, worst dimension."""
+    return float((np.abs(actions - reference) / scale).reshape(-1, scale.size).mean(0).max())
+
+
+def step_summary(steps: list[dict[str, float]], tolerance: float) -> dict[str, float]:
+    """Mean reuse, deviation and reward of some queries, and the share within the tolerance."""
+    out = {k: float(np.mean([s[k] for s in steps])) for k in ("reuse", "deviation", "reward")}
+    out["within_tolerance"] = float(np.mean([s["deviation"] <= tolerance for s in steps]))
+    return out
+
+
 def action_scale(backbone) -> np.ndarray:
     """Half the q01..q99 range of each action dimension (1 where it is degenerate)."""
     stats = backbone.config.norm_stats[backbone.unnorm_key]["action"]
@@ -138,7 +159,7 @@ class ReuseTraining(L.LightningModule):
         for q in range(start, min(start + self.config.window, len(episode.observations))):
             self.drawn = []
             result = vla.predict(episode.observations[q])
-            deviation = float((np.abs(result.actions - episode.reference[q]) / scale).reshape(-1, scale.size).mean(0).max())
+            deviation = action_deviation(result.actions, episode.reference[q], scale)
             excess = max(0.0, deviation - self.config.tolerance) / self.config.tolerance
             steps.append({"reuse": result.stats.reuse_ratio, "deviation": deviation,
                           "reward": result.stats.reuse_ratio - self.config.penalty * excess})
@@ -184,12 +205,10 @@ class ReuseTraining(L.LightningModule):
         self.log("val_loss", -float(np.mean([s["reward"] for s in steps[1:]])), on_epoch=True, batch_size=1)
 
     def _log(self, stage: str, steps: list[dict[str, float]]) -> None:
-        later = steps[1:]  # the window's first query is a full step
-        for key in ("reuse", "deviation"):
-            self.log(f"{stage}_{key}", float(np.mean([s[key] for s in later])), on_epoch=True, on_step=False,
-                     prog_bar=stage == "val", batch_size=1)
-        within = float(np.mean([s["deviation"] <= self.config.tolerance for s in later]))
-        self.log(f"{stage}_within_tolerance", within, on_epoch=True, on_step=False, batch_size=1)
+        summary = step_summary(steps[1:], self.config.tolerance)  # the window's first query is a full step
+        for key in ("reuse", "deviation", "within_tolerance"):
+            self.log(f"{stage}_{key}", summary[key], on_epoch=True, on_step=False,
+                     prog_bar=stage == "val" and key != "within_tolerance", batch_size=1)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
@@ -217,7 +236,6 @@ def train_reuse(config: ReuseTrainConfig, progress: bool = True) -> Path:
     from ..experiment import build_backbone, resolve_policy_config
     from ..policy import CachePolicy
     from ..runtime import attach
-    from .bc import split_episodes
     from .curves import write_curves
     from .lightning_run import fit_resuming, start_run
 
@@ -231,9 +249,7 @@ def train_reuse(config: ReuseTrainConfig, progress: bool = True) -> Path:
     demos = load_demos(config.demos)
     if len(demos) == 0:
         raise ConfigError(f"{config.demos} holds no successful demonstration; record some with `vlacache demos`")
-    count = len(demos) if config.max_episodes is None else min(config.max_episodes, len(demos))
-    picked = sorted(set(np.linspace(0, len(demos) - 1, count).round().astype(int).tolist()))  # spread over tasks
-    train_eps, val_eps = split_episodes([demos[i] for i in picked], config.val_fraction, config.seed)
+    train_eps, val_eps = held_out_split(config, demos)
     train_q, val_q = query_episodes(train_eps, config.query_every), query_episodes(val_eps, config.query_every)
     if not Windows(train_q, config.window).items:
         raise ConfigError(f"the training demonstrations give no query after a first one at query_every="
@@ -287,8 +303,7 @@ def calibrate(module: ReuseTraining, episodes: list[QueryEpisode], thresholds: l
         selector.config.threshold = threshold
         steps = [s for e, start in Windows(episodes, module.config.window).items
                  for s in module.rollout(episodes[e], start, sample=False)[0][1:]]
-        rows.append({"threshold": threshold, **{k: float(np.mean([s[k] for s in steps])) for k in ("reuse", "deviation", "reward")},
-                     "within_tolerance": float(np.mean([s["deviation"] <= module.config.tolerance for s in steps]))})
+        rows.append({"threshold": threshold, **step_summary(steps, module.config.tolerance)})
     return rows
 
 
