@@ -86,3 +86,21 @@ def test_train_cli(demo_folder, tmp_path):
     bad = subprocess.run([*script, "train", "micro_oft_libero_spatial", f"demos={tmp_path / 'nothing'}", "--quiet"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "holds no index.jsonl" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_init_from_starts_from_a_trained_policy(demo_folder, tmp_path):
+    first = train(config(demo_folder, tmp_path / "first", max_steps=2), progress=False)
+    # a negligible learning rate: the continued policy must come back as the policy it started from
+    continued = train(config(demo_folder, tmp_path / "continued", init_from=str(first), max_steps=1, lr=1e-20,
+                             weight_decay=0.0), progress=False)
+    fresh = train(config(demo_folder, tmp_path / "fresh", max_steps=1, lr=1e-20, weight_decay=0.0), progress=False)
+    def weights(folder):  # every trained module: the decoder and towers, the action head, the proprio projector
+        modules = OpenVLAOFTBackbone.from_pretrained(folder).trainable_modules()
+        return {f"{name}.{k}": v for name, module in modules.items() for k, v in module.state_dict().items()}
+
+    start, after, random_init = weights(first), weights(continued), weights(fresh)
+    assert any(k.startswith("action_head.") for k in start)
+    assert all(torch.equal(start[k], after[k]) for k in start)
+    assert not all(torch.equal(start[k], random_init[k]) for k in start)
+    saved = json.loads((tmp_path / "continued" / "train_config.json").read_text())
+    assert saved["init_from"] == str(first)

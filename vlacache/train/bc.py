@@ -39,6 +39,7 @@ class TrainConfig:
     objective: str = "bc"  # behaviour cloning; `objective: reuse` is a ReuseTrainConfig (train/reuse.py)
     name: str = "micro"
     backbone: dict = field(default_factory=lambda: {"name": "openvla-oft", "preset": "micro", "device": "cpu"})
+    init_from: str | None = None  # start from this policy's weights (shipped name or folder), not the backbone's random init
     demos: str = "???"  # a folder written by `vlacache demos`
     unnorm_key: str | None = None  # the dataset key of the saved statistics (default: the demos' only key)
     chunk: int = 8  # actions per sample (OFT: the chunk; OpenVLA learns the first)
@@ -187,6 +188,15 @@ class BehaviourCloning(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def initial_backbone_spec(config: TrainConfig) -> dict:
+    """The backbone to train: `config.backbone` itself, or with `init_from` the same backbone kind and placement
+    loaded from that policy's checkpoint (its own widths; the preset is dropped), trained in float32."""
+    if config.init_from is None:
+        return config.backbone
+    spec = {k: v for k, v in config.backbone.items() if k not in ("preset", "checkpoint", "seed")}
+    return {**spec, "checkpoint": config.init_from, "dtype": "float32"}
+
+
 def split_episodes(episodes: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Hold out whole episodes (never steps of a training episode) for validation, spread over tasks."""
     order = list(range(len(episodes)))
@@ -209,7 +219,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     key = config.unnorm_key or (next(iter(stats_all)) if len(stats_all) == 1 else None)
     if key not in stats_all:
         raise ConfigError(f"unnorm_key {config.unnorm_key!r}: the demos' statistics have {sorted(stats_all)}; set unnorm_key")
-    backbone = build_backbone(config.backbone)
+    backbone = build_backbone(initial_backbone_spec(config))
     backbone.config.norm_stats = {key: stats_all[key]}
     backbone.unnorm_key = key
     episodes = list(demos)
