@@ -104,3 +104,15 @@ def test_init_from_starts_from_a_trained_policy(demo_folder, tmp_path):
     assert not all(torch.equal(start[k], random_init[k]) for k in start)
     saved = json.loads((tmp_path / "continued" / "train_config.json").read_text())
     assert saved["init_from"] == str(first)
+
+
+def test_an_unfinished_recording_is_refused_with_the_fix(demo_folder, tmp_path):
+    import shutil
+
+    from vlacache.config import ConfigError
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(demo_folder, unfinished)
+    (unfinished / "dataset_statistics.json").unlink()  # what a recording still running (or killed) looks like
+    with pytest.raises(ConfigError, match="recording has not finished.*vlacache demos"):
+        train(config(unfinished, tmp_path / "out"), progress=False)

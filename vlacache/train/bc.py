@@ -215,7 +215,10 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     config.check()
     out = start_run(config.output_dir, config.threads, config.seed)
     demos = load_demos(config.demos)
-    stats_all = demos.statistics or {}
+    if demos.statistics is None:
+        raise ConfigError(f"{config.demos} has no dataset_statistics.json: its recording has not finished; run the same "
+                          "`vlacache demos` command again to complete it (it resumes)")
+    stats_all = demos.statistics
     key = config.unnorm_key or (next(iter(stats_all)) if len(stats_all) == 1 else None)
     if key not in stats_all:
         raise ConfigError(f"unnorm_key {config.unnorm_key!r}: the demos' statistics have {sorted(stats_all)}; set unnorm_key")
