@@ -106,14 +106,16 @@ def _sha256(paths: list[Path]) -> str:
 class ReplayEnv(Env):
     """Plays recorded frame sequences back, ignoring actions. `path`: one recording (.npz; None: the embedded
     demo), listed `repeats` times (init_state 0..repeats-1), or a folder of recordings, e.g. the demonstrations of
-    `vlacache demos`, one episode each (init_state = its position, task = its file name)."""
+    `vlacache demos`, one episode each (init_state = its position, task = its file name). `stride`: every
+    stride-th frame only, so a chunked policy is replayed at its closed-loop query cadence."""
 
     @dataclass
     class Config:
         path: str | None = None
         pattern: str = "*.npz"  # for a folder: which recordings, e.g. "*_seed10000[0-3].npz" (4 per task)
-        max_steps: int | None = None
+        max_steps: int | None = None  # frames per episode at most (after the stride)
         repeats: int = 1
+        stride: int = 1  # every stride-th frame: a policy executing chunks of 8 is queried once per 8 recorded steps
 
     @staticmethod
     def data_identity(config: "ReplayEnv.Config") -> dict[str, Any]:
@@ -127,6 +129,9 @@ class ReplayEnv(Env):
 
     def __init__(self, config: "ReplayEnv.Config | None" = None) -> None:
         self.config = config or self.Config()
+        if not isinstance(self.config.stride, int) or self.config.stride < 1:
+            raise InputError(f"replay env: stride must be an integer >= 1 (recorded steps between two queries), "
+                             f"got {self.config.stride!r}")
         path = Path(self.config.path or embedded_frames_path())
         self.files = recording_files(path, self.config.pattern) if path.is_dir() else None
         if self.files == []:
@@ -136,7 +141,10 @@ class ReplayEnv(Env):
         self.t = 0
 
     def _load(self, path: Path) -> None:
-        self.frames, self.instruction, self.proprio = load_recording(path)
+        frames, self.instruction, proprio = load_recording(path)
+        stride = self.config.stride
+        self.frames = {c: f[::stride] for c, f in frames.items()}
+        self.proprio = None if proprio is None else proprio[::stride]
         total = len(next(iter(self.frames.values())))
         self.length = min(total, self.config.max_steps or total)
         self.loaded = path

@@ -100,3 +100,52 @@ class DriftAwareSelector(PixelCosineSelector):
                     mask &= ctx.ages[camera].to(mask.device) < self.config.max_age
             out[camera] = self._candidates(camera, mask, similarity)
         return out
+
+
+@register_strategy("selector", "cross-view")
+class CrossViewSelector(PixelCosineSelector):
+    """Pixel-cosine reuse where one camera tells the others how much the robot moved. A camera on the arm
+    (`motion_camera`, the wrist) sees most of its patches change whenever the arm moves; the other cameras' static
+    patches then keep their pixels while their deeper keys and values change with the moving arm they attend to.
+    So each other camera keeps only the share 1 - motion / max_motion of its static candidates (the most similar
+    first; none at motion >= max_motion), where motion is the share of the motion camera's patches below tau. The
+    motion camera's own static patches are reused as the paper's test says."""
+
+    @dataclass
+    class Config:
+        tau: float = 0.996
+        top_k: int | None = 100
+        cameras: list[str] | None = None
+        motion_camera: str = "wrist"
+        max_motion: float = 0.5
+
+    def check(self, num_layers: int) -> None:
+        if not 0 < self.config.max_motion <= 1:
+            raise ConfigError(f"selector 'cross-view': max_motion must lie in (0, 1] (the share of the motion "
+                              f"camera's patches that changed at which the others reuse nothing), got {self.config.max_motion}")
+
+    def select(self, ctx: PlanContext) -> dict[str, Candidates]:
+        self._check_cameras(ctx)
+        motion_camera = self.config.motion_camera
+        if motion_camera not in ctx.layout.vision or len(ctx.layout.vision) < 2:
+            raise InputError(f"selector 'cross-view': motion_camera '{motion_camera}' must be one of several cameras "
+                             f"of this backbone, whose cameras are {sorted(ctx.layout.vision)}; use pixel-cosine for "
+                             "one camera, or set motion_camera to the one mounted on the arm")
+        similarity = {camera: patch_cosine(ctx.current[camera], ctx.previous[camera], span.rows, span.cols)
+                      for camera, span in ctx.layout.vision.items()}
+        motion = (similarity[motion_camera] < self.config.tau).float().mean(dim=1)  # [B]
+        keep_share = (1.0 - motion / self.config.max_motion).clamp(0.0, 1.0)
+        out = {}
+        for camera, score in similarity.items():
+            candidates = self._candidates(camera, score >= self.config.tau, score)
+            if camera != motion_camera:
+                candidates.mask = keep_most_similar(candidates, keep_share)
+            out[camera] = candidates
+        return out
+
+
+def keep_most_similar(candidates: Candidates, share: torch.Tensor) -> torch.Tensor:
+    """The floor(share[b] * count[b]) highest-scoring candidates of each row b."""
+    keep = torch.floor(candidates.mask.sum(dim=1) * share.to(candidates.mask.device)).long()  # [B]
+    rank = candidates.score.masked_fill(~candidates.mask, float("-inf")).argsort(dim=1, descending=True).argsort(dim=1)
+    return candidates.mask & (rank < keep[:, None])

@@ -40,6 +40,21 @@ def test_replay_env_lists_a_folder_of_recordings(episodes_folder):
         ReplayEnv(ReplayEnv.Config(path=str(empty)))
 
 
+def test_replay_stride_plays_every_kth_frame():
+    frames, _, proprio = load_recording(embedded_frames_path())
+    env = ReplayEnv(ReplayEnv.Config(stride=4))
+    seen = [env.reset()]
+    done = False
+    while not done:
+        obs, _, done, _ = env.step(None)
+        seen.append(obs)
+    assert env.max_steps == 4  # 16 recorded frames, one query per 4
+    for i, obs in enumerate(seen[:4]):
+        assert np.array_equal(obs.images["wrist"], frames["wrist"][4 * i]) and np.array_equal(obs.proprio, proprio[4 * i])
+    with pytest.raises(Exception, match="stride must be an integer >= 1"):
+        ReplayEnv(ReplayEnv.Config(stride=0))
+
+
 def test_bench_rows_over_recorded_episodes(episodes_folder):
     config = BenchConfig(backbone={"name": "openvla-oft", "preset": "tiny", "device": "cpu"},
                          env={"name": "replay", "path": str(episodes_folder)}, episodes=None,

@@ -61,6 +61,35 @@ def test_pixel_cosine_cameras_limits_reuse_to_the_named_cameras():
     with pytest.raises(ValueError, match=r"cameras \['left'\] are not inputs.*\['image', 'wrist'\]"):
         build_strategy("selector", {"name": "pixel-cosine", "cameras": ["left"]}).select(context)
 
+def test_cross_view_keeps_the_share_of_static_agent_patches_the_wrist_motion_allows():
+    two = TokenLayout(length=1 + 32 + 5, text=Span(33, 38), vision={
+        "image": VisionSpan(1, 17, rows=4, cols=4, patch_size=14), "wrist": VisionSpan(17, 33, rows=4, cols=4, patch_size=14)})
+    previous = {"image": scene(1, batch=3), "wrist": scene(2, batch=3)}
+    image = previous["image"].clone().to(torch.int16)
+    for patch in range(16):  # every agent-view patch changes a little, each by a different amount: distinct scores
+        r, c = divmod(patch, 4)
+        image[:, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] += patch
+    wrist = previous["wrist"].clone()
+    wrist[1, :14] = 255 - wrist[1, :14]  # row 1: the first patch row of the wrist view changes (4 of 16 patches)
+    wrist[2, :28] = 255 - wrist[2, :28]  # row 2: 8 of 16
+    current = {"image": image.clamp(0, 255).to(torch.uint8), "wrist": wrist}
+    context = PlanContext(step=1, batch_size=3, num_layers=4, layout=two, current=current, previous=previous, stats=None)
+    config = {"name": "cross-view", "tau": 0.9, "top_k": None, "motion_camera": "wrist", "max_motion": 0.5}
+    out = build_strategy("selector", config).select(context)
+    plain = build_strategy("selector", {"name": "pixel-cosine", "tau": 0.9, "top_k": None}).select(context)
+    assert plain["image"].mask.all()  # every agent-view patch passes the pixel test
+    assert torch.equal(out["wrist"].mask, plain["wrist"].mask)  # the motion camera is judged as the paper does
+    assert out["wrist"].mask.sum(dim=1).tolist() == [16, 12, 8]
+    assert out["image"].mask.sum(dim=1).tolist() == [16, 8, 0]  # motion 0, 0.25, 0.5 of max_motion 0.5
+    kept = out["image"].mask[1]
+    assert out["image"].score[1][kept].min() > out["image"].score[1][~kept].max()  # the most similar are kept
+    with pytest.raises(ConfigError, match="max_motion must lie in"):
+        vlacache.CachePolicy.from_config({"label": "x", "selector": {**config, "max_motion": 0}, "relevance": "none",
+                                          "scheduler": "constant", "gate": "full-first-step"}).check(4)
+    with pytest.raises(ValueError, match="motion_camera 'left' must be one of several cameras"):
+        build_strategy("selector", {**config, "motion_camera": "left"}).select(context)
+
+
 def stats_with(attention_row, entropy=(4.0, 3.0, 2.0, 2.0)):
     to_keys = {i: attention_row.clone() for i in range(4)}
     return AttentionStats(to_keys=to_keys, entropy={i: torch.tensor([e]) for i, e in enumerate(entropy)})
