@@ -71,10 +71,13 @@ def test_realistic_reuse_matches_overwrite_reference(attn, kv_heads):
             assert torch.equal(k[b][:, reused[b]], previous[layer][0][b][:, reused[b]])
             assert torch.equal(v[b][:, reused[b]], previous[layer][1][b][:, reused[b]])
     deepest = plan.reused[-1]
+    # float rounding only: sdpa's blocked CPU kernels round differently on query blocks of another row count
+    # (measured up to 1.1e-5 on logits of magnitude 6 on an AVX2-only CPU), far below the sensitivity below
+    atol = 1e-5 * float(ref_logits.abs().max().clamp_min(1.0))
     for b in range(2):
         kept = torch.ones(L, dtype=torch.bool)
         kept[deepest[b]] = False
-        torch.testing.assert_close(logits[b][kept], ref_logits[b][kept], atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits[b][kept], ref_logits[b][kept], atol=atol, rtol=0)
     # the reference is sensitive: the same plan without the overwrite gives clearly different logits
     assert (reference_forward(lm, e2, positions)[0][:, -1] - ref_logits[:, -1]).abs().max() > 1e-3
 
