@@ -125,22 +125,17 @@ class CrossViewSelector(PixelCosineSelector):
                               f"camera's patches that changed at which the others reuse nothing), got {self.config.max_motion}")
 
     def select(self, ctx: PlanContext) -> dict[str, Candidates]:
-        self._check_cameras(ctx)
         motion_camera = self.config.motion_camera
         if motion_camera not in ctx.layout.vision or len(ctx.layout.vision) < 2:
             raise InputError(f"selector 'cross-view': motion_camera '{motion_camera}' must be one of several cameras "
                              f"of this backbone, whose cameras are {sorted(ctx.layout.vision)}; use pixel-cosine for "
                              "one camera, or set motion_camera to the one mounted on the arm")
-        similarity = {camera: patch_cosine(ctx.current[camera], ctx.previous[camera], span.rows, span.cols)
-                      for camera, span in ctx.layout.vision.items()}
-        motion = (similarity[motion_camera] < self.config.tau).float().mean(dim=1)  # [B]
+        out = super().select(ctx)  # the paper's test per camera; score = the pixel similarity
+        motion = (out[motion_camera].score < self.config.tau).float().mean(dim=1)  # [B]
         keep_share = (1.0 - motion / self.config.max_motion).clamp(0.0, 1.0)
-        out = {}
-        for camera, score in similarity.items():
-            candidates = self._candidates(camera, score >= self.config.tau, score)
+        for camera, candidates in out.items():
             if camera != motion_camera:
                 candidates.mask = keep_most_similar(candidates, keep_share)
-            out[camera] = candidates
         return out
 
 
