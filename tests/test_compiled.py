@@ -66,6 +66,36 @@ def test_eager_and_compiled_share_a_backbone(tiny, frames):
     compiled.detach()
 
 
+FASTV = {"label": "fastv", "pruner": {"name": "fastv", "layer": 1, "ratio": 0.5}}
+
+
+def test_compiled_decode_after_pruning_matches_eager(tiny, frames, monkeypatch):
+    """OpenVLA's compiled decode passes run without the engine's hooks; the keys each layer dropped reach them as a
+    tensor (`kept_keys_attention`). Same tokens and logits as eager pruning, nothing compiled in steady state,
+    and the dropped keys really are kept out: decoding over them changes the logits."""
+    from vlacache.engine.compiled import CompiledSteps
+
+    with CachedVLA(tiny, CachePolicy.from_config(FASTV)) as vla:
+        eager = [vla.predict(obs) for obs in frames]
+    with CachedVLA(tiny, CachePolicy.from_config(FASTV), compile=True) as vla:
+        compiled = [vla.predict(obs) for obs in frames[:2]]
+        warm = compile_counts()
+        compiled += [vla.predict(obs) for obs in frames[2:]]
+        assert compile_counts() == warm, "a steady-state step compiled again"
+    assert tiny.decode_pass is None and tiny.causal_lm().config._attn_implementation == "sdpa"
+    for e, c in zip(eager, compiled):
+        assert e.stats.dropped_per_layer == c.stats.dropped_per_layer and sum(c.stats.dropped_per_layer) > 0
+        assert torch.equal(e.tokens, c.tokens)
+        torch.testing.assert_close(c.logits, e.logits, atol=1e-5, rtol=1e-5)
+
+    # the same compiled decode passes with the dropped keys left visible decode other tokens
+    original = CompiledSteps.keys_dropped
+    monkeypatch.setattr(CompiledSteps, "keys_dropped", lambda self, dropped: original(self, None))
+    with CachedVLA(tiny, CachePolicy.from_config(FASTV), compile=True) as vla:
+        leaky = [vla.predict(obs) for obs in frames]
+    assert any(not torch.equal(e.tokens, c.tokens) for e, c in zip(eager, leaky))
+
+
 def test_compile_mode_is_checked_by_torch(tiny):
     with pytest.raises(RuntimeError, match="mode"):
         CachedVLA(tiny, CachePolicy.from_config(REUSE), compile=True, compile_mode="fastest-please")

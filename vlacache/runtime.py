@@ -76,11 +76,6 @@ class CachedVLA:
         if policy is not None:
             policy.check(self.engine.num_layers)
         self.compiled = None
-        if compile and policy is not None and policy.prunes and backbone.decode_passes():
-            raise InputError(
-                f"a policy that drops tokens ({policy.pruner}) cannot run compiled on {type(backbone).__name__}: its "
-                "compiled decode passes run without the engine's hooks, which keep the dropped keys out; use compile=False"
-            )
         if compile:
             self.compiled = CompiledSteps(backbone.decoder, backbone.causal_lm() if backbone.decode_passes() else None, compile_mode)
         if self.caching:
@@ -194,9 +189,11 @@ class CachedVLA:
                     decoded = backbone.decode(prefill, inputs, cache)
                 else:
                     static = compiled.decode_cache(cache, layout.length, passes)
-                    with engine.hooks_lifted():
+                    dropped = engine.keys_dropped(layout.length + passes) if engine.in_step else None
+                    with engine.hooks_lifted(), compiled.keys_dropped(dropped):
                         decoded = compiled.first_time(
-                            ("decode", batch, layout.length), f"the {passes} decode passes (batch {batch}, {layout.length} tokens)",
+                            ("decode", batch, layout.length, dropped is not None),
+                            f"the {passes} decode passes (batch {batch}, {layout.length} tokens)",
                             lambda: backbone.decode(prefill, inputs, static))
         check_finite(prefill.logits, decoded.actions, engine.episode.step)
         engine.episode.signals = step_signals(prefill.logits, decoded.actions)

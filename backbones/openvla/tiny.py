@@ -16,6 +16,7 @@ _TINY_TOWERS = ["vlacache-tiny-dinov2-reg4", "vlacache-tiny-siglip"]
 _TINY_VOCAB = 576
 
 _MICRO_TOWERS = ["vlacache-micro-dinov2-reg4", "vlacache-micro-siglip"]
+_MICRO_FINE_TOWERS = ["vlacache-micro-fine-dinov2-reg4", "vlacache-micro-fine-siglip"]
 
 # Decoder sizes, and the vision towers (224 px, 14 px patches unless named) of each preset.
 PRESETS: dict[str, dict] = {
@@ -24,6 +25,9 @@ PRESETS: dict[str, dict] = {
     # the micro-policies (vlacache train): 128 px cameras, an 8 x 8 patch grid, a 4 x 128 decoder
     "micro": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                   towers=_MICRO_TOWERS),
+    # the same on a 16 x 16 grid of 8 px patches (4x the visual tokens): a single camera seen in finer detail
+    "micro-fine": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=4, towers=_MICRO_FINE_TOWERS),
 }
 
 # LIBERO-like statistics so the un-normalised actions have realistic ranges.

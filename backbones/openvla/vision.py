@@ -6,6 +6,7 @@ the ``vision_backbone.*`` and ``projector.*`` weights of a released OpenVLA chec
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,9 @@ VIT_SPECS: dict[str, ViTSpec] = {
         layer_scale=False, global_pool="map", mean=_HALF, std=_HALF, img_size=128, patch_size=16,
     ),
 }
+# The micro towers on a 16 x 16 grid of 8 px patches (the `micro-fine` preset).
+for _tower in ("dinov2-reg4", "siglip"):
+    VIT_SPECS[f"vlacache-micro-fine-{_tower}"] = dataclasses.replace(VIT_SPECS[f"vlacache-micro-{_tower}"], patch_size=8)
 
 
 class UnknownViTError(KeyError):

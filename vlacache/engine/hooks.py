@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .probe import apply_rotary, attention_log_probs, query_heads, summarize_layers
+from .probe import apply_rotary, attention_scores, query_heads, summarize_layers
 from .pruning import PruneState, exclude_keys, rows_of_mask
 from .reuse_cache import ReuseCache
 from .staleness import Staleness
@@ -278,6 +278,18 @@ class CacheEngine:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def keys_dropped(self, num_keys: int) -> torch.Tensor | None:
+        """The running step's dropped keys per layer, bool [layers, B, num_keys] (positions past the prompt: never
+        dropped), for a decode pass that runs without the hooks; None when the step dropped nothing."""
+        step = self._step
+        if step is None or step.prune is None or not step.prune.dropped_at:
+            return None
+        some = next(iter(step.prune.dropped_at.values()))
+        out = torch.zeros(self.num_layers, some.shape[0], num_keys, dtype=torch.bool, device=some.device)
+        for layer, dropped in step.prune.dropped_at.items():
+            out[layer, :, : dropped.shape[1]] = dropped
+        return out
+
     # -- one step -----------------------------------------------------------------------------------------
     def new_cache(self) -> ReuseCache:
         try:
@@ -512,7 +524,7 @@ class CacheEngine:
             mask_rows = exclude_keys(mask_rows, prune.dropped_at[scoring])
         keys = step.cache.prefill_kv[scoring][0]
         scaling = getattr(attn, "scaling", rotated.shape[-1] ** -0.5)
-        rows = attention_log_probs(rotated[None], [keys], mask_rows, scaling)[0].exp().mean(dim=1)  # [B, n, L]
+        rows = torch.softmax(attention_scores(rotated[None], [keys], mask_rows, scaling)[0], dim=-1).mean(dim=1)  # [B, n, L]
         dropped = prune.choose(rule, rows)
         prune.dropped = dropped
         previous = step.kept[scoring]

@@ -48,22 +48,25 @@ def summarize_layers(
     matched by reshaping the queries, never by copying keys); mask_rows: [B, 1, n, L] or [P, B, 1, n, L], bool
     (True = may attend) or additive float.
     """
-    log_probs = attention_log_probs(queries, keys, mask_rows, scaling)
+    log_probs = torch.log_softmax(attention_scores(queries, keys, mask_rows, scaling), dim=-1)
     probs = log_probs.exp()
-    entropy = -(probs * log_probs).sum(-1)
+    entropy = -torch.linalg.vecdot(probs, log_probs)  # masked keys: 0 * finite floor = 0
     return probs.mean(dim=(2, 3)), entropy.mean(dim=(2, 3))
 
 
-def attention_log_probs(queries: torch.Tensor, keys: Sequence[torch.Tensor], mask_rows: torch.Tensor,
-                        scaling: float) -> torch.Tensor:
-    """log softmax(QK^T * scaling + mask) [P, B, H, n, L] of P layers (arguments as `summarize_layers`)."""
+@torch.no_grad()  # statistics for the next plan's choices, never trained through
+def attention_scores(queries: torch.Tensor, keys: Sequence[torch.Tensor], mask_rows: torch.Tensor,
+                     scaling: float) -> torch.Tensor:
+    """QK^T * scaling + mask [P, B, H, n, L] in float32, P layers written into one buffer (arguments as
+    `summarize_layers`); masked keys get the dtype's finite minimum, so their softmax weight is exactly 0."""
     layers, batch, heads, n, head_dim = queries.shape
-    kv_heads = keys[0].shape[1]
-    grouped = queries.float().reshape(layers, batch, kv_heads, heads // kv_heads * n, head_dim)
-    scores = torch.stack([q @ k.float().transpose(-1, -2) for q, k in zip(grouped, keys)])
-    scores = scores.view(layers, batch, heads, n, -1) * scaling
-    if mask_rows.dtype == torch.bool:  # a finite floor: masked keys get probability 0 and add 0 * floor = 0 below
-        scores = scores.masked_fill(~mask_rows, torch.finfo(scores.dtype).min)
-    else:
-        scores = (scores + mask_rows.float()).clamp_min(torch.finfo(scores.dtype).min)
-    return torch.log_softmax(scores, dim=-1)
+    kv_heads, length = keys[0].shape[1], keys[0].shape[2]
+    grouped = (queries.float() * scaling).reshape(layers, batch, kv_heads, heads // kv_heads * n, head_dim)
+    scores = grouped.new_empty(layers, batch, kv_heads, heads // kv_heads * n, length)
+    for layer, (q, k) in enumerate(zip(grouped, keys)):
+        torch.matmul(q, k.float().transpose(-1, -2), out=scores[layer])
+    scores = scores.view(layers, batch, heads, n, length)
+    floor = torch.finfo(scores.dtype).min
+    if mask_rows.dtype == torch.bool:
+        return scores.masked_fill_(~mask_rows, floor)
+    return scores.add_(mask_rows.float()).clamp_min_(floor)
