@@ -27,8 +27,10 @@ def test_compiled_openvla_matches_eager_and_compiles_nothing_in_steady_state(tin
         warm = compile_counts()
         compiled += [vla.predict(obs) for obs in frames[3:]]
         assert compile_counts() == warm, "a steady-state step compiled again"
-        blocks = vla.compiled.blocks
-    assert "compiling the 6 decode passes" in capfd.readouterr().err
+        blocks = vla.compiled.blocks + vla.compiled.towers
+    err = capfd.readouterr().err
+    assert "compiling the 6 decode passes" in err and "compiling the vision towers (batch 1)" in err
+    assert tiny.vision_towers()[0] in blocks
     assert tiny.decode_pass is None and not any("forward" in vars(b) for b in blocks)  # eager outside its steps
 
     assert sum(compiled[0].plan.counts) == 0 and all(sum(s.plan.counts) > 0 for s in compiled[1:])

@@ -216,6 +216,10 @@ class Backbone(ABC):
         """The causal LM (decoder + LM head) the decode passes call; None for a backbone without decode passes."""
         return None
 
+    def vision_towers(self) -> list[nn.Module]:
+        """The image encoders `embed` runs, which a compiled step compiles (fixed input shapes); none by default."""
+        return []
+
     #: Set by `CachedVLA(compile=True)`: runs one decode pass as (embeds [B, 1, D], position_ids [B, 1],
     #: cache_position [1], cache) -> logits [B, 1, V]; None: the eager causal LM.
     decode_pass: Any = None

@@ -77,7 +77,8 @@ class CachedVLA:
             policy.check(self.engine.num_layers)
         self.compiled = None
         if compile:
-            self.compiled = CompiledSteps(backbone.decoder, backbone.causal_lm() if backbone.decode_passes() else None, compile_mode)
+            self.compiled = CompiledSteps(backbone.decoder, backbone.causal_lm() if backbone.decode_passes() else None,
+                                          compile_mode, backbone.vision_towers())
         if self.caching:
             self.engine.attach()
 
@@ -160,8 +161,14 @@ class CachedVLA:
         if engine.in_step:  # the last predict() raised mid-step: its cache state is not trustworthy
             engine.reset()
         fresh = engine.sync_episode(inputs.batch_key(), inputs.instructions)
+        compiled = self.compiled
         with timer.section("vision"):
-            embeds = backbone.embed(inputs)
+            if compiled is None:
+                embeds = backbone.embed(inputs)
+            else:
+                with compiled.active(backbone):
+                    embeds = compiled.first_time(("vision", batch), f"the vision towers (batch {batch})",
+                                                 lambda: backbone.embed(inputs))
         with timer.section("select"):
             if self.caching or plan is not None or engine.attached:
                 if not engine.attached:
@@ -175,7 +182,6 @@ class CachedVLA:
             else:
                 plan = ReusePlan.empty(batch, num_layers)
                 cache = backbone.new_cache()
-        compiled = self.compiled
         with compiled.active(backbone) if compiled is not None else nullcontext():
             with timer.section("prefill"):
                 if compiled is None:

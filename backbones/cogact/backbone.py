@@ -300,6 +300,9 @@ class CogACTBackbone(Backbone):
         passes = len(self.sampler.timesteps) * (2 if self.cfg_scale > 1.0 else 1)
         return per_pass * passes
 
+    def vision_towers(self) -> list[torch.nn.Module]:
+        return [self.model.vision_backbone]
+
     def decode_passes(self) -> int:
         return 0
 

@@ -197,6 +197,9 @@ class OpenVLABackbone(Backbone):
     def causal_lm(self) -> torch.nn.Module:
         return self.model.language_model
 
+    def vision_towers(self) -> list[torch.nn.Module]:
+        return [self.model.vision_backbone]
+
     def vision_flops(self) -> float:
         return self.model.vision_flops()
 

@@ -4,6 +4,7 @@
   every layer) are compiled in place. torch inlines nn modules, so one graph serves every layer, and the row
   dimension is dynamic: a reuse plan of any size compiles nothing new. The attention, where the engine splices
   reused K/V, stays eager.
+- Vision towers (the backbone's `vision_towers()`): compiled whole, with fixed shapes (one graph per batch size).
 - Decode passes (OpenVLA's tokens after the first): one whole-decoder graph over a static K/V cache of prompt +
   decode length, filled from the prefill's K/V; fixed shapes, one graph per batch size. The engine's hooks are
   lifted while it runs (they have nothing to do after the prefill), so the graph never sees them. After a step
@@ -75,7 +76,8 @@ class CompiledSteps:
 
     _seen: set[tuple] = set()  # (decoder, shape) pairs compiled in this process: torch keeps their graphs
 
-    def __init__(self, decoder: nn.Module, causal_lm: nn.Module | None = None, mode: str | None = None) -> None:
+    def __init__(self, decoder: nn.Module, causal_lm: nn.Module | None = None, mode: str | None = None,
+                 towers: list[nn.Module] | None = None) -> None:
         self.decoder, self.mode, self.causal_lm = decoder, mode, causal_lm
         self.blocks = [
             child for layer in decoder_layers(decoder) for name, child in layer.named_children() if name not in COMPILED_SKIP
@@ -83,8 +85,10 @@ class CompiledSteps:
         norm = getattr(decoder, "norm", None)
         if isinstance(norm, nn.Module):
             self.blocks.append(norm)
+        self.towers = list(towers or [])
         # one compiled forward per block; torch keys its graphs by the class's forward, so all layers share them
         self._forwards = [torch.compile(block.forward, dynamic=True, mode=mode) for block in self.blocks]
+        self._forwards += [torch.compile(tower.forward, dynamic=False, mode=mode) for tower in self.towers]
         self._decode = None if causal_lm is None else self._compiled_decode_pass(causal_lm)
         self._dropped: torch.Tensor | None = None  # the running step's dropped keys per layer (`keys_dropped`)
         self._static: dict[tuple, Any] = {}
@@ -112,15 +116,15 @@ class CompiledSteps:
 
     @contextmanager
     def active(self, backbone):
-        """The compiled blocks and decode pass in place for one step; eager again afterwards."""
-        for block, forward in zip(self.blocks, self._forwards):
-            block.forward = forward
+        """The compiled blocks, towers and decode pass in place for one step; eager again afterwards."""
+        for module, forward in zip(self.blocks + self.towers, self._forwards):
+            module.forward = forward
         backbone.decode_pass = None if self._decode is None else self.decode_pass
         try:
             yield
         finally:
-            for block in self.blocks:
-                del block.forward
+            for module in self.blocks + self.towers:
+                del module.forward
             backbone.decode_pass = None
 
     def first_time(self, key: tuple, what: str, run: Callable[[], Any]) -> Any:
