@@ -48,10 +48,16 @@ def summarize_layers(
     matched by reshaping the queries, never by copying keys); mask_rows: [B, 1, n, L] or [P, B, 1, n, L], bool
     (True = may attend) or additive float.
     """
-    log_probs = torch.log_softmax(attention_scores(queries, keys, mask_rows, scaling), dim=-1)
-    probs = log_probs.exp()
-    entropy = -torch.linalg.vecdot(probs, log_probs)  # masked keys: 0 * finite floor = 0
-    return probs.mean(dim=(2, 3)), entropy.mean(dim=(2, 3))
+    # One exp pass: with t = s - max(s), e = exp(t) and Z = sum(e), p = e / Z and H = log Z - sum(e * t) / Z.
+    shifted = attention_scores(queries, keys, mask_rows, scaling)
+    shifted -= shifted.amax(dim=-1, keepdim=True)
+    weights = shifted.exp()
+    total = weights.sum(dim=-1)
+    entropy = total.log() - torch.linalg.vecdot(weights, shifted) / total  # masked keys: 0 * finite floor = 0
+    layers, batch, heads, n, length = weights.shape
+    rows = total.reciprocal().view(layers, batch, 1, heads * n) / (heads * n)  # each row's 1 / Z, averaged
+    to_keys = rows @ weights.view(layers, batch, heads * n, length)
+    return to_keys.view(layers, batch, length), entropy.mean(dim=(2, 3))
 
 
 @torch.no_grad()  # statistics for the next plan's choices, never trained through
