@@ -195,7 +195,7 @@ class CachedVLA:
                     decoded = backbone.decode(prefill, inputs, cache)
                 else:
                     static = compiled.decode_cache(cache, layout.length, passes)
-                    dropped = engine.keys_dropped(layout.length + passes) if engine.in_step else None
+                    dropped = engine.keys_dropped(layout.length + passes)
                     with engine.hooks_lifted(), compiled.keys_dropped(dropped):
                         decoded = compiled.first_time(
                             ("decode", batch, layout.length, dropped is not None),
