@@ -20,6 +20,22 @@ def vlacache(*args, cwd=None, timeout=600):
     return subprocess.run([SCRIPT, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
 
+def vlacache_in_process(capsys, *args, cwd=None):
+    """`vlacache.cli.main(args)` in this process, answered like `vlacache(...)`: the same code path without the
+    seconds each console-script start spends importing torch. This file's subprocess tests cover the script."""
+    from vlacache.cli import main
+
+    capsys.readouterr()
+    before = os.getcwd()
+    os.chdir(cwd or before)
+    try:
+        code = main([str(a) for a in args])
+    finally:
+        os.chdir(before)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["vlacache", *args], code, out.out, out.err)
+
+
 def test_list_shows_every_registry():
     out = vlacache("list")
     assert out.returncode == 0, out.stderr
@@ -71,19 +87,11 @@ def test_bench_writes_the_promised_json(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (("run", "tiny_replay", "--quiet", "policies=[vla_cahce]"), "no shipped policy config named 'vla_cahce'"),
-    (("run", "tiny_replay", "--quiet", "backbone.presett=tiny"), "unknown key 'presett'"),
-    (("run", "missing.yaml"), "config file not found"),
     (("bench", "tiny", "--out", "x.json", "policy.selector.name=pixel"), "unknown selector strategy 'pixel'"),
-    (("run", "tiny_replay", "--quiet", "max_steps=[1"), "override 'max_steps=[1': the value does not parse as YAML"),
-    (("run", "tiny_replay", "--quiet", "max_steps=0"), "max_steps must be a positive integer (or null), got 0; e.g. max_steps="),
-    (("run", "tiny_replay", "--quiet", "episodes=-1"), "episodes must be a non-negative integer (or null), got -1"),
-    (("run", "tiny_replay", "--quiet", "execute_chunk=-2"), "execute_chunk must be a positive integer (or null), got -2"),
-    (("run", "tiny_replay", "--quiet", "env={name: replay, path: notes.txt}"),
-     "notes.txt is not a vlacache recording: it is not an .npz (zip) archive; record one with `vlacache record"),
-    (("run", "tiny_replay", "--quiet", "env={name: replay, path: arrays.npz}"),
-     "arrays.npz is not a vlacache recording: it lacks 'image__<camera>' frame arrays and 'instruction' (it holds: x)"),
 ])
 def test_bad_inputs_exit_2_with_one_line(tmp_path, args, message):
+    """The console script itself: exit status 2 and one line, no traceback (the other bad values below run the
+    same `main` in-process)."""
     write_bad_recordings(tmp_path)
     out = vlacache(*args, f"output_dir={tmp_path}/out", cwd=tmp_path) if args[0] == "run" else vlacache(*args, cwd=tmp_path)
     assert out.returncode == 2, out.stderr
@@ -103,6 +111,16 @@ def write_bad_recordings(folder):
 
 
 @pytest.mark.parametrize("args,message", [
+    (("run", "tiny_replay", "--quiet", "backbone.presett=tiny"), "unknown key 'presett'"),
+    (("run", "missing.yaml"), "config file not found"),
+    (("run", "tiny_replay", "--quiet", "max_steps=[1"), "override 'max_steps=[1': the value does not parse as YAML"),
+    (("run", "tiny_replay", "--quiet", "max_steps=0"), "max_steps must be a positive integer (or null), got 0; e.g. max_steps="),
+    (("run", "tiny_replay", "--quiet", "episodes=-1"), "episodes must be a non-negative integer (or null), got -1"),
+    (("run", "tiny_replay", "--quiet", "execute_chunk=-2"), "execute_chunk must be a positive integer (or null), got -2"),
+    (("run", "tiny_replay", "--quiet", "env={name: replay, path: notes.txt}"),
+     "notes.txt is not a vlacache recording: it is not an .npz (zip) archive; record one with `vlacache record"),
+    (("run", "tiny_replay", "--quiet", "env={name: replay, path: arrays.npz}"),
+     "arrays.npz is not a vlacache recording: it lacks 'image__<camera>' frame arrays and 'instruction' (it holds: x)"),
     (("run", "tiny_replay", "--quiet", "max_steps=-5"), "max_steps must be a positive integer"),
     (("run", "tiny_replay", "--quiet", "max_retries=-1"), "max_retries must be a non-negative integer, got -1"),
     (("run", "tiny_replay", "--quiet", "launcher.devices=0"), "launcher.devices must be a positive integer"),

@@ -16,6 +16,7 @@ from vlacache.experiment import build_backbone
 from vlacache.strategies.learned import LearnedSelector, load_classifier
 from vlacache.train.demos import load_demos
 from vlacache.train.reuse import ReuseTrainConfig, query_episodes, train_reuse
+from test_cli import vlacache_in_process
 
 
 def reuse_config(demo_folder, out, **overrides):
@@ -29,7 +30,7 @@ def micro_oft():
     return build_backbone("micro_oft_libero_spatial")
 
 
-def test_train_cli_exports_a_selector_a_policy_loads_and_resumes(demo_folder, tmp_path):
+def test_train_cli_exports_a_selector_a_policy_loads_and_resumes(demo_folder, tmp_path, capsys):
     config = {"objective": "reuse", "name": "cli", "demos": str(demo_folder), "query_every": 1, "window": 3,
               "epochs": 1, "val_fraction": 0.25, "threads": 1, "output_dir": str(tmp_path / "run")}
     (tmp_path / "reuse.yaml").write_text(yaml.safe_dump(config))
@@ -51,7 +52,7 @@ def test_train_cli_exports_a_selector_a_policy_loads_and_resumes(demo_folder, tm
                                       "scheduler": {"name": "constant", "fraction": 1.0, "start_layer": 1}})
     assert isinstance(policy.selector, LearnedSelector)
     # resume: a second run with more epochs continues from the last checkpoint
-    again = run("epochs=2")
+    again = vlacache_in_process(capsys, "train", tmp_path / "reuse.yaml", "--quiet", "epochs=2")
     assert again.returncode == 0, again.stderr[-3000:]
     epochs = [row.split(",")[0] for row in (tmp_path / "run" / "curves.csv").read_text().splitlines()[1:]]
     assert epochs == ["0", "1"]

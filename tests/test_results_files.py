@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import SCRIPT, vlacache
+from test_cli import SCRIPT, vlacache_in_process
 from test_runner import lines
 
 import vlacache.eval.fingerprint as fingerprint
@@ -107,13 +107,13 @@ def test_checkpoint_identity_is_names_sizes_and_content(tmp_path, monkeypatch):
     assert checkpoint_identity(tmp_path / "nope") == {"missing": str(tmp_path / "nope")}
 
 
-def test_resume_with_a_changed_config_is_refused_naming_what_changed(tmp_path):
+def test_resume_with_a_changed_config_is_refused_naming_what_changed(tmp_path, capsys):
     out = tmp_path / "run"
-    first = vlacache("run", "tiny_replay", *QUICK, f"output_dir={out}")
+    first = vlacache_in_process(capsys, "run", "tiny_replay", *QUICK, f"output_dir={out}")
     assert first.returncode == 0, first.stderr
     before = lines(out / "episodes.jsonl")
 
-    changed = vlacache("run", "tiny_replay", "policies=[no_cache]", "max_steps=3", "backbone.seed=1", "--quiet",
+    changed = vlacache_in_process(capsys, "run", "tiny_replay", "policies=[no_cache]", "max_steps=3", "backbone.seed=1", "--quiet",
                        f"output_dir={out}")
     assert changed.returncode == 2
     line = one_error_line(changed.stderr)
@@ -122,17 +122,17 @@ def test_resume_with_a_changed_config_is_refused_naming_what_changed(tmp_path):
     assert lines(out / "episodes.jsonl") == before  # nothing touched
 
     policy = "policies=[{label: no-cache, selector: {name: none}, scheduler: {name: constant, fraction: 0.5}}]"
-    relabelled = vlacache("run", "tiny_replay", policy, "max_steps=2", "--quiet", f"output_dir={out}")
+    relabelled = vlacache_in_process(capsys, "run", "tiny_replay", policy, "max_steps=2", "--quiet", f"output_dir={out}")
     assert relabelled.returncode == 2 and "policy.scheduler.fraction (1.0 -> 0.5)" in one_error_line(relabelled.stderr)
 
     # adding a policy is allowed, and a field that decides nothing (name) is not a change
-    added = vlacache("run", "tiny_replay", "policies=[no_cache,static_reuse]", "max_steps=2", "name=renamed", "--quiet",
+    added = vlacache_in_process(capsys, "run", "tiny_replay", "policies=[no_cache,static_reuse]", "max_steps=2", "name=renamed", "--quiet",
                      f"output_dir={out}")
     assert added.returncode == 0, added.stderr
     after = lines(out / "episodes.jsonl")
     assert after[:1] == before and [r["policy"] for r in after] == ["no-cache", "static-reuse"]
 
-    restarted = vlacache("run", "tiny_replay", "policies=[no_cache]", "max_steps=3", "--quiet", "--restart",
+    restarted = vlacache_in_process(capsys, "run", "tiny_replay", "policies=[no_cache]", "max_steps=3", "--quiet", "--restart",
                          f"output_dir={out}")
     assert restarted.returncode == 0, restarted.stderr
     aside = [p for p in out.iterdir() if p.name.startswith("restarted-")]
@@ -188,7 +188,7 @@ def test_result_store_repairs_before_appending(tmp_path, capsys):
 
 # -- one run per directory ------------------------------------------------------------------------------------
 
-def test_a_second_run_on_the_same_dir_is_refused_naming_the_first(tmp_path):
+def test_a_second_run_on_the_same_dir_is_refused_naming_the_first(tmp_path, capsys):
     out = tmp_path / "run"
     args = [SCRIPT, "run", "tiny_replay", "env.repeats=500", "policies=[no_cache]", "max_steps=2", f"output_dir={out}",
             "--quiet"]
@@ -197,7 +197,7 @@ def test_a_second_run_on_the_same_dir_is_refused_naming_the_first(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline and not (out / "run.lock").exists():
             time.sleep(0.1)
-        second = vlacache("run", "tiny_replay", "env.repeats=500", *QUICK, f"output_dir={out}")
+        second = vlacache_in_process(capsys, "run", "tiny_replay", "env.repeats=500", *QUICK, f"output_dir={out}")
         assert second.returncode == 2
         line = one_error_line(second.stderr)
         assert f"pid {first.pid} on host {socket.gethostname()}" in line and "in use by another vlacache run" in line
@@ -251,12 +251,12 @@ def test_an_unwritable_output_dir_is_refused_before_building_anything(tmp_path, 
             runner.run_experiment(quick_config(locked), progress=False)
 
 
-def test_cli_refuses_unwritable_outputs(tmp_path):
+def test_cli_refuses_unwritable_outputs(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    run = vlacache("run", "tiny_replay", *QUICK, f"output_dir={blocker}/out")
+    run = vlacache_in_process(capsys, "run", "tiny_replay", *QUICK, f"output_dir={blocker}/out")
     assert run.returncode == 2 and f"cannot write to output_dir {blocker}/out" in one_error_line(run.stderr)
-    bench = vlacache("bench", "tiny", "--out", str(blocker / "b.json"), "--quiet")
+    bench = vlacache_in_process(capsys, "bench", "tiny", "--out", str(blocker / "b.json"), "--quiet")
     assert bench.returncode == 2 and f"cannot write the bench report {blocker}/b.json" in one_error_line(bench.stderr)
-    record = vlacache("record", "tiny_replay", "--out", str(blocker / "r.npz"), "--steps", "2", "--quiet")
+    record = vlacache_in_process(capsys, "record", "tiny_replay", "--out", str(blocker / "r.npz"), "--steps", "2", "--quiet")
     assert record.returncode == 2 and "cannot write the recording" in one_error_line(record.stderr)

@@ -16,6 +16,7 @@ from vlacache.train.bc import TrainConfig, batches_by_prompt, DemoSamples, train
 from vlacache.train.demos import load_demos
 
 from demo_fixture import INSTRUCTIONS
+from test_cli import vlacache_in_process
 
 
 def config(demo_folder, out, **overrides):
@@ -76,15 +77,14 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(demo_folder, t
     assert epochs == ["0", "1"]  # both runs' losses in one curve
 
 
-def test_train_cli(demo_folder, tmp_path):
+def test_train_cli(demo_folder, tmp_path, capsys):
     out = tmp_path / "cli"
     script = [sys.executable, "-m", "vlacache.cli"]
     done = subprocess.run([*script, "train", "micro_oft_libero_spatial", f"demos={demo_folder}", f"output_dir={out}",
                            "epochs=1", "batch_size=8", "threads=1", "--quiet"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"wrote {out / 'policy'}" in done.stdout
-    bad = subprocess.run([*script, "train", "micro_oft_libero_spatial", f"demos={tmp_path / 'nothing'}", "--quiet"],
-                         capture_output=True, text=True, timeout=120)
+    bad = vlacache_in_process(capsys, "train", "micro_oft_libero_spatial", f"demos={tmp_path / 'nothing'}", "--quiet")
     assert bad.returncode == 2 and "holds no index.jsonl" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
