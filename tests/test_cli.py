@@ -130,14 +130,12 @@ def write_bad_recordings(folder):
     (("run", "tiny_replay", "--quiet", "env.path=empty"), "empty holds no recording (.npz) matching '*.npz'; record demonstrations"),
     (("bench", "tiny", "--out", "."), "cannot write the bench report . (Is a directory"),
 ])
-def test_more_bad_inputs_in_process(tmp_path, monkeypatch, capsys, args, message):
+def test_more_bad_inputs_in_process(tmp_path, capsys, args, message):
     """The same one-line exit 2 for further bad values (in-process: each console-script start costs seconds)."""
-    from vlacache.cli import main
-
     write_bad_recordings(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    assert main([*args, f"output_dir={tmp_path}/out"] if args[0] == "run" else list(args)) == 2
-    err = capsys.readouterr().err
+    out = vlacache_in_process(capsys, *args, *([f"output_dir={tmp_path}/out"] if args[0] == "run" else []), cwd=tmp_path)
+    assert out.returncode == 2
+    err = out.stderr
     assert err.count("\n") == 1 and err.startswith("vlacache: error: ") and message in err, err
 
 
