@@ -158,17 +158,19 @@ def test_resume_after_an_interruption_loses_at_most_the_running_episode(tmp_path
 
 
 def test_sharded_over_two_processes_with_fabric(tmp_path):
-    out = vlacache("run", "tiny_replay", "env.repeats=3", "policies=[no_cache,static_reuse]", "launcher.devices=2",
+    out = vlacache("run", "tiny_replay", "env.repeats=4", "policies=[no_cache,static_reuse]", "launcher.devices=2",
                    "launcher.accelerator=cpu", f"output_dir={tmp_path}", "--quiet")
     assert out.returncode == 0, out.stderr
     ranks = [lines(tmp_path / f"episodes.rank{r}.jsonl") for r in (0, 1)]
-    assert len(ranks[0]) == 3 and len(ranks[1]) == 3
+    assert len(ranks[0]) == 4 and len(ranks[1]) == 4
+    # ranks split the episodes, not the rows: each runs both policies (a row added later keeps both busy)
+    assert all({r["policy"] for r in rank} == {"no-cache", "static-reuse"} for rank in ranks)
     keys = {(r["policy"], r["init_state"]) for rank in ranks for r in rank}
-    assert len(keys) == 6
+    assert len(keys) == 8
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
-    assert {(r["policy"], r["episodes"]) for r in rows} == {("no-cache", "3"), ("static-reuse", "3")}
+    assert {(r["policy"], r["episodes"]) for r in rows} == {("no-cache", "4"), ("static-reuse", "4")}
     # both ranks shared the one run's lock, released at the end; both policies' fingerprints are recorded
     assert not (tmp_path / "run.lock").exists()
     assert set(json.loads((tmp_path / "run.json").read_text())["policies"]) == {"no-cache", "static-reuse"}

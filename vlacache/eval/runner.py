@@ -271,9 +271,11 @@ def run_shard(config: ExperimentConfig, progress: bool = True, rank: int = 0, wo
     envs: list[Env] = []  # with batch_envs > 1: the other envs of a batch of episodes
     try:
         episodes = env.episodes()[: config.episodes]
-        # episode-major: every policy row grows at the same pace, so a sweep stopped early compares like with like
+        # episode-major: every policy row grows at the same pace, so a sweep stopped early compares like with like.
+        # Ranks take whole episodes (every policy's run of it), so a row added to a finished one, or an even number
+        # of rows, still keeps every rank busy.
         if config.batch_envs == 1:
-            work = [(p, e) for e in episodes for p in policies][rank::world]
+            work = [(p, e) for e in episodes[rank::world] for p in policies]
         else:  # a batch of episodes of one task at a time, each policy in turn; ranks take whole batches
             batches = task_batches(episodes, config.batch_envs)[rank::world]
             work = [(p, e) for batch in batches for p in policies for e in batch]
