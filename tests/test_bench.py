@@ -65,13 +65,16 @@ def test_bench_rows_over_recorded_episodes(episodes_folder):
     assert none["label"] == "no-cache" and static["label"] == "static-reuse"
     assert [(s["episode"], s["step"]) for s in static["steps"]] == [(0, t) for t in range(5)] + [(1, t) for t in range(4)]
     assert max(none["summary"]["action_abs_diff"]["max"]) == 0.0  # no reuse: the very same actions
-    assert none["summary"]["mean_reuse_ratio"] == 0.0
+    assert none["summary"]["mean_reuse_ratio"] == 0.0 and none["summary"]["identical_action_steps"] == 1.0
     assert static["summary"]["mean_reuse_ratio"] > 0
     assert static["steps"][0]["reuse_ratio"] == 0 and static["steps"][5]["reuse_ratio"] == 0  # a new episode: cache reset
     deviation = static["summary"]["action_abs_diff"]
     assert all(len(v) == 7 for v in deviation.values()) and max(deviation["max"]) > 0
     worst = max(s["action_max_abs_diff"] for s in static["steps"])
     assert max(deviation["max"]) == pytest.approx(worst)
+    same = [s["action_max_abs_diff"] == 0 for s in static["steps"]]
+    assert static["summary"]["identical_action_steps"] == pytest.approx(sum(same) / 9)
+    assert 0 < sum(same) < 9  # the first step of each episode reuses nothing; reused steps move the actions
     with pytest.raises(ConfigError, match="unique"):
         run_bench(BenchConfig(backbone=config.backbone, env=config.env, policy=["no_cache", "no_cache"]), progress=False)
 

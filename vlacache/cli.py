@@ -67,7 +67,8 @@ def _bench(args) -> int:
         print(f"{row['label']}: mean reuse {s['mean_reuse_ratio']:.1%}  prefill {s['prefill_ms_baseline']:.2f} -> "
               f"{s['prefill_ms_cached']:.2f} ms ({s['prefill_speedup']:.2f}x)  total {s['total_ms_baseline']:.2f} -> "
               f"{s['total_ms_cached']:.2f} ms ({s['total_speedup']:.2f}x)  FLOPs x{s['flops_ratio']:.3f}  "
-              f"max|a_cached - a_nocache| {max(s['action_abs_diff']['max']):.3g}"
+              f"max|a_cached - a_nocache| {max(s['action_abs_diff']['max']):.3g}  "
+              f"same action as no cache {s['identical_action_steps']:.0%}"
               + (f"  vs compiled no cache: total {s['vs_compiled_baseline']['total_speedup']:.2f}x"
                  if "vs_compiled_baseline" in s else ""))
     for label, check in (report.get("compile_checks") or {}).items():

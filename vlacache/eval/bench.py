@@ -248,6 +248,8 @@ def bench_row(label: str, description: str, baseline: list[list[list[StepResult]
     summary = {"reuse_steps": len([s for s in steps if s["reuse_ratio"] > 0]),
                "mean_reuse_ratio": statistics.mean(s["reuse_ratio"] for s in steps)}
     summary.update(latency_summary(baseline, cached))
+    # a token-decoding backbone's actions are bin centres: the share of queries whose action did not change at all
+    summary["identical_action_steps"] = statistics.mean(s["action_max_abs_diff"] == 0 for s in steps)
     summary["action_abs_diff"] = action_deviation(
         [step[-1].actions for episode in baseline for step in episode],
         [step[-1].actions for episode in cached for step in episode])
