@@ -20,6 +20,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from itertools import groupby
 from pathlib import Path
 from typing import Any, Iterator
@@ -339,6 +340,9 @@ def report(out: Path, labels: list[str]) -> list[dict]:
     return rows
 
 
+SHARD_WAIT = timedelta(days=7)  # how long a finished rank waits for the others
+
+
 def launch(config: ExperimentConfig, progress: bool = True, restart: bool = False) -> list[dict]:
     """Run on one process, or shard over Lightning Fabric processes (devices x num_nodes). The process that
     claims the output dir hands its run token to the processes Fabric starts, so they join its lock."""
@@ -350,8 +354,13 @@ def launch(config: ExperimentConfig, progress: bool = True, restart: bool = Fals
     with claim_output(config, restart, world) as lock:
         from lightning.fabric import Fabric
 
+        from lightning.fabric.strategies import DDPStrategy
+
+        # A rank whose share is done waits at the barrier below for the slowest one; torch's default 30 minutes
+        # is shorter than a share of a closed-loop sweep can differ. A rank that dies closes its connection, which
+        # ends the wait at once, so a long timeout does not turn a crash into a hang.
         fabric = Fabric(accelerator=launcher.accelerator, devices=launcher.devices, num_nodes=launcher.num_nodes,
-                        strategy="ddp")
+                        strategy=DDPStrategy(timeout=SHARD_WAIT))
         previous = os.environ.get("VLACACHE_RUN_TOKEN")
         os.environ["VLACACHE_RUN_TOKEN"] = lock.token
         try:
