@@ -260,3 +260,25 @@ def test_cli_refuses_unwritable_outputs(tmp_path, capsys):
     assert bench.returncode == 2 and f"cannot write the bench report {blocker}/b.json" in one_error_line(bench.stderr)
     record = vlacache_in_process(capsys, "record", "tiny_replay", "--out", str(blocker / "r.npz"), "--steps", "2", "--quiet")
     assert record.returncode == 2 and "cannot write the recording" in one_error_line(record.stderr)
+
+
+# -- one table over several runs ------------------------------------------------------------------------------
+
+def test_report_puts_several_runs_in_one_table(tmp_path, capsys):
+    runner.run_experiment(quick_config(tmp_path / "a", policies=["no_cache", "static_reuse"]), progress=False)
+    runner.run_experiment(quick_config(tmp_path / "b"), progress=False)
+    shown = vlacache_in_process(capsys, "report", tmp_path / "a", tmp_path / "b")
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.split(" | ") for line in shown.stdout.splitlines()[2:]]
+    # each run's rows in its config's order, named with their directory; flaky env: init 0 succeeds, 1 errors, 2 fails
+    assert [(r[0], r[1]) for r in rows] == [("| no-cache", "a"), ("| static-reuse", "a"), ("| no-cache", "b")]
+    assert all(r[2].startswith("33.3% [") and r[-2:] == ["3", "1 |"] for r in rows)
+    assert rows[0][3] == "0.0%" and rows[1][3] != "0.0%"  # reuse: static reuse reused, no cache did not
+    written = vlacache_in_process(capsys, "report", tmp_path / "b", "--out", tmp_path / "table.md")
+    assert written.returncode == 0 and (tmp_path / "table.md").read_text().splitlines()[2].startswith("| no-cache | b |")
+
+    (tmp_path / "empty").mkdir()
+    empty = vlacache_in_process(capsys, "report", tmp_path / "a", tmp_path / "empty")
+    assert empty.returncode == 2 and "empty holds no episode records" in one_error_line(empty.stderr)
+    missing = vlacache_in_process(capsys, "report", tmp_path / "nowhere")
+    assert missing.returncode == 2 and "no such result directory" in one_error_line(missing.stderr)

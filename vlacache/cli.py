@@ -95,6 +95,23 @@ def _run(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from .eval.report import combined_table
+    from .eval.results import check_writable_file
+
+    missing = [d for d in args.dirs if not Path(d).is_dir()]
+    if missing:
+        raise InputError(f"no such result directory: {', '.join(missing)}; pass the output_dir of `vlacache run`s")
+    out = args.out and check_writable_file(args.out, "the table", "pass a writable path, e.g. --out /tmp/table.md")
+    table = combined_table([Path(d) for d in args.dirs])
+    if out:
+        out.write_text(table)
+        print(f"wrote {out}")
+    else:
+        print(table, end="")
+    return 0
+
+
 def _record(args) -> int:
     from .experiment import ExperimentConfig, load_config
     from .eval.recording import record_episode
@@ -178,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over in output_dir: its previous results move to output_dir/restarted-<time>/ "
                         "(never deleted) instead of being resumed")
     p.set_defaults(func=_run)
+    p = sub.add_parser("report", help="one markdown table over several runs' result directories (a row per policy)")
+    p.add_argument("dirs", nargs="+", help="output_dir of each `vlacache run`, e.g. results/micro_oft_*")
+    p.add_argument("--out", default=None, help="write the table to this .md file instead of printing it")
+    p.set_defaults(func=_report)
     p = sub.add_parser("record", help="record one episode's observations (all cameras, proprio, instruction) for replay")
     p.add_argument("config", help="experiment YAML path or shipped name; its first policy drives the env")
     p.add_argument("overrides", nargs="*", help="key=value overrides")

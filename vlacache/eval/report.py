@@ -1,4 +1,5 @@
-"""The paper's table (summary.md / summary.csv) and plots from episode records.
+"""The paper's table (summary.md / summary.csv) and plots from episode records, and one table over several
+runs' result directories (`vlacache report`).
 
 Success is counted over ALL attempted episodes: an episode whose latest attempt raised an error counts as a
 failure, and the error count stands beside it; nothing is silently excluded."""
@@ -11,6 +12,7 @@ import statistics
 from pathlib import Path
 
 from ..runtime import LATENCY_PARTS
+from ..types import InputError
 
 
 def suite_of(task: str) -> str:
@@ -157,3 +159,37 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
     plt.close(fig)
     paths.append(path)
     return paths
+
+
+def combined_table(directories: list[Path]) -> str:
+    """One markdown table over the result directories of several runs (`vlacache report`): a row per policy of
+    each directory, in the order given, with its source, success and 95% interval per suite, reuse (overall and per
+    layer), FLOPs and latency. Rows of different directories may come from different code or machines: each
+    directory's run.json holds its fingerprints."""
+    import json
+
+    from .results import MANIFEST_NAME, load_records, result_files
+
+    found = []
+    for directory in map(Path, directories):
+        files = result_files(directory)
+        records = load_records(files) if files else []
+        if not records:
+            raise InputError(f"{directory} holds no episode records (episodes*.jsonl); pass the output_dir of a "
+                             "`vlacache run`")
+        manifest = directory / MANIFEST_NAME
+        order = list(json.loads(manifest.read_text()).get("policies", {})) if manifest.exists() else []
+        found.append((directory, records, order))
+    suites = sorted({suite_of(r["task"]) for _, records, _ in found for r in records})
+    columns = [(f"success/{s}", f"SR {s} [95% CI]", "sr") for s in suites]
+    columns += [("reuse_ratio", "reuse", "pct"), ("gflops", "GFLOPs/query", "tf"), ("total_ms", "query ms", "ms")]
+    lines = ["| policy | results | " + " | ".join(title for _, title, _ in columns) + " | reused per layer | episodes | errors |",
+             "|---|---|" + "---|" * (len(columns) + 3)]
+    for directory, records, order in found:
+        for row in summarize(records, order)[1]:
+            row["gflops"] = None if row["tflops"] is None else 1000 * row["tflops"]
+            cells = [_fmt(row.get(key), kind, row, key) if key in row else "-" for key, _, kind in columns]
+            layers = " / ".join(f"{x:.2f}" for x in row["reused_per_layer"]) or "-"
+            lines.append(f"| {row['policy']} | {directory.name} | " + " | ".join(cells)
+                         + f" | {layers} | {row['episodes']} | {row['errors']} |")
+    return "\n".join(lines) + "\n"
