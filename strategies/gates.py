@@ -87,7 +87,10 @@ class ActionAwareGate(StepGate):
 class LogitMarginGate(StepGate):
     """Gated VLA-Cache: no reuse at a step that follows an unconfident one, i.e. whose top-1 minus top-2
     probability of the prefill's last-position logits (OpenVLA: the first action token) was below `min_margin`.
-    Meaningful for backbones that decode action tokens; an L1 or diffusion head's logits carry no confidence."""
+    Only for backbones that decode action tokens (`Backbone.action_token_logits`): attaching it to an L1 or diffusion
+    head, whose logits carry no confidence, is refused."""
+
+    needs_action_token_logits = True
 
     @dataclass
     class Config:

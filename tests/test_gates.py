@@ -90,3 +90,15 @@ def test_action_aware_gate_holds_the_pruner_back_during_fine_motions():
     assert prune_rules(gate, None, step=0) == 1  # FastV prunes the first step: no motion is known yet
     assert prune_rules({**gate, "pruning": False}, fine) == 1
     assert prune_rules({"name": "full-first-step"}, fine, step=0) == 1  # other gates leave the pruner alone
+
+
+def test_logit_margin_gate_is_refused_on_a_backbone_without_action_tokens(tiny):
+    """OFT's L1 head has no action-token logits: the gate would veto every step, silently; it is refused."""
+    from vlacache.experiment import build_backbone
+
+    oft = build_backbone({"name": "openvla-oft", "preset": "tiny", "device": "cpu"})
+    gated = static_with({"name": "logit-margin", "min_margin": 0.2})
+    with pytest.raises(ConfigError, match="gate 'logit-margin' reads the confidence of decoded action tokens.*OpenVLA"):
+        CachedVLA(oft, gated)
+    CachedVLA(tiny, gated).detach()  # OpenVLA decodes action tokens
+    CachedVLA(oft, static_with({"name": "action-aware"})).detach()

@@ -135,6 +135,9 @@ class Backbone(ABC):
     """A VLA model on stock transformers. The four stages below are timed separately by the runtime."""
 
     cameras: tuple[str, ...] = ("primary",)
+    # True when the prefill's last-position logits are the first action token's distribution (OpenVLA), so
+    # their top-1 minus top-2 probability is the policy's confidence; an L1 or diffusion head has no such logits
+    action_token_logits: bool = False
 
     @property
     @abstractmethod

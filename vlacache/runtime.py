@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
+from .config import ConfigError
 from .engine import CacheEngine, CompiledSteps, EpisodeState, ReuseBuckets
 from .flops import decode_flops, prefill_flops
 from .policy import CachePolicy, PolicyConfig
@@ -75,6 +76,12 @@ class CachedVLA:
         self.engine = CacheEngine(backbone.decoder)
         if policy is not None:
             policy.check(self.engine.num_layers)
+            if policy.gate.needs_action_token_logits and not backbone.action_token_logits:
+                raise ConfigError(
+                    f"policy '{policy.label}': gate '{type(policy.gate).registry_name}' reads the confidence of decoded "
+                    f"action tokens, and {type(backbone).__name__} predicts its actions without them (its logits carry "
+                    "no confidence, so the gate would veto every step); use it with an OpenVLA backbone, or choose "
+                    "another gate (action-aware, full-first-step)")
         self.compiled = None
         if compile:
             self.compiled = CompiledSteps(backbone.decoder, backbone.causal_lm() if backbone.decode_passes() else None,

@@ -137,6 +137,8 @@ class StepGate(Strategy):
     the scheduler's fractions (1: as planned, 0: veto). A gate overrides `allow` (all or nothing) or `scale`,
     and `allow_pruning` to hold the pruner back too."""
 
+    needs_action_token_logits: bool = False  # reads the previous step's action-token confidence (logit margin)
+
     def allow(self, ctx: PlanContext) -> bool:
         raise NotImplementedError
 

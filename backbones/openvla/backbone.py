@@ -43,6 +43,7 @@ class OpenVLABackbone(Backbone):
     """OpenVLA (Prismatic DINOv2+SigLIP + Llama-2) on stock transformers, one 'primary' camera, 7-DoF actions."""
 
     cameras = ("primary",)
+    action_token_logits = True
 
     @dataclass
     class Config(LoadConfig):

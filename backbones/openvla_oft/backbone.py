@@ -73,6 +73,7 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
     """
 
     cameras = ("primary", "wrist")
+    action_token_logits = False  # the L1 head regresses the actions; the last-position logits mean nothing
 
     @dataclass
     class Config(LoadConfig):
