@@ -166,9 +166,8 @@ def combined_table(directories: list[Path]) -> str:
     each directory, in the order given, with its source, success and 95% interval per suite, reuse (overall and per
     layer), FLOPs and latency. Rows of different directories may come from different code or machines: each
     directory's run.json holds its fingerprints."""
-    import json
-
-    from .results import MANIFEST_NAME, load_records, result_files
+    from .fingerprint import load_manifest
+    from .results import load_records, result_files
 
     found = []
     for directory in map(Path, directories):
@@ -177,9 +176,7 @@ def combined_table(directories: list[Path]) -> str:
         if not records:
             raise InputError(f"{directory} holds no episode records (episodes*.jsonl); pass the output_dir of a "
                              "`vlacache run`")
-        manifest = directory / MANIFEST_NAME
-        order = list(json.loads(manifest.read_text()).get("policies", {})) if manifest.exists() else []
-        found.append((directory, records, order))
+        found.append((directory, records, list(load_manifest(directory)["policies"])))
     suites = sorted({suite_of(r["task"]) for _, records, _ in found for r in records})
     columns = [(f"success/{s}", f"SR {s} [95% CI]", "sr") for s in suites]
     columns += [("reuse_ratio", "reuse", "pct"), ("gflops", "GFLOPs/query", "tf"), ("total_ms", "query ms", "ms")]
