@@ -17,6 +17,7 @@ _TINY_VOCAB = 576
 
 _MICRO_TOWERS = ["vlacache-micro-dinov2-reg4", "vlacache-micro-siglip"]
 _MICRO_FINE_TOWERS = ["vlacache-micro-fine-dinov2-reg4", "vlacache-micro-fine-siglip"]
+_MICRO_WIDE_TOWERS = ["vlacache-micro-wide-dinov2-reg4", "vlacache-micro-wide-siglip"]
 
 # Decoder sizes, and the vision towers (224 px, 14 px patches unless named) of each preset.
 PRESETS: dict[str, dict] = {
@@ -28,6 +29,9 @@ PRESETS: dict[str, dict] = {
     # the same on a 16 x 16 grid of 8 px patches (4x the visual tokens): a single camera seen in finer detail
     "micro-fine": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=4, towers=_MICRO_FINE_TOWERS),
+    # twice as wide as `micro` in the decoder (4 x 256) and the towers (128): the one-camera policy underfits at `micro`
+    "micro-wide": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                       num_key_value_heads=8, towers=_MICRO_WIDE_TOWERS),
 }
 
 # LIBERO-like statistics so the un-normalised actions have realistic ranges.

@@ -116,9 +116,10 @@ VIT_SPECS: dict[str, ViTSpec] = {
         layer_scale=False, global_pool="map", mean=_HALF, std=_HALF, img_size=128, patch_size=16,
     ),
 }
-# The micro towers on a 16 x 16 grid of 8 px patches (the `micro-fine` preset).
+# The micro towers on a 16 x 16 grid of 8 px patches (the `micro-fine` preset), and twice as wide (`micro-wide`).
 for _tower in ("dinov2-reg4", "siglip"):
     VIT_SPECS[f"vlacache-micro-fine-{_tower}"] = dataclasses.replace(VIT_SPECS[f"vlacache-micro-{_tower}"], patch_size=8)
+    VIT_SPECS[f"vlacache-micro-wide-{_tower}"] = dataclasses.replace(VIT_SPECS[f"vlacache-micro-{_tower}"], embed_dim=128, mlp_dim=256)
 
 
 class UnknownViTError(KeyError):
