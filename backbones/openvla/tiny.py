@@ -29,7 +29,8 @@ PRESETS: dict[str, dict] = {
     # the same on a 16 x 16 grid of 8 px patches (4x the visual tokens): a single camera seen in finer detail
     "micro-fine": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=4, towers=_MICRO_FINE_TOWERS),
-    # twice as wide as `micro` in the decoder (4 x 256) and the towers (128): the one-camera policy underfits at `micro`
+    # `micro` with twice the hidden width in the decoder (4 x 256; MLP 512, not 688, to ship under 10 MB in bf16)
+    # and the towers (128): the one-camera policy underfits at `micro`
     "micro-wide": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                        num_key_value_heads=8, towers=_MICRO_WIDE_TOWERS),
 }
