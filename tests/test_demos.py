@@ -81,6 +81,33 @@ def test_action_noise():
     np.testing.assert_array_equal(noisy[:, 3:6], np.tile(clean[3:6], (20, 1)))  # rotation noise off by default
 
 
+def test_a_missed_grasp_pushes_the_hand_up_as_the_close_begins():
+    clean = np.array([0.5, -0.2, 0.0, 0.01, 0.0, -0.01, 0.0], dtype=np.float32)
+    miss = ActionNoise(NoiseConfig(grasp_miss_prob=1.0, grasp_miss_steps=3), seed=0)
+    phases = ["approach", "approach", "close", "close", "close", "close", "close", "carry"]
+    out = np.stack([miss(clean, phase) for phase in phases])
+    np.testing.assert_array_equal(out[:2], np.tile(clean, (2, 1)))  # before the close: the clean action
+    assert np.all(out[2:5, 2] == 1.0) and np.allclose(np.linalg.norm(out[2:5, :2], axis=1), 0.5)  # up and aside
+    assert np.all(out[2:5, :3] == out[2, :3])  # one push for the whole miss
+    np.testing.assert_array_equal(out[2:, 3:], np.tile(clean[3:], (6, 1)))  # rotation and gripper untouched
+    np.testing.assert_array_equal(out[5:], np.tile(clean, (3, 1)))  # then the expert's own action again
+    never = ActionNoise(NoiseConfig(grasp_miss_prob=1e-9), seed=0)
+    np.testing.assert_array_equal(np.stack([never(clean, phase) for phase in phases]), np.tile(clean, (8, 1)))
+
+
+def test_a_folder_recorded_before_a_new_setting_still_resumes(tmp_path):
+    from vlacache.train.demos import SETTINGS, _claim
+
+    config = DemosConfig(env={"name": "libero", "suite": "libero_spatial", "tasks": [0]}, output_dir=str(tmp_path))
+    _claim(tmp_path, config)
+    settings = json.loads((tmp_path / SETTINGS).read_text())
+    del settings["noise"]["grasp_miss_prob"]  # what a folder recorded before the setting existed holds
+    (tmp_path / SETTINGS).write_text(json.dumps(settings))
+    _claim(tmp_path, config)  # the default: the same settings
+    with pytest.raises(ValueError, match="noise.grasp_miss_prob.*another output_dir"):
+        _claim(tmp_path, dataclasses.replace(config, noise={**config.noise, "grasp_miss_prob": 0.5}))
+
+
 def test_record_resume_and_failed_episode(tmp_path):
     if not libero_installed():
         pytest.fail(LIBERO_MISSING)

@@ -116,3 +116,32 @@ def test_an_unfinished_recording_is_refused_with_the_fix(demo_folder, tmp_path):
     (unfinished / "dataset_statistics.json").unlink()  # what a recording still running (or killed) looks like
     with pytest.raises(ConfigError, match="recording has not finished.*vlacache demos"):
         train(config(unfinished, tmp_path / "out"), progress=False)
+
+
+def test_extra_demos_train_on_every_folder_with_their_joint_statistics(demo_folder, tmp_path):
+    import shutil
+
+    from vlacache.config import ConfigError
+    from vlacache.train.demos import INDEX, STATISTICS, write_statistics
+
+    lines = (demo_folder / INDEX).read_text().splitlines()
+    halves = {"a": lines[:2], "b": lines[2:]}  # the fixture's episodes, split over two folders
+    for name, part in halves.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / INDEX).write_text("\n".join(part) + "\n")
+        for line in part:
+            if json.loads(line)["file"]:
+                shutil.copy(demo_folder / json.loads(line)["file"], folder)
+        write_statistics(folder, "libero_spatial")
+    policy = train(config(tmp_path / "a", tmp_path / "out", extra_demos=[str(tmp_path / "b")], max_steps=1,
+                          val_fraction=0.0), progress=False)
+    saved = OpenVLAOFTBackbone.from_pretrained(policy).config.norm_stats["libero_spatial"]
+    joint = json.loads((demo_folder / STATISTICS).read_text())["libero_spatial"]  # the fixture's, over all 4
+    assert saved["num_trajectories"] == 4 and saved["num_transitions"] == joint["num_transitions"]
+    for part in ("action", "proprio"):
+        for moment in ("mean", "std", "q01", "q99"):
+            np.testing.assert_allclose(saved[part][moment], joint[part][moment], rtol=1e-6, atol=1e-9)
+    (tmp_path / "b" / STATISTICS).write_text(json.dumps({"libero_object": joint}))
+    with pytest.raises(ConfigError, match="extra_demos.*no 'libero_spatial'.*one suite"):
+        train(config(tmp_path / "a", tmp_path / "out2", extra_demos=[str(tmp_path / "b")]), progress=False)

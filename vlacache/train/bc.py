@@ -26,7 +26,7 @@ from ..backbone import Backbone
 from ..config import ConfigError
 from ..types import Observation
 from .curves import write_curves
-from .demos import load_demos
+from .demos import load_demos, statistics
 from .lightning_run import fit_resuming, start_run
 
 __all__ = ["TrainConfig", "DemoSamples", "BehaviourCloning", "train"]
@@ -41,6 +41,7 @@ class TrainConfig:
     backbone: dict = field(default_factory=lambda: {"name": "openvla-oft", "preset": "micro", "device": "cpu"})
     init_from: str | None = None  # start from this policy's weights (shipped name or folder), not the backbone's random init
     demos: str = "???"  # a folder written by `vlacache demos`
+    extra_demos: list[str] = field(default_factory=list)  # more folders of the same suite, trained on with `demos`
     unnorm_key: str | None = None  # the dataset key of the saved statistics (default: the demos' only key)
     chunk: int = 8  # actions per sample (OFT: the chunk; OpenVLA learns the first)
     epochs: int = 20
@@ -208,26 +209,38 @@ def split_episodes(episodes: list[dict], val_fraction: float, seed: int) -> tupl
     return [e for i, e in enumerate(episodes) if i not in val], [e for i, e in enumerate(episodes) if i in val]
 
 
+def demonstrations(config: TrainConfig) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+    """Every episode of `demos` and `extra_demos`, the dataset key, and its statistics (the folder's own for one
+    folder; recomputed over all the episodes for several)."""
+    sets = [load_demos(folder) for folder in [config.demos, *config.extra_demos]]
+    for demos in sets:
+        if demos.statistics is None:
+            raise ConfigError(f"{demos.folder} has no dataset_statistics.json: its recording has not finished; run the "
+                              "same `vlacache demos` command again to complete it (it resumes)")
+        if not len(demos):
+            raise ConfigError(f"{demos.folder} holds no successful demonstration; record some with `vlacache demos`")
+    stats_all = sets[0].statistics
+    key = config.unnorm_key or (next(iter(stats_all)) if len(stats_all) == 1 else None)
+    if key not in stats_all:
+        raise ConfigError(f"unnorm_key {config.unnorm_key!r}: the demos' statistics have {sorted(stats_all)}; set unnorm_key")
+    other = [str(d.folder) for d in sets[1:] if key not in d.statistics]
+    if other:
+        raise ConfigError(f"extra_demos {other} hold no {key!r} demonstrations (the suite of {config.demos}); "
+                          "train on folders of one suite")
+    episodes = [episode for demos in sets for episode in demos]
+    return episodes, key, stats_all[key] if len(sets) == 1 else statistics(episodes)
+
+
 def train(config: TrainConfig, progress: bool = True) -> Path:
     """Train (or resume) and export; returns the folder of the saved policy."""
     from ..experiment import build_backbone
 
     config.check()
     out = start_run(config.output_dir, config.threads, config.seed)
-    demos = load_demos(config.demos)
-    if demos.statistics is None:
-        raise ConfigError(f"{config.demos} has no dataset_statistics.json: its recording has not finished; run the same "
-                          "`vlacache demos` command again to complete it (it resumes)")
-    stats_all = demos.statistics
-    key = config.unnorm_key or (next(iter(stats_all)) if len(stats_all) == 1 else None)
-    if key not in stats_all:
-        raise ConfigError(f"unnorm_key {config.unnorm_key!r}: the demos' statistics have {sorted(stats_all)}; set unnorm_key")
+    episodes, key, stats = demonstrations(config)
     backbone = build_backbone(initial_backbone_spec(config))
-    backbone.config.norm_stats = {key: stats_all[key]}
+    backbone.config.norm_stats = {key: stats}
     backbone.unnorm_key = key
-    episodes = list(demos)
-    if not episodes:
-        raise ConfigError(f"{config.demos} holds no successful demonstration; record some with `vlacache demos`")
     train_eps, val_eps = split_episodes(episodes, config.val_fraction, config.seed)
     prompt_length = lambda text: len(backbone.prompt_ids(text))  # noqa: E731
     train_set = DemoSamples(train_eps, config.chunk, config.shift_pixels)

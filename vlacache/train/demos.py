@@ -120,7 +120,7 @@ def _run_episode(episode: EpisodeSpec) -> dict[str, Any]:
                 images.append(obs.images[camera])
             proprio.append(obs.proprio)
             actions.append(action)
-            obs, _, done, info = env.step(noise(action))
+            obs, _, done, info = env.step(noise(action, expert.phase))
         record.update(success=bool(info["success"]), steps=len(actions), recoveries=expert.recoveries)
         if record["success"]:
             record["arrays"] = {
@@ -183,11 +183,13 @@ def _claim(out: Path, config: DemosConfig) -> None:
         "expert": dataclasses.asdict(typed(ExpertConfig, config.expert, "the expert config")),
         "noise": dataclasses.asdict(typed(NoiseConfig, config.noise, "the noise config")),
     }))
+    # a setting added after a folder was recorded reads as its default there, so older folders still resume
+    defaults = json.loads(json.dumps({"expert": dataclasses.asdict(ExpertConfig()), "noise": dataclasses.asdict(NoiseConfig())}))
     path = out / SETTINGS
     if path.exists():
         old = json.loads(path.read_text())
         changed = [f"{group}.{key}" for group in settings for key in settings[group]
-                   if old.get(group, {}).get(key) != settings[group][key]]
+                   if old.get(group, {}).get(key, defaults.get(group, {}).get(key)) != settings[group][key]]
         if changed:
             raise ValueError(f"{out} holds demos recorded with other settings ({', '.join(changed)}); "
                              "record into another output_dir")
@@ -259,16 +261,20 @@ def read_index(folder: str | Path) -> list[dict[str, Any]]:
 def write_statistics(folder: str | Path, suite: str) -> dict[str, Any]:
     """dataset_statistics.json over every stored episode, in the OpenVLA / OFT layout, keyed by suite."""
     demos = load_demos(folder)
-    episodes = [demos.load(i, ("actions", "proprio")) for i in range(len(demos))]
+    result = {suite: statistics([demos.load(i, ("actions", "proprio")) for i in range(len(demos))])}
+    (Path(folder) / STATISTICS).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def statistics(episodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One dataset key's statistics (transitions, trajectories, action and proprio moments) over `episodes`."""
     actions = [e["actions"] for e in episodes]
     proprio = [e["proprio"] for e in episodes]
     stats: dict[str, Any] = {"num_transitions": int(sum(len(a) for a in actions)), "num_trajectories": len(actions)}
     if actions:
         stats["action"] = {**_moments(np.concatenate(actions)), "mask": [True] * ARM_DIMS + [False]}
         stats["proprio"] = _moments(np.concatenate(proprio))
-    result = {suite: stats}
-    (Path(folder) / STATISTICS).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return stats
 
 
 def _moments(x: np.ndarray) -> dict[str, list[float]]:

@@ -69,7 +69,10 @@ class NoiseConfig:
 
     sigma: std of Gaussian noise on the 3 position values (model units: 1 = 5 cm of target), rot_sigma: on the
     3 rotation values; bursts: with probability `burst_prob` per step a push of `burst_scale` in a random
-    direction for `burst_steps` steps (uniform in the range). The gripper is never perturbed. All zero = off.
+    direction for `burst_steps` steps (uniform in the range). Missed grasps: with probability `grasp_miss_prob`
+    per grasp, the arm's executed translation is replaced for the first `grasp_miss_steps` steps of the close by a
+    full-scale push up and sideways, so the fingers close on nothing and the expert's recovery (open, rise,
+    approach again) is recorded. The gripper is never perturbed. All zero = off.
     """
 
     sigma: float = 0.0
@@ -77,26 +80,42 @@ class NoiseConfig:
     burst_prob: float = 0.0
     burst_scale: float = 0.6
     burst_steps: tuple[int, int] = (3, 8)
+    grasp_miss_prob: float = 0.0
+    grasp_miss_steps: int = 8
 
     @property
     def active(self) -> bool:
-        return self.sigma > 0 or self.rot_sigma > 0 or self.burst_prob > 0
+        return self.sigma > 0 or self.rot_sigma > 0 or self.burst_prob > 0 or self.grasp_miss_prob > 0
 
 
 class ActionNoise:
-    """Applies `NoiseConfig` to clean expert actions; seeded, so an episode's noise is reproducible."""
+    """Applies `NoiseConfig` to clean expert actions; seeded, so an episode's noise is reproducible. `phase` is the
+    expert's phase after choosing the action (`PickPlaceExpert.phase`): a missed grasp starts as a close begins."""
 
     def __init__(self, config: NoiseConfig, seed: int | list[int]) -> None:
         self.config = config
         self.rng = np.random.default_rng(seed)
         self._burst = np.zeros(3)
         self._burst_left = 0
+        self._phase: str | None = None
+        self._miss_left = 0
+        self._miss = np.zeros(3)
 
-    def __call__(self, action: np.ndarray) -> np.ndarray:
+    def __call__(self, action: np.ndarray, phase: str | None = None) -> np.ndarray:
         c = self.config
         out = np.array(action, dtype=np.float64)
         if not c.active:
             return out
+        if phase == "close" and self._phase != "close" and c.grasp_miss_prob > 0 and self.rng.random() < c.grasp_miss_prob:
+            angle = self.rng.uniform(0.0, 2 * math.pi)
+            self._miss = np.array([0.5 * math.cos(angle), 0.5 * math.sin(angle), 1.0])
+            self._miss_left = c.grasp_miss_steps
+        self._phase = phase
+        if self._miss_left > 0 and phase == "close":
+            self._miss_left -= 1
+            out[:3] = self._miss
+            return out
+        self._miss_left = 0
         if self._burst_left == 0 and c.burst_prob > 0 and self.rng.random() < c.burst_prob:
             direction = self.rng.normal(size=3)
             self._burst = c.burst_scale * direction / np.linalg.norm(direction)
