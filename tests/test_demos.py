@@ -206,5 +206,7 @@ def test_config_refuses_evaluation_states():
         DemosConfig(env={"name": "libero", "placement": "shipped"}).check()
     with pytest.raises(ValueError, match=r"noise.grasp_miss_prob is a probability in \[0, 1\], got 1.5"):
         DemosConfig(env={"name": "libero"}, noise={"grasp_miss_prob": 1.5}).check()
+    with pytest.raises(ValueError, match="noise.grasp_miss_steps must be >= 1, got 0"):
+        DemosConfig(env={"name": "libero"}, noise={"grasp_miss_steps": 0}).check()
     spec = DemosConfig(env={"name": "libero"}, episodes_per_task=3, first_seed=100000).env_spec()
     assert spec["seeds"] == [100000, 100001, 100002] and spec["placement"] == "sampled"

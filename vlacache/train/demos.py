@@ -86,12 +86,7 @@ class DemosConfig:
         """Fail early, naming the key, on anything the recording would trip over (nothing is built)."""
         resolve_component(ENVS, self.env_spec(), "env")
         typed(ExpertConfig, self.expert, "the expert config")
-        noise = typed(NoiseConfig, self.noise, "the noise config")
-        for key in ("burst_prob", "grasp_miss_prob"):
-            if not 0.0 <= getattr(noise, key) <= 1.0:
-                raise ValueError(f"noise.{key} is a probability in [0, 1], got {getattr(noise, key)}")
-        if noise.grasp_miss_steps < 1:
-            raise ValueError(f"noise.grasp_miss_steps must be >= 1, got {noise.grasp_miss_steps}")
+        typed(NoiseConfig, self.noise, "the noise config").check()
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         return self

@@ -87,6 +87,15 @@ class NoiseConfig:
     def active(self) -> bool:
         return self.sigma > 0 or self.rot_sigma > 0 or self.burst_prob > 0 or self.grasp_miss_prob > 0
 
+    def check(self) -> "NoiseConfig":
+        """Refuse, naming the key, probabilities outside [0, 1] and a missed grasp of no steps."""
+        for key in ("burst_prob", "grasp_miss_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"noise.{key} is a probability in [0, 1], got {getattr(self, key)}")
+        if self.grasp_miss_steps < 1:
+            raise ValueError(f"noise.grasp_miss_steps must be >= 1, got {self.grasp_miss_steps}")
+        return self
+
 
 class ActionNoise:
     """Applies `NoiseConfig` to clean expert actions; seeded, so an episode's noise is reproducible. `phase` is the
