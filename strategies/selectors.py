@@ -70,9 +70,12 @@ class PixelCosineSelector(TokenSelector):
 class DriftAwareSelector(PixelCosineSelector):
     """Pixel-cosine reuse that also compares each patch with the frame its cached K/V were computed from (its
     anchor: reuse is chained, so a patch that changes a little at every step is never 'changed' against the
-    previous frame yet drifts away from what its K/V encode), and recomputes a token reused `max_age` steps in a
+    previous frame yet drifts away from what its K/V encode), and recomputes a token reused `max_age` queries in a
     row. A patch is a candidate when its similarity to the previous query frame is >= tau, to its anchor >=
-    anchor_tau, and its K/V are younger than max_age steps (null: no limit); score: the smaller similarity."""
+    anchor_tau, and its K/V would be at most max_age queries old once reused (null: no limit); score: the smaller
+    similarity. Ages count policy queries, whatever the cadence: at 8 executed actions per query, max_age 1
+    lets K/V be 8 env steps old. `max_age_env_steps` limits the age in env steps instead (queries times the
+    executed chunk, `PlanContext.env_steps_per_query`); with both, both hold."""
 
     @dataclass
     class Config:
@@ -81,10 +84,13 @@ class DriftAwareSelector(PixelCosineSelector):
         cameras: list[str] | None = None
         anchor_tau: float = 0.99
         max_age: int | None = 4
+        max_age_env_steps: int | None = None
 
     def check(self, num_layers: int) -> None:
-        if self.config.max_age is not None and self.config.max_age < 1:
-            raise ConfigError(f"selector 'drift-aware': max_age must be >= 1 or null, got {self.config.max_age}")
+        for key in ("max_age", "max_age_env_steps"):
+            value = getattr(self.config, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"selector 'drift-aware': {key} must be >= 1 or null, got {value}")
 
     def select(self, ctx: PlanContext) -> dict[str, Candidates]:
         self._check_cameras(ctx)
@@ -96,8 +102,11 @@ class DriftAwareSelector(PixelCosineSelector):
                 anchored = patch_cosine(ctx.current[camera], ctx.anchors[camera], span.rows, span.cols)
                 mask &= anchored >= self.config.anchor_tau
                 similarity = torch.minimum(similarity, anchored)
+                reused_age = ctx.ages[camera].to(mask.device) + 1  # in queries, once reused now
                 if self.config.max_age is not None:
-                    mask &= ctx.ages[camera].to(mask.device) < self.config.max_age
+                    mask &= reused_age <= self.config.max_age
+                if self.config.max_age_env_steps is not None:
+                    mask &= reused_age * ctx.env_steps_per_query <= self.config.max_age_env_steps
             out[camera] = self._candidates(camera, mask, similarity)
         return out
 

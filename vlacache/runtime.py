@@ -50,6 +50,8 @@ class CachedVLA:
     list of fractions; `ReuseBuckets`) rounds the policy's reused counts per layer down to a few fixed shapes.
     `compile=True` runs the decoder through torch.compile (`vlacache.engine.compiled`; `compile_mode` is
     torch.compile's mode, e.g. 'reduce-overhead' for CUDA graphs); the first step of a new shape compiles.
+    `env_steps_per_query`: the env steps between two queries (the executed part of each chunk, the cadence):
+    reused K/V's age is reported in queries and in env steps, and strategies see it (`PlanContext`).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class CachedVLA:
         buckets: ReuseBuckets | int | Sequence[float] | None = None,
         compile: bool = False,
         compile_mode: str | None = None,
+        env_steps_per_query: int = 1,
     ) -> None:
         if not isinstance(backbone, Backbone):
             raise InputError(
@@ -68,6 +71,9 @@ class CachedVLA:
             )
         if policy is not None and not isinstance(policy, CachePolicy):
             raise InputError(f"policy must be a CachePolicy (or use vlacache.attach with a name/YAML/dict), got {type(policy).__name__}")
+        if isinstance(env_steps_per_query, bool) or not isinstance(env_steps_per_query, int) or env_steps_per_query < 1:
+            raise InputError(f"env_steps_per_query must be an int >= 1 (the actions executed per query), got {env_steps_per_query!r}")
+        self.env_steps_per_query = env_steps_per_query
         self.closed = False
         self.backbone = backbone
         self.policy = policy
@@ -241,6 +247,7 @@ class CachedVLA:
             current={name: image[row : row + 1] for name, image in inputs.query_images.items()},
             previous=None if alone else {name: image[row : row + 1] for name, image in previous.items()},
             stats=None if alone or stats is None else stats.row(row),
+            env_steps_per_query=self.env_steps_per_query,
         )
         if not alone and episode.staleness is not None:
             row_staleness = episode.staleness.rows(slice(row, row + 1))
@@ -275,7 +282,9 @@ class CachedVLA:
             latency_ms=latency,
             device_ms=device_ms,
             episode_reset=any(fresh),
-            staleness=staleness,
+            staleness=None if staleness is None else {
+                **staleness, **{k.replace("_age_", "_age_env_steps_"): v * self.env_steps_per_query
+                                for k, v in staleness.items() if "_age_" in k}},
             dropped_per_layer=dropped,
         )
 

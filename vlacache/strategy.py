@@ -82,6 +82,8 @@ class PlanContext:
     signals: Mapping[str, torch.Tensor] | None = None
     # [B, L] bool: positions dropped by a prune rule at the previous step, whose K/V cannot be reused
     void: torch.Tensor | None = None
+    # env steps between two queries (the executed part of each chunk): `ages` count queries, times this is env steps
+    env_steps_per_query: int = 1
 
 
 class Strategy:

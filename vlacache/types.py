@@ -288,7 +288,9 @@ class StepStats:
     latency_ms: dict[str, float]
     device_ms: float | None = None
     episode_reset: bool = False
-    staleness: dict | None = None  # of the reused tokens: steps since computed, pixel drift to that frame (engine/staleness.py)
+    # of the reused tokens: queries since computed (reused_age_*), the same in env steps (reused_age_env_steps_*:
+    # times the executed chunk), pixel drift to that frame (engine/staleness.py)
+    staleness: dict | None = None
     dropped_per_layer: list[int] | None = None  # visual tokens dropped per layer by the policy's pruner (None: no pruner)
 
     def as_dict(self) -> dict:

@@ -33,6 +33,11 @@ PRESETS: dict[str, dict] = {
     # and the towers (128): the one-camera policy underfits at `micro`
     "micro-wide": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                        num_key_value_heads=8, towers=_MICRO_WIDE_TOWERS),
+    # `micro` with a deeper decoder (8 and 16 layers of the same width): does the drift of reused K/V depend on depth?
+    "micro-deep8": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=8, num_attention_heads=4,
+                        num_key_value_heads=4, towers=_MICRO_TOWERS),
+    "micro-deep16": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=16, num_attention_heads=4,
+                         num_key_value_heads=4, towers=_MICRO_TOWERS),
 }
 
 # LIBERO-like statistics so the un-normalised actions have realistic ranges.

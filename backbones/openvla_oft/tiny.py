@@ -17,7 +17,8 @@ from .heads import L1RegressionActionHead, ProprioProjector
 __all__ = ["PRESETS", "preset_config", "build_preset", "LIBERO_PROPRIO_Q01", "LIBERO_PROPRIO_Q99"]
 
 # Width of the action head's MLPResNet (the released 7B head uses 4096).
-PRESETS: dict[str, dict] = {"tiny": dict(head_hidden=64), "cpu-25m": dict(head_hidden=256), "micro": dict(head_hidden=256)}
+PRESETS: dict[str, dict] = {"tiny": dict(head_hidden=64), "cpu-25m": dict(head_hidden=256), "micro": dict(head_hidden=256),
+                            "micro-deep8": dict(head_hidden=256), "micro-deep16": dict(head_hidden=256)}
 assert set(PRESETS) <= set(OPENVLA_PRESETS)
 
 # LIBERO-like robot-state statistics: eef position (3), axis-angle (3), gripper qpos (2).

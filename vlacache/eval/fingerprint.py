@@ -7,12 +7,15 @@ the policy's full resolved parameters (every strategy's typed Config, so the sam
 a change; the per-camera scales; a trained strategy's checkpoint identity, e.g. the learned selector's weights), the env and perturbation typed configs (plus `data_identity(config)` when the env class defines it:
 the replay env's recording hash),
 max_steps, execute_chunk, episodes, the fast path (reuse buckets change what is reused), batch_envs (a batched step
-rounds differently), and the code version (vlacache.__version__ and a hash of its Python
-sources). Not counted, because they do not change an outcome: the experiment name,
-output_dir, videos, launcher (devices, nodes, accelerator), retry settings, progress bars.
+rounds differently), and the code of the strategies, backbone and env in use (`code_identity.component_code`).
+Not counted, because they do not change an outcome: the experiment name,
+output_dir, videos, launcher (devices, nodes, accelerator), retry settings, progress bars. Other code (the
+engine, the runner, other families) is recorded per policy as the builds its results were made under, not
+compared: the engine's exactness is what the test suite proves on every run.
 
 `check_fingerprints` compares them with those `run.json` recorded for the results in the directory: resuming
-with a different one is refused, naming the dotted keys that changed.
+with a different one is refused, naming the dotted keys that changed; resuming under other code outside them
+warns and appends the build (version, source hash, git commit) to the policy's `builds`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from ..backbone import resolve_checkpoint
 from ..config import ConfigError, resolve_component
 from ..experiment import ExperimentConfig, resolve_policy_config
 from ..registry import BACKBONES, ENVS, PERTURBATIONS, STRATEGIES
-from .results import MANIFEST_NAME, ResultsConflict, write_atomic
+from .code_identity import code_build, component_code
+from .results import MANIFEST_NAME, ResultsConflict, warn, write_atomic
 
 MAX_CHECKPOINT_FILES = 10_000
 HASHED_FILE_BYTES = 64 << 20
@@ -97,64 +101,53 @@ def checkpoint_identity(checkpoint: str | Path) -> dict[str, Any]:
     return {"files": files}
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> dict[str, Any]:
-    """vlacache.__version__ and a sha256 of the Python sources of the package and its plug-in rooms (vlacache,
-    strategies, backbones, envs): any code change counts, a commit that only touches docs or tests does not,
-    and it works the same for a git checkout and an installed wheel."""
-    import vlacache
-    from vlacache import backbones, envs, strategies
-
-    digest = hashlib.sha256()
-    for package in (vlacache, strategies, backbones, envs):
-        root = Path(package.__path__[0])
-        for path in sorted(root.rglob("*.py")):
-            if package is vlacache and path.relative_to(root).parts[0] in ("strategies", "backbones", "envs"):
-                continue  # an installed wheel nests the plug-in rooms: hash each once
-            digest.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\n".encode())
-            digest.update(path.read_bytes())
-    return {"vlacache": vlacache.__version__, "source_sha256": digest.hexdigest()}
-
-
-def policy_fingerprint(spec: Any) -> dict[str, Any]:
+def policy_fingerprint(spec: Any) -> tuple[dict[str, Any], str]:
+    """The policy's resolved parameters, and the digest of its strategies' code (`component_code`)."""
     config = resolve_policy_config(spec)
     out: dict[str, Any] = {"label": config.label, "reuse_order": config.reuse_order, "cameras": config.cameras}
+    code: list[str] = []
     for kind in ("selector", "relevance", "scheduler", "gate", "pruner"):
         cls, out[kind] = component(STRATEGIES[kind], getattr(config, kind), kind)
+        code.append(component_code(cls))
         folder = getattr(cls, "checkpoint_folder", None)
         if folder is not None:  # trained parameters (the learned selector): the same name with new weights is a change
             out[kind]["checkpoint_identity"] = checkpoint_identity(folder(out[kind]["checkpoint"]))
-    return out
+    return out, hashlib.sha256("\n".join(code).encode()).hexdigest()
 
 
 def experiment_fingerprints(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
     """policy label -> fingerprint of everything that decides that policy's episodes. Resolves every config
     (a bad one fails here, before anything is written) but builds nothing."""
-    _, backbone = component(BACKBONES, config.backbone, "backbone")
+    backbone_cls, backbone = component(BACKBONES, config.backbone, "backbone")
     backbone["device"] = device_kind(backbone.get("device", "auto"))
     env_cls, env = component(ENVS, config.env, "env")
     data_identity = getattr(env_cls, "data_identity", None)
     if data_identity is not None:
         env["data"] = data_identity(resolve_component(ENVS, config.env, "env")[1])
+    env_code = [component_code(env_cls)]
+    perturbation = None
+    if config.perturbation:
+        perturbation_cls, perturbation = component(PERTURBATIONS, config.perturbation, "perturbation")
+        env_code.append(component_code(perturbation_cls))
     common = {
         "backbone": backbone,
         "checkpoint": checkpoint_identity(resolve_checkpoint(backbone["checkpoint"])) if backbone.get("checkpoint") else None,
         "env": env,
-        "perturbation": component(PERTURBATIONS, config.perturbation, "perturbation")[1] if config.perturbation else None,
+        "perturbation": perturbation,
         "max_steps": config.max_steps,
         "execute_chunk": config.execute_chunk,
         "episodes": config.episodes,
         "fast_path": dataclasses.asdict(config.fast_path),
         "batch_envs": config.batch_envs,
-        "code": code_version(),
     }
+    code = {"backbone": component_code(backbone_cls), "env": hashlib.sha256("\n".join(env_code).encode()).hexdigest()}
     fingerprints: dict[str, dict[str, Any]] = {}
     for spec in config.policies:
-        policy = policy_fingerprint(spec)
+        policy, strategies_code = policy_fingerprint(spec)
         if policy["label"] in fingerprints:
-            labels = [policy_fingerprint(s)["label"] for s in config.policies]
+            labels = [policy_fingerprint(s)[0]["label"] for s in config.policies]
             raise ConfigError(f"policy labels must be unique, got {labels}; set `label:` in the policy configs")
-        fingerprints[policy["label"]] = {"policy": policy, **common}
+        fingerprints[policy["label"]] = {"policy": policy, **common, "code": {**code, "strategies": strategies_code}}
     return fingerprints
 
 
@@ -209,12 +202,46 @@ def load_manifest(out: Path) -> dict:
     return manifest
 
 
+def _legacy_code(entry: dict) -> str | None:
+    """The whole-source hash of a fingerprint written before the code was split (None: a current one)."""
+    code = entry.get("fingerprint", {}).get("code", {})
+    return code.get("source_sha256") if isinstance(code, dict) and "source_sha256" in code else None
+
+
+def _compare(label: str, entry: dict, fingerprint: dict, build: dict) -> str | None:
+    """Why `label`'s recorded results cannot be resumed under `fingerprint` (None: they can)."""
+    recorded = entry.get("fingerprint", {})
+    legacy = _legacy_code(entry)
+    if legacy is not None:  # compare all but the code; the code only as a whole, as it was recorded
+        recorded = {k: v for k, v in recorded.items() if k != "code"}
+        fingerprint = {k: v for k, v in fingerprint.items() if k != "code"}
+    changes = changed_keys(recorded, fingerprint)
+    if changes:
+        return f"policy '{label}' changed {describe_changes(changes)}"
+    if legacy is not None and legacy != build["source_sha256"]:
+        return (f"policy '{label}' has results recorded under other vlacache code, fingerprinted as a whole (before "
+                f"the code of strategies, backbone and env was told apart), so whether what decides its outcomes "
+                f"changed is unknown")
+    return None
+
+
+def _builds(entry: dict | None) -> list[dict]:
+    builds = list((entry or {}).get("builds") or [])
+    legacy = _legacy_code(entry or {})
+    if not builds and legacy is not None:
+        builds = [{"vlacache": entry["fingerprint"]["code"].get("vlacache"), "source_sha256": legacy, "commit": None}]
+    return builds
+
+
 def check_fingerprints(out: Path, fingerprints: dict[str, dict], recorded: set[str], write: bool) -> None:
     """Refuse when a policy that already has results in `out` had them made under a different fingerprint (or
     under none: results older than fingerprints); with `write`, record the fingerprints of this run's policies.
-    A policy new to the directory, or one with no results yet, is (re)recorded freely."""
+    A policy new to the directory, or one with no results yet, is (re)recorded freely. Code outside what the
+    fingerprint counts (`code_identity`) may differ: the run resumes with a warning, and each policy's entry
+    lists every build (version, source hash, git commit) its results were made under (`builds`)."""
     manifest = load_manifest(out)
-    problems = []
+    build = code_build()
+    problems, rebuilt = [], []
     for label, fingerprint in fingerprints.items():
         if label not in recorded:
             continue
@@ -222,21 +249,36 @@ def check_fingerprints(out: Path, fingerprints: dict[str, dict], recorded: set[s
         if entry is None:
             problems.append(f"policy '{label}' has results but no fingerprint in {MANIFEST_NAME}")
             continue
-        changes = changed_keys(entry.get("fingerprint", {}), json.loads(json.dumps(fingerprint)))
-        if changes:
-            problems.append(f"policy '{label}' changed {describe_changes(changes)}")
+        problem = _compare(label, entry, json.loads(json.dumps(fingerprint)), build)
+        if problem is not None:
+            problems.append(problem)
+        elif _builds(entry) and _builds(entry)[-1].get("source_sha256") != build["source_sha256"]:
+            rebuilt.append((label, _builds(entry)[-1]))
     if problems:
         raise ResultsConflict(
             f"{out} holds results of a different run ({'; '.join(problems)}); to keep them, pass a new "
             f"output_dir=...; to start over here, add --restart (the old results move to {out}/restarted-<time>/)")
+    if rebuilt and write:
+        def commit(b: dict) -> str:
+            return (b.get("commit") or "no git commit")[:12] + (" + uncommitted changes" if b.get("dirty") else "")
+
+        warn(f"resuming {out} under other vlacache code than its results so far ({', '.join(l for l, _ in rebuilt)}: "
+             f"{commit(rebuilt[0][1])} -> {commit(build)}); the code of the strategies, backbone and env in use is "
+             f"unchanged, so the results continue; {MANIFEST_NAME} records both builds")
     if not write:
         return
     changed = False
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
     for label, fingerprint in fingerprints.items():
         plain = json.loads(json.dumps(fingerprint))
         entry = manifest["policies"].get(label)
-        if entry is None or entry.get("fingerprint") != plain:
-            manifest["policies"][label] = {"fingerprint": plain, "recorded": time.strftime("%Y-%m-%d %H:%M:%S")}
+        keep = entry is not None and label in recorded  # its results stay: so does the history of its builds
+        builds = _builds(entry) if keep else []
+        if not builds or builds[-1].get("source_sha256") != build["source_sha256"]:
+            builds.append({**build, "since": now})
+        new = {"fingerprint": plain, "recorded": entry.get("recorded", now) if keep else now, "builds": builds}
+        if entry != new:
+            manifest["policies"][label] = new
             changed = True
     if changed or not (out / MANIFEST_NAME).exists():
         write_atomic(out / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())

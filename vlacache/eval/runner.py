@@ -58,8 +58,22 @@ def episode_record(policy: str, episode: EpisodeSpec, steps: list[StepStats], **
         "flops_mean": float(np.mean([s.flops["total"] for s in steps])) if steps else None,
         "reuse_ratio": float(np.mean([s.reuse_ratio for s in steps])) if steps else None,
         "reused_per_layer": per_layer,
+        "reused_age": reused_age(steps),
         **extra,
     }
+
+
+def reused_age(steps: list[StepStats]) -> dict[str, float] | None:
+    """How old the reused K/V were, over the queries that reused any: in queries and in env steps since they were
+    computed (the mean of the per-query means, and the max). None: nothing was reused."""
+    stale = [s.staleness for s in steps if s.staleness]
+    if not stale:
+        return None
+    out = {}
+    for unit, key in (("queries", "reused_age"), ("env_steps", "reused_age_env_steps")):
+        out[f"{unit}_mean"] = float(np.mean([x[f"{key}_mean"] for x in stale]))
+        out[f"{unit}_max"] = float(max(x[f"{key}_max"] for x in stale))
+    return out
 
 
 def verdict(info: dict[str, Any]) -> bool | None:
@@ -292,7 +306,8 @@ def run_shard(config: ExperimentConfig, progress: bool = True, rank: int = 0, wo
             wins = finished = errors = 0
             try:
                 for policy, group in groupby(todo, key=lambda item: item[0]):
-                    with CachedVLA(backbone, policy, **config.fast_path.options()) as vla:
+                    with CachedVLA(backbone, policy, **config.fast_path.options(),
+                                   env_steps_per_query=env_steps_per_query(config, backbone)) as vla:
                         for record in _records(vla, envs, env, [(e, a) for _, e, a in group], config, video_dir):
                             store.append(record)
                             finished += 1
@@ -308,6 +323,11 @@ def run_shard(config: ExperimentConfig, progress: bool = True, rank: int = 0, wo
     if rank != 0:
         return []
     return report(out, labels)
+
+
+def env_steps_per_query(config: ExperimentConfig, backbone) -> int:
+    """The cadence: env steps between two queries, the executed part of each predicted chunk."""
+    return min(config.execute_chunk or backbone.action_chunk, backbone.action_chunk)
 
 
 def task_batches(episodes: list[EpisodeSpec], size: int) -> list[list[EpisodeSpec]]:

@@ -107,7 +107,8 @@ class PolicyService:
             if camera not in self.backbone.cameras:
                 raise ConfigError(f"cameras: '{name}' maps to '{camera}', which is not a camera of this backbone "
                                   f"({', '.join(self.backbone.cameras)})")
-        self.vla = CachedVLA(self.backbone, build_policy(config.policy), **config.fast_path.options())  # attaches hooks
+        self.vla = CachedVLA(self.backbone, build_policy(config.policy), **config.fast_path.options(),
+                             env_steps_per_query=self.chunk)  # attaches hooks
         self._episodes: dict[str, EpisodeSnapshot | None] = {}
         self._episode_ids: dict[str, int] = {}
         self._current: str | None = None
