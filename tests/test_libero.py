@@ -223,3 +223,29 @@ def test_libero_in_a_worker_process_steps_like_in_this_one(env):
         np.testing.assert_array_equal(obs.proprio, w_obs.proprio)
     finally:
         worker.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_the_cadence_configs_run_an_episode_and_report_ages_in_env_steps(tmp_path, capsys, chunk):
+    """The cadence study's experiments (the shipped OFT micro-policy querying every `chunk` env steps) run in
+    real LIBERO; every row records its reused K/V's age in queries and in env steps (queries x chunk)."""
+    from test_cli import vlacache_in_process
+    from test_runner import lines
+
+    out = tmp_path / f"cadence{chunk}"
+    done = vlacache_in_process(capsys, "run", f"micro_oft_libero_spatial_cadence{chunk}", "env.tasks=[0]",
+                               "env.init_states=[0]", "max_steps=6", "launcher.devices=1", f"output_dir={out}", "--quiet")
+    assert done.returncode == 0, done.stderr
+    records = {r["policy"]: r for r in lines(out / "episodes.jsonl")}
+    assert list(records) == ["no-cache", "static-reuse", "vla-cache", "vla-cache-drift-age1", "vla-cache-cross-view"]
+    for record in records.values():
+        assert record["error"] is None and record["env_steps"] == 6 and record["queries"] == 6 // chunk
+    assert records["no-cache"]["reused_age"] is None
+    static = records["static-reuse"]["reused_age"]
+    assert static["queries_max"] >= 2  # chained: the static patches keep their first K/V
+    for record in records.values():
+        age = record["reused_age"]
+        if age is not None:
+            assert age["env_steps_max"] == age["queries_max"] * chunk
+            assert age["env_steps_mean"] == pytest.approx(age["queries_mean"] * chunk)
+    assert records["vla-cache-drift-age1"]["reused_age"]["queries_max"] == 1

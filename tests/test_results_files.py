@@ -264,6 +264,15 @@ def test_cli_refuses_unwritable_outputs(tmp_path, capsys):
 
 # -- one table over several runs ------------------------------------------------------------------------------
 
+def test_flops_are_shown_in_the_unit_that_reads_as_a_number():
+    from vlacache.eval.report import _fmt, flops_column
+
+    for flops, unit, shown in ((5.808e8, "MFLOPs/query", "580.8"), (4.2e12, "TFLOPs/query", "4.200"),
+                               (2.35e10, "GFLOPs/query", "23.50"), (0.0, "MFLOPs/query", "0.000")):
+        key, title, kind = flops_column([{"flops": flops}, {"flops": None}])
+        assert (key, title, _fmt(flops, kind)) == ("flops", unit, shown)
+
+
 def test_report_puts_several_runs_in_one_table(tmp_path, capsys):
     runner.run_experiment(quick_config(tmp_path / "a", policies=["no_cache", "static_reuse"]), progress=False)
     runner.run_experiment(quick_config(tmp_path / "b"), progress=False)
@@ -274,6 +283,12 @@ def test_report_puts_several_runs_in_one_table(tmp_path, capsys):
     assert [(r[0], r[1]) for r in rows] == [("| no-cache", "a"), ("| static-reuse", "a"), ("| no-cache", "b")]
     assert all(r[2].startswith("33.3% [") and r[-2:] == ["3", "1 |"] for r in rows)
     assert rows[0][3] == "0.0%" and rows[1][3] != "0.0%"  # reuse: static reuse reused, no cache did not
+    header = shown.stdout.splitlines()[0].split(" | ")
+    unit = header[4]  # FLOPs in a unit where the tiny model's numbers read as numbers, not 0.000xyz
+    assert unit in ("MFLOPs/query", "GFLOPs/query") and all(1 <= float(r[4]) < 1000 for r in rows)
+    records = lines(tmp_path / "a" / "episodes.jsonl")
+    scale = 1e6 if unit.startswith("M") else 1e9
+    assert float(rows[0][4]) == pytest.approx(records[0]["flops_mean"] / scale, rel=1e-3)
     written = vlacache_in_process(capsys, "report", tmp_path / "b", "--out", tmp_path / "table.md")
     assert written.returncode == 0 and (tmp_path / "table.md").read_text().splitlines()[2].startswith("| no-cache | b |")
 

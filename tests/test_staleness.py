@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlacache import CachedVLA, CachePolicy, ConfigError, Observation
+from vlacache import CachedVLA, CachePolicy, ConfigError, InputError, Observation
 
 PATCH = 14  # the tiny preset's patch size (224 px, 16 x 16 grid)
 
@@ -81,3 +81,32 @@ def test_staleness_limit_recomputes_every_token_in_time(tiny, frames):
 def test_drift_aware_settings_are_checked(tiny):
     with pytest.raises(ConfigError, match="max_age"):
         CachedVLA(tiny, policy({"name": "drift-aware", "max_age": 0}))
+
+
+@pytest.mark.parametrize("env_steps_per_query", [1, 2, 8])
+def test_the_cadence_reaches_the_age_accounting(tiny, frames, env_steps_per_query):
+    """Ages count queries; with N env steps between queries (the executed chunk) the same K/V are N times as
+    many env steps old, and a limit in env steps recomputes them after max_age_env_steps / N queries."""
+    identical = [Observation({"primary": frames[0].images["primary"]}, frames[0].instruction)] * 7
+    selector = {"name": "drift-aware", "tau": 0.99, "top_k": None, "anchor_tau": 0.99, "max_age": None,
+                "max_age_env_steps": 4}
+    with CachedVLA(tiny, policy(selector), env_steps_per_query=env_steps_per_query) as vla:
+        results = [vla.predict(obs) for obs in identical]
+    reports = [r.stats.staleness for r in results if r.stats.staleness]
+    for report in reports:
+        assert report["reused_age_env_steps_max"] == report["reused_age_max"] * env_steps_per_query
+        assert report["reused_age_env_steps_mean"] == pytest.approx(report["reused_age_mean"] * env_steps_per_query)
+    # K/V at most 4 env steps old: reused for 4 queries in a row at 1 env step per query, 2 at 2, never at 8
+    chained = 4 // env_steps_per_query
+    period = [0.0] + [1.0] * chained
+    expected = (period * 7)[:7]
+    assert [r.stats.reuse_ratio for r in results] == expected
+    assert max((r["reused_age_env_steps_max"] for r in reports), default=0) == chained * env_steps_per_query
+
+
+def test_the_cadence_must_be_a_positive_int(tiny):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InputError, match="env_steps_per_query must be an int >= 1"):
+            CachedVLA(tiny, None, env_steps_per_query=bad)
+    with pytest.raises(ConfigError, match="max_age_env_steps must be >= 1"):
+        CachedVLA(tiny, policy({"name": "drift-aware", "max_age_env_steps": 0}))

@@ -145,3 +145,25 @@ def test_extra_demos_train_on_every_folder_with_their_joint_statistics(demo_fold
     (tmp_path / "b" / STATISTICS).write_text(json.dumps({"libero_object": joint}))
     with pytest.raises(ConfigError, match="extra_demos.*no 'libero_spatial'.*one suite"):
         train(config(tmp_path / "a", tmp_path / "out2", extra_demos=[str(tmp_path / "b")]), progress=False)
+
+
+@pytest.mark.parametrize("depth", [8, 16])
+def test_the_deep_presets_train_save_and_load_in_the_released_layout(demo_folder, tmp_path, capsys, depth):
+    """The depth study's configs (`micro-deep8` / `micro-deep16`: the shipped micro-policy's width with 8 / 16
+    decoder layers) run real training steps and export a policy that loads back with that depth, small enough to
+    ship (bf16, <= 10 MiB) and predicting finite chunks."""
+    out = tmp_path / f"deep{depth}"
+    done = vlacache_in_process(capsys, "train", f"micro_oft_libero_spatial_deep{depth}", f"demos={demo_folder}",
+                               f"output_dir={out}", "epochs=1", "max_steps=2", "batch_size=4", "warmup_steps=1",
+                               "threads=1", "--quiet")
+    assert done.returncode == 0, done.stderr
+    loaded = OpenVLAOFTBackbone.from_pretrained(out / "policy")
+    micro = OpenVLAOFTBackbone.from_config(OpenVLAOFTBackbone.Config(preset="micro", device="cpu"))
+    assert len(loaded.decoder.layers) == depth and len(micro.decoder.layers) == 4
+    assert loaded.decoder_dims().hidden == micro.decoder_dims().hidden  # deeper, not wider
+    assert sum(p.stat().st_size for p in (out / "policy").iterdir()) <= 10 * 2**20
+    assert {p.dtype for p in loaded.model.language_model.parameters()} == {torch.float32}  # loaded in fp32 from bf16
+    demo = load_demos(demo_folder)[0]
+    obs = Observation({"primary": demo["primary"][0], "wrist": demo["wrist"][0]}, demo["instruction"], demo["proprio"][0])
+    actions = CachedVLA(loaded, None).predict(obs).actions
+    assert actions.shape == (1, 8, 7) and np.isfinite(actions).all()

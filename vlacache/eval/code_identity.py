@@ -64,7 +64,7 @@ def room_closure(module: str, root: str | None = None) -> list[str]:
     todo = [module]
     while todo:
         name = todo.pop()
-        if name in seen or name == room:
+        if name in seen or (name == room and name != module):
             continue
         path = _origin(name)
         if path is None or path.suffix != ".py":

@@ -58,7 +58,7 @@ def summarize(records: list[dict], policy_order: list[str]) -> tuple[list[str], 
             interval = wilson_interval(round(rate * len(episodes)), len(episodes)) if rate is not None else None
             row[f"ci95_low/{suite}"], row[f"ci95_high/{suite}"] = interval or (None, None)
         row["success/mean"] = _mean([row[f"success/{s}"] for s in suites])
-        row["tflops"] = _mean([r["flops_mean"] / 1e12 for r in ok if r.get("flops_mean") is not None])
+        row["flops"] = _mean([r["flops_mean"] for r in ok if r.get("flops_mean") is not None])
         for part in LATENCY_PARTS + ("total",):
             row[f"{part}_ms"] = _mean([r["latency_ms"][part]["mean"] for r in ok if r.get("latency_ms")])
         total = row["total_ms"]
@@ -77,16 +77,30 @@ def _fmt(value, kind: str, row: dict | None = None, key: str = "") -> str:
         suite = key.split("/", 1)[1]
         low, high = row.get(f"ci95_low/{suite}"), row.get(f"ci95_high/{suite}")
         return f"{100 * value:.1f}% [{100 * low:.0f}, {100 * high:.0f}]" if low is not None else f"{100 * value:.1f}%"
-    formats = {"pct": lambda v: f"{100 * v:.1f}%", "ms": lambda v: f"{v:.1f}", "hz": lambda v: f"{v:.2f}", "tf": lambda v: f"{v:.3g}"}
+    if kind.startswith("/"):  # FLOPs in a unit: "/1e+09" -> GFLOPs, 4 significant digits from 1 to 999
+        shown = value / float(kind[1:])
+        return f"{shown:.{1 if shown >= 100 else 2 if shown >= 10 else 3}f}"
+    formats = {"pct": lambda v: f"{100 * v:.1f}%", "ms": lambda v: f"{v:.1f}", "hz": lambda v: f"{v:.2f}"}
     return formats.get(kind, str)(value)
 
 
-def table_columns(suites: list[str]) -> list[tuple[str, str, str]]:
+FLOPS_UNITS = (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6))
+
+
+def flops_column(rows: list[dict]) -> tuple[str, str, str]:
+    """The FLOPs-per-query column in the largest unit in which the rows' values read as numbers >= 1 (a 7B model
+    in TFLOPs, a micro-policy in MFLOPs, never 0.000581 TFLOPs)."""
+    top = max((row["flops"] for row in rows if row.get("flops")), default=0.0)
+    name, scale = next(((n, s) for n, s in FLOPS_UNITS if top >= s), FLOPS_UNITS[-1])
+    return "flops", f"{name}/query", f"/{scale:.0e}"
+
+
+def table_columns(suites: list[str], rows: list[dict]) -> list[tuple[str, str, str]]:
     cols = [("policy", "policy", "str")]
     cols += [(f"success/{s}", f"SR {s} [95% CI]", "sr") for s in suites]
     if len(suites) > 1:
         cols.append(("success/mean", "SR mean", "pct"))
-    cols += [("tflops", "TFLOPs/query", "tf"), ("total_ms", "latency ms", "ms"), ("control_hz", "query Hz", "hz"),
+    cols += [flops_column(rows), ("total_ms", "latency ms", "ms"), ("control_hz", "query Hz", "hz"),
              ("reuse_ratio", "reuse", "pct")]
     cols += [(f"{p}_ms", f"{p} ms", "ms") for p in LATENCY_PARTS]
     cols += [("episodes", "episodes", "str"), ("errors", "errors", "str")]
@@ -94,14 +108,14 @@ def table_columns(suites: list[str]) -> list[tuple[str, str, str]]:
 
 
 def write_tables(out: Path, suites: list[str], rows: list[dict]) -> None:
-    cols = table_columns(suites)
+    cols = table_columns(suites, rows)
     lines = ["| " + " | ".join(title for _, title, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(_fmt(row.get(key), kind, row, key) for key, _, kind in cols) + " |" for row in rows]
     notes = (
         "\nSR: success rate over ALL attempted episodes, with its 95% Wilson interval: an episode whose last attempt raised an error counts as a "
         "failure (errors: how many did; a re-run of the same command retries them, see `retry_errors`, "
-        "`max_retries`); n/a: the env reports no success. TFLOPs/query: decoder + vision per policy query "
-        "(2 x MACs), latency and reuse over the episodes without error. latency: mean end-to-end wall time of a "
+        "`max_retries`); n/a: the env reports no success. FLOPs/query: decoder + vision per policy query "
+        "(2 x MACs; summary.csv: in FLOPs), latency and reuse over the episodes without error. latency: mean end-to-end wall time of a "
         "policy query; query Hz = 1000 / latency. reuse: share of visual tokens whose K/V were reused, averaged "
         "over layers and queries.\n"
     )
@@ -179,12 +193,13 @@ def combined_table(directories: list[Path]) -> str:
         found.append((directory, records, list(load_manifest(directory)["policies"])))
     suites = sorted({suite_of(r["task"]) for _, records, _ in found for r in records})
     columns = [(f"success/{s}", f"SR {s} [95% CI]", "sr") for s in suites]
-    columns += [("reuse_ratio", "reuse", "pct"), ("gflops", "GFLOPs/query", "tf"), ("total_ms", "query ms", "ms")]
+    columns += [("reuse_ratio", "reuse", "pct"),
+                flops_column([row for _, records, order in found for row in summarize(records, order)[1]]),
+                ("total_ms", "query ms", "ms")]
     lines = ["| policy | results | " + " | ".join(title for _, title, _ in columns) + " | reused per layer | episodes | errors |",
              "|---|---|" + "---|" * (len(columns) + 3)]
     for directory, records, order in found:
         for row in summarize(records, order)[1]:
-            row["gflops"] = None if row["tflops"] is None else 1000 * row["tflops"]
             cells = [_fmt(row.get(key), kind, row, key) if key in row else "-" for key, _, kind in columns]
             layers = " / ".join(f"{x:.2f}" for x in row["reused_per_layer"]) or "-"
             lines.append(f"| {row['policy']} | {directory.name} | " + " | ".join(cells)

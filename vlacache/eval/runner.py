@@ -409,7 +409,7 @@ def print_summary(rows: list[dict], console=None, reusing: set[str] | None = Non
     from .report import _fmt, table_columns
 
     suites = sorted({k.split("/", 1)[1] for row in rows for k in row if k.startswith("success/") and k != "success/mean"})
-    cols = table_columns(suites)
+    cols = table_columns(suites, rows)
     table = Table(title="vlacache run: per policy (means over queries)")
     for _, title, _ in cols:
         table.add_column(title, justify="left" if title == "policy" else "right")
