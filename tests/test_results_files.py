@@ -264,6 +264,17 @@ def test_cli_refuses_unwritable_outputs(tmp_path, capsys):
 
 # -- one table over several runs ------------------------------------------------------------------------------
 
+def test_the_interval_of_a_difference_of_success_rates():
+    from vlacache.eval.report import difference_interval
+
+    # Newcombe (1998), Statistics in Medicine 17:873, Table II, method 10: 56/70 - 48/80
+    low, high = difference_interval(56, 70, 48, 80)
+    assert (round(low, 4), round(high, 4)) == (0.0524, 0.3339)
+    low, high = difference_interval(64, 100, 64, 100)
+    assert low == pytest.approx(-high) and 0.12 < high < 0.14  # equal rates: symmetric about 0
+    assert difference_interval(0, 0, 1, 2) is None
+
+
 def test_flops_are_shown_in_the_unit_that_reads_as_a_number():
     from vlacache.eval.report import _fmt, flops_column
 

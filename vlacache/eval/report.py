@@ -42,6 +42,19 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """The 95% interval of the difference of two success rates k1/n1 - k2/n2 (Newcombe's hybrid score method,
+    from the two Wilson intervals; it treats the samples as independent, so for two rows run on the same
+    episodes it is conservative)."""
+    first, second = wilson_interval(k1, n1, z), wilson_interval(k2, n2, z)
+    if first is None or second is None:
+        return None
+    p1, p2 = k1 / n1, k2 / n2
+    d = p1 - p2
+    return (d - math.sqrt((p1 - first[0]) ** 2 + (second[1] - p2) ** 2),
+            d + math.sqrt((first[1] - p1) ** 2 + (p2 - second[0]) ** 2))
+
+
 def summarize(records: list[dict], policy_order: list[str]) -> tuple[list[str], list[dict]]:
     """One row per policy: success per suite and mean, FLOPs, latency split, control frequency, reuse ratio."""
     suites = sorted({suite_of(r["task"]) for r in records})
