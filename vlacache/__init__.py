@@ -10,7 +10,10 @@ from .runtime import CachedVLA, StepResult, attach
 from .strategy import Candidates, LayerScheduler, PlanContext, RelevanceFilter, StepGate, TokenPruner, TokenSelector
 from .types import AttentionStats, InputError, Observation, PruneRule, ReusePlan, StepStats, TokenLayout
 
-# Built-ins register on import, after the core they depend on.
+# Built-ins register on import, after the core they depend on; from a checkout, its own rooms (rooms.py).
+from .rooms import bind_checkout_rooms  # noqa: E402  isort: skip
+
+bind_checkout_rooms()
 from . import strategies, backbones, envs  # noqa: E402  isort: skip
 
 __version__ = "0.1.0"
