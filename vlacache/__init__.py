@@ -15,6 +15,10 @@ from .rooms import bind_checkout_rooms  # noqa: E402  isort: skip
 
 bind_checkout_rooms()
 from . import strategies, backbones, envs  # noqa: E402  isort: skip
+from .experiment import build_backbone  # noqa: E402  isort: skip
+from .plugins import load_entry_points  # noqa: E402  isort: skip
+
+load_entry_points()  # installed distributions' `vlacache.plugins` entry points register theirs
 
 __version__ = "0.1.0"
 
@@ -22,5 +26,6 @@ __all__ = [
     "AttentionStats", "BACKBONES", "Backbone", "CacheEngine", "CachePolicy", "CachedVLA", "Candidates", "ConfigError",
     "ENVS", "Env", "InputError", "LayerScheduler", "Observation", "PlanContext", "PolicyConfig", "PruneRule", "Registry",
     "RelevanceFilter", "ReusePlan", "STRATEGIES", "StatsRequest", "StepGate", "StepResult", "StepStats",
-    "TokenLayout", "TokenPruner", "TokenSelector", "attach", "register_backbone", "register_env", "register_strategy",
+    "TokenLayout", "TokenPruner", "TokenSelector", "attach", "build_backbone", "register_backbone", "register_env",
+    "register_strategy",
 ]

@@ -13,6 +13,7 @@ from .config import (ConfigError, apply_overrides, check_keys, load_yaml, nested
                      resolve_config_path, to_plain, typed)
 from .engine import ReuseBuckets
 from .env import Env
+from .plugins import import_plugins
 from .policy import CachePolicy, PolicyConfig
 from .registry import BACKBONES, ENVS, PERTURBATIONS
 
@@ -66,6 +67,7 @@ class ExperimentConfig:
     """`vlacache run`: one backbone, several cache policies, one env; every episode of the env per policy."""
 
     name: str = "default"
+    imports: list = field(default_factory=list)  # your modules that register components (vlacache/plugins.py)
     backbone: Any = field(default_factory=lambda: {"name": "openvla", "preset": "tiny"})
     env: dict = field(default_factory=lambda: {"name": "replay"})
     perturbation: dict | None = None
@@ -107,6 +109,7 @@ class BenchConfig:
     (null: all), `max_steps` frames of each."""
 
     name: str = "bench"
+    imports: list = field(default_factory=list)  # your modules that register components (vlacache/plugins.py)
     backbone: Any = field(default_factory=lambda: {"name": "openvla", "preset": "tiny"})
     env: dict = field(default_factory=lambda: {"name": "replay"})
     policy: Any = "vla_cache"
@@ -139,6 +142,8 @@ def load_config(schema: type, source: str | Path | Mapping[str, Any] | None, gro
         nested = nested_fields(schema)
         for key in raw:  # a YAML component (backbone, env, ...) replaces the default one; nested settings merge
             OmegaConf.update(base, key, raw[key], merge=key in nested)
+    if "imports" in schema.__dataclass_fields__:  # the user's modules register their components before any lookup
+        import_plugins(to_plain(apply_overrides(base.copy(), overrides or []).get("imports")) or [])
     if isinstance(base.get("backbone"), str):  # a shipped backbone config's name: its keys take overrides
         OmegaConf.update(base, "backbone", resolve_backbone_spec(base.backbone), merge=False)
     base = apply_overrides(base, overrides or [])

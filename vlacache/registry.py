@@ -41,10 +41,13 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._entries:
+            from .plugins import lookup_hint
+
             near = difflib.get_close_matches(name, self._entries, n=3)
             hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
             raise RegistryError(
-                f"unknown {self.kind} '{name}'.{hint} Valid {self.kind} names: {', '.join(self.names()) or '(none)'}"
+                f"unknown {self.kind} '{name}'.{hint} Valid {self.kind} names: {', '.join(self.names()) or '(none)'}."
+                + lookup_hint()
             )
         return self._entries[name]
 

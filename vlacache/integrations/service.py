@@ -47,6 +47,7 @@ class ServeConfig:
     """
 
     name: str = "serve"
+    imports: list = field(default_factory=list)  # your modules that register components (vlacache/plugins.py)
     backbone: Any = "micro_oft_libero_spatial"
     policy: Any = "vla_cache"
     benchmark: str = "libero"
