@@ -132,6 +132,7 @@ class LearnedSelector(PixelCosineSelector):
         cameras: list[str] | None = None
 
     checkpoint_folder = staticmethod(classifier_folder)  # what a run's fingerprint hashes (eval/fingerprint.py)
+    example = {"checkpoint": "micro_oft_libero_spatial"}
 
     def __init__(self, config=None, model: ReuseClassifier | None = None, meta: dict | None = None) -> None:
         super().__init__(config)

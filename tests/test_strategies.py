@@ -249,7 +249,7 @@ def test_per_camera_scale_applies_to_any_policy():
     half = reused_per_camera({"wrist": 0.5})
     assert half["primary"] == full["primary"] and half["wrist"] == full["wrist"] // 2
     assert reused_per_camera({"wrist": 0.0})["wrist"] == 0
-    with pytest.raises(InputError, match="not inputs of this backbone"):
-        reused_per_camera({"left": 0.5})
+    with pytest.raises(ConfigError, match=r"cameras scales \['left'\], which are not cameras of this backbone"):
+        reused_per_camera({"left": 0.5})  # refused when attached, before any step
     with pytest.raises(ConfigError, match="must be a number in"):
         CachePolicy.from_config({**base, "cameras": {"wrist": 2}})

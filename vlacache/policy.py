@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -88,6 +88,16 @@ class CachePolicy:
         """Fail at attach time if a component's settings cannot run on a decoder of this depth."""
         for component in (self.selector, self.relevance, self.scheduler, self.gate, self.pruner):
             component.check(num_layers)
+
+    def check_cameras(self, cameras: Sequence[str]) -> None:
+        """Fail at attach time if a component's settings, or the per-camera scales, name a camera the backbone
+        does not have."""
+        for component in (self.selector, self.relevance, self.scheduler, self.gate, self.pruner):
+            component.check_cameras(cameras)
+        unknown = sorted(set(self.cameras or {}) - set(cameras))
+        if unknown:
+            raise ConfigError(f"policy '{self.label}': cameras scales {unknown}, which are not cameras of this "
+                              f"backbone ({list(cameras)}); scale some of those, or leave `cameras:` out")
 
     @property
     def enabled(self) -> bool:

@@ -82,6 +82,7 @@ class CachedVLA:
         self.engine = CacheEngine(backbone.decoder)
         if policy is not None:
             policy.check(self.engine.num_layers)
+            policy.check_cameras(backbone.cameras)
             if policy.gate.needs_action_token_logits and not backbone.action_token_logits:
                 raise ConfigError(
                     f"policy '{policy.label}': gate '{type(policy.gate).registry_name}' reads the confidence of decoded "

@@ -13,6 +13,7 @@ A new strategy is one class with a `Config` dataclass for its parameters and one
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
@@ -90,6 +91,9 @@ class Strategy:
     """Common base: holds the typed config."""
 
     Config: ClassVar[type] = NoParameters
+    #: settings that make a working instance when the Config has required fields (tests/test_contracts.py runs
+    #: every registered strategy with them)
+    example: ClassVar[dict] = {}
 
     def __init__(self, config=None) -> None:
         self.config = config if config is not None else self.Config()
@@ -99,6 +103,25 @@ class Strategy:
 
     def check(self, num_layers: int) -> None:
         """Fail with a ConfigError, at attach time, if the settings cannot run on a decoder of this depth."""
+
+    def check_cameras(self, cameras: Sequence[str]) -> None:
+        """Fail with a ConfigError, at attach time, if a setting names a camera the backbone does not have. By
+        convention every Config field named `cameras` (a list, or null for all) or ending in `_camera` names
+        backbone cameras."""
+        for field in dataclasses.fields(self.config) if dataclasses.is_dataclass(self.config) else ():
+            value = getattr(self.config, field.name)
+            if field.name == "cameras" and value is not None:
+                named = list(value)
+            elif field.name.endswith("_camera") and value is not None:
+                named = [value]
+            else:
+                continue
+            unknown = sorted(set(named) - set(cameras))
+            if unknown:
+                name = getattr(type(self), "registry_name", type(self).__name__)
+                raise ConfigError(
+                    f"strategy '{name}': {field.name} names {unknown}, not a camera of this backbone, whose cameras "
+                    f"are {list(cameras)}; set {field.name} to some of those, or choose a strategy for this backbone")
 
 
 class TokenSelector(Strategy):
