@@ -63,16 +63,16 @@ def test_a_batch_of_episodes_equals_separate_runs(tiny, frames, policy):
     padded_steps = 0
     for t, step in enumerate(batched):
         if t:
-            assert step.plan.info["row_counts"] == [alone[b][t].plan.counts for b in range(len(rows))]
+            assert step.plan.row_counts == [alone[b][t].plan.counts for b in range(len(rows))]
         padded_steps += step.plan.spliced is not None
         for b in range(len(rows)):
             torch.testing.assert_close(step.logits[b], alone[b][t].logits[0], atol=1e-4, rtol=0)
             np.testing.assert_allclose(step.actions[b], alone[b][t].actions[0], atol=1e-5)
     # the rows reused different amounts (so the batch padded), and a fresh row did not stop the others reusing
     assert padded_steps >= 2
-    assert batched[3].plan.info["row_counts"][2] == [0] * len(tiny.decoder.layers)
-    assert sum(batched[3].plan.info["row_counts"][0]) > 0
-    assert batched[4].plan.info["row_counts"][1] == [0] * len(tiny.decoder.layers)  # its new instruction
+    assert batched[3].plan.row_counts[2] == [0] * len(tiny.decoder.layers)
+    assert sum(batched[3].plan.row_counts[0]) > 0
+    assert batched[4].plan.row_counts[1] == [0] * len(tiny.decoder.layers)  # its new instruction
 
 
 def test_combined_plan_is_the_common_prefix_and_splices_the_rest():
@@ -116,6 +116,6 @@ def test_rows_leave_the_batch_and_the_others_keep_their_caches(tiny, frames, pol
             step = vla.predict(Observation.stack([rows[b][t][0] for b in members]))
             for i, b in enumerate(members):
                 torch.testing.assert_close(step.logits[i], alone[b][t].logits[0], atol=1e-4, rtol=0)
-                assert step.plan.info["row_counts"][i] == alone[b][t].plan.counts
+                assert step.plan.row_counts[i] == alone[b][t].plan.counts
             if t == 3:
                 assert not step.stats.episode_reset and sum(step.plan.counts) > 0

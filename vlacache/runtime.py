@@ -15,7 +15,6 @@ from .config import ConfigError
 from .engine import CacheEngine, CompiledSteps, EpisodeState, ReuseBuckets
 from .flops import decode_flops, prefill_flops
 from .policy import CachePolicy, PolicyConfig
-from .strategy import PlanContext
 from .timing import StepTimer
 from .types import InputError, NonFiniteOutputError, Observation, ReusePlan, StepStats
 
@@ -135,6 +134,10 @@ class CachedVLA:
         self._check_rows_separable()
         self.engine.episode = EpisodeState.stack([s.engine if s is not None else None for s in snapshot])
 
+    def episode_steps(self) -> list[int]:
+        """Per batch row, the steps of its episode so far (after a predict(): including that step)."""
+        return list(self.engine.episode.steps)
+
     def _check_rows_separable(self) -> None:
         if self.backbone.episode_state() is not None:
             raise InputError(f"{type(self.backbone).__name__} keeps episode state of its own for the whole batch, so "
@@ -172,8 +175,7 @@ class CachedVLA:
             inputs = backbone.prepare(obs)
         layout, batch = inputs.layout, inputs.batch_size
         num_layers = engine.num_layers
-        if engine.in_step:  # the last predict() raised mid-step: its cache state is not trustworthy
-            engine.reset()
+        engine.recover_unfinished_step()  # the last predict() may have raised mid-step
         fresh = engine.sync_episode(inputs.batch_key(), inputs.instructions)
         compiled = self.compiled
         with timer.section("vision"):
@@ -216,14 +218,14 @@ class CachedVLA:
                             f"the {passes} decode passes (batch {batch}, {layout.length} tokens)",
                             lambda: backbone.decode(prefill, inputs, static))
         check_finite(prefill.logits, decoded.actions, engine.episode.step)
-        engine.episode.signals = step_signals(prefill.logits, decoded.actions)
+        signals = step_signals(prefill.logits, decoded.actions)
         step_index = engine.episode.step
         staleness = dropped = None
         if engine.in_step:
-            record = engine.end_step(inputs.query_images, plan)
+            record = engine.end_step(inputs.query_images, plan, signals)
             staleness, dropped = record.staleness, record.dropped_per_layer
         else:
-            engine.advance()
+            engine.advance(signals)
         wall, device_ms = timer.stop()
         return StepResult(
             actions=decoded.actions,
@@ -236,28 +238,9 @@ class CachedVLA:
 
     def _row_plan(self, row: int, inputs) -> ReusePlan:
         """The policy's plan for one batch row, exactly as if its episode ran alone."""
-        episode, layout = self.engine.episode, inputs.layout
-        previous = episode.previous_images
-        stats = episode.stats
-        alone = row in episode.fresh or previous is None
-        ctx = PlanContext(
-            step=episode.steps[row],
-            batch_size=1,
-            num_layers=self.engine.num_layers,
-            layout=layout,
-            current={name: image[row : row + 1] for name, image in inputs.query_images.items()},
-            previous=None if alone else {name: image[row : row + 1] for name, image in previous.items()},
-            stats=None if alone or stats is None else stats.row(row),
-            env_steps_per_query=self.env_steps_per_query,
-        )
-        if not alone and episode.staleness is not None:
-            row_staleness = episode.staleness.rows(slice(row, row + 1))
-            ctx.anchors, ctx.ages = row_staleness.anchors, row_staleness.ages
-        if not alone and episode.signals:
-            ctx.signals = {name: t[row : row + 1] for name, t in episode.signals.items()}
-            ctx.void = ctx.signals.get("void")
+        ctx = self.engine.plan_context(row, inputs.query_images, inputs.layout, self.env_steps_per_query)
         plan = self.policy.plan(ctx)
-        return plan if self.buckets is None else self.buckets.apply(plan, layout.num_visual)
+        return plan if self.buckets is None else self.buckets.apply(plan, inputs.layout.num_visual)
 
     def _stats(self, step, plan, length, num_visual, ms, wall, device_ms, fresh, staleness=None, dropped=None) -> StepStats:
         dims = self.backbone.decoder_dims()

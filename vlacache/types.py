@@ -128,6 +128,7 @@ class ReusePlan:
     order: torch.Tensor | None = None
     spliced: list[torch.Tensor] | None = None
     prune: tuple[PruneRule, ...] = ()  # in-forward token dropping, by layer (the policy's pruner)
+    row_counts: list[list[int]] | None = None  # `combine`: per batch row, the counts of its own plan
 
     @classmethod
     def combine(cls, plans: Sequence["ReusePlan"], length: int) -> "ReusePlan":
@@ -149,7 +150,7 @@ class ReusePlan:
                 for row, p in enumerate(plans):
                     mask[row, p.reused[layer][0].cpu()] = True
                 plan.spliced.append(mask)
-        plan.info["row_counts"] = [p.counts for p in plans]
+        plan.row_counts = [p.counts for p in plans]
         plan.info["rows"] = [p.info for p in plans]
         plan.prune = plans[0].prune
         return plan
@@ -206,6 +207,10 @@ class ReusePlan:
     @property
     def counts(self) -> list[int]:
         return [int(r.shape[1]) for r in self.reused]
+
+    def counts_per_row(self, batch_size: int) -> list[list[int]]:
+        """Each batch row's reused count per layer (its own plan's, for a combined plan)."""
+        return self.row_counts if self.row_counts is not None else [self.counts] * batch_size
 
     @property
     def is_empty(self) -> bool:

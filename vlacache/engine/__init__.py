@@ -1,6 +1,7 @@
 """The cache engine: how a reuse plan is applied to a stock decoder.
 
-hooks:       `CacheEngine`, the forward hooks that drop reused rows and splice last step's K/V (per episode state)
+hooks:       `CacheEngine`, the forward hooks that drop reused rows and splice last step's K/V
+episode:     `EpisodeState`, what a step leaves for the next, per batch row, and the view a row's plan is made from
 reuse_cache: `ReuseCache`, the DynamicCache that performs the splice
 probe:       the few attention rows the next step's policy reads
 staleness:   per visual token, the frame its cached K/V were computed from and the steps since
@@ -10,7 +11,8 @@ compiled:    `CompiledSteps`, torch.compile of the decoder's layer blocks and of
 
 from .buckets import ReuseBuckets
 from .compiled import CompiledSteps, compile_counts
-from .hooks import SUPPORTED_ATTENTION, CacheEngine, EpisodeState, StatsRequest, StepRecord, decoder_layers
+from .episode import EpisodeState
+from .hooks import SUPPORTED_ATTENTION, CacheEngine, StatsRequest, StepRecord, decoder_layers
 from .reuse_cache import ReuseCache
 
 __all__ = [

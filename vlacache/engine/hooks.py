@@ -20,8 +20,9 @@ from torch import nn
 from .probe import apply_rotary, attention_scores, query_heads, summarize_layers
 from .pruning import PruneState, exclude_keys, rows_of_mask
 from .reuse_cache import ReuseCache
-from .staleness import Staleness
+from .episode import EpisodeState
 from .staleness import advance as advance_staleness
+from ..strategy import PlanContext
 from ..types import AttentionStats, ReusePlan, TokenLayout
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -44,92 +45,6 @@ class StepRecord:
     stats: AttentionStats | None
     staleness: dict | None = None
     dropped_per_layer: list[int] | None = None
-
-
-@dataclass
-class EpisodeState:
-    """Everything the engine remembers between control steps. Each batch row is its own episode: `key` is what
-    the rows share (batch size, image sizes, prompt length; a change resets all), `row_keys` each row's own
-    (its instruction; a change starts a new episode in that row alone), `steps` each row's steps so far and
-    `fresh` the rows without a previous step (they compute everything at their next step)."""
-
-    key: tuple | None = None
-    row_keys: list | None = None
-    steps: list[int] = field(default_factory=list)
-    fresh: set[int] = field(default_factory=set)
-    previous_images: dict[str, torch.Tensor] | None = None
-    prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    final_hidden: torch.Tensor | None = None
-    stats: AttentionStats | None = None
-    staleness: Staleness | None = None
-    signals: dict[str, torch.Tensor] = field(default_factory=dict)  # batch-first, what the last step gave (PlanContext)
-
-    @property
-    def step(self) -> int:
-        """Steps since the batch began (the furthest row)."""
-        return max(self.steps, default=0)
-
-    def rows(self, rows: list[int]) -> "EpisodeState":
-        """The state of these batch rows only, in this order (tensors gathered, the rest shared)."""
-        index = torch.tensor(rows)
-
-        def pick(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.index_select(0, index.to(tensor.device))
-
-        stats = self.stats
-        return EpisodeState(
-            key=self.key,
-            row_keys=None if self.row_keys is None else [self.row_keys[r] for r in rows],
-            steps=[self.steps[r] for r in rows] if self.steps else [],
-            fresh={new for new, old in enumerate(rows) if old in self.fresh},
-            previous_images=None if self.previous_images is None else {n: pick(i) for n, i in self.previous_images.items()},
-            prompt_kv={layer: (pick(k), pick(v)) for layer, (k, v) in self.prompt_kv.items()},
-            final_hidden=None if self.final_hidden is None else pick(self.final_hidden),
-            stats=None if stats is None else AttentionStats({layer: pick(t) for layer, t in stats.to_keys.items()},
-                                                            {layer: pick(e) for layer, e in stats.entropy.items()},
-                                                            stats.query),
-            staleness=None if self.staleness is None else self.staleness.rows(index),
-            signals={name: pick(t) for name, t in self.signals.items()},
-        )
-
-    @classmethod
-    def stack(cls, states: list["EpisodeState | None"]) -> "EpisodeState":
-        """One batch of episodes from single-row states that share `key` (image sizes, prompt length) and hold
-        a finished step each; None (no step yet) joins as a fresh row, which computes everything at its next step."""
-        done = [s for s in states if s is not None]
-        if not done:
-            return cls()
-        template = done[0]
-        if any(s.key != template.key or len(s.steps) != 1 or s.final_hidden is None or set(s.prompt_kv) != set(template.prompt_kv)
-               or (s.stats is None) != (template.stats is None) or (s.staleness is None) != (template.staleness is None)
-               or (s.previous_images is None) != (template.previous_images is None)
-               or set(s.signals) != set(template.signals) for s in done):
-            raise ValueError("EpisodeState.stack needs single-row states of one kind (same key, layers, statistics)")
-
-        def cat(get) -> torch.Tensor:
-            parts = [get(s if s is not None else template) for s in states]
-            return torch.cat([p if s is not None else torch.zeros_like(p) for p, s in zip(parts, states)])
-
-        stats = template.stats
-        staleness = template.staleness
-        return cls(
-            key=template.key,
-            row_keys=[s.row_keys[0] if s is not None else None for s in states],
-            steps=[s.steps[0] if s is not None else 0 for s in states],
-            fresh={i for i, s in enumerate(states) if s is None or 0 in s.fresh},
-            previous_images=None if template.previous_images is None else
-            {n: cat(lambda s, n=n: s.previous_images[n]) for n in template.previous_images},
-            prompt_kv={layer: (cat(lambda s, l=layer: s.prompt_kv[l][0]), cat(lambda s, l=layer: s.prompt_kv[l][1]))
-                       for layer in template.prompt_kv},
-            final_hidden=cat(lambda s: s.final_hidden),
-            stats=None if stats is None else AttentionStats(
-                {layer: cat(lambda s, l=layer: s.stats.to_keys[l]) for layer in stats.to_keys},
-                {layer: cat(lambda s, l=layer: s.stats.entropy[l]) for layer in stats.entropy}, stats.query),
-            staleness=None if staleness is None else Staleness(
-                {c: cat(lambda s, c=c: s.staleness.anchors[c]) for c in staleness.anchors},
-                {c: cat(lambda s, c=c: s.staleness.ages[c]) for c in staleness.ages}),
-            signals={name: cat(lambda s, n=name: s.signals[n]) for name in template.signals},
-        )
 
 
 @dataclass
@@ -270,6 +185,22 @@ class CacheEngine:
             self.episode.row_keys = row_keys
         return [row in self.episode.fresh for row in range(len(row_keys))]
 
+    def recover_unfinished_step(self) -> bool:
+        """If the previous step never finished (an exception mid-step), distrust what it left: every row starts
+        a new episode (same instructions and shapes). Returns whether it had to."""
+        if self._step is None:
+            return False
+        key, rows = self.episode.key, self.episode.row_keys
+        self.reset()
+        if rows is not None:
+            self.sync_episode(key, rows)
+        return True
+
+    def plan_context(self, row: int, current: dict[str, torch.Tensor], layout: TokenLayout,
+                     env_steps_per_query: int = 1) -> PlanContext:
+        """What a policy plans batch row `row`'s step from (`EpisodeState.plan_context`)."""
+        return self.episode.plan_context(row, current, layout, self.num_layers, env_steps_per_query)
+
     @property
     def in_step(self) -> bool:
         return self._step is not None
@@ -303,13 +234,8 @@ class CacheEngine:
         """Prepare the hooks for one prefill and return the cache the model must be called with."""
         if not self.attached:
             raise RuntimeError("CacheEngine.begin_step() needs the engine attached: call attach() first")
-        if self._step is not None:  # the previous step never finished (an exception mid-step): distrust its state
-            key, rows = self.episode.key, self.episode.row_keys
-            self.reset()
-            if rows is not None:
-                self.sync_episode(key, rows)
-            if plan is not None and not plan.is_empty:
-                raise RuntimeError("the previous step did not finish, so its K/V cannot be reused; this step must be full")
+        if self.recover_unfinished_step() and plan is not None and not plan.is_empty:
+            raise RuntimeError("the previous step did not finish, so its K/V cannot be reused; this step must be full")
         plan = plan if plan is not None else ReusePlan.empty(batch_size, self.num_layers)
         plan.validate(batch_size, self.num_layers, layout.length)
         if not plan.is_empty:
@@ -360,9 +286,11 @@ class CacheEngine:
         )
         return cache
 
-    def end_step(self, images: dict[str, torch.Tensor] | None = None, plan: ReusePlan | None = None) -> StepRecord:
-        """Close the step: keep its K/V, final hidden states, attention statistics and query images, and (given
-        the images and the step's plan) how stale each visual token's K/V now are."""
+    def end_step(self, images: dict[str, torch.Tensor] | None = None, plan: ReusePlan | None = None,
+                 signals: dict[str, torch.Tensor] | None = None) -> StepRecord:
+        """Close the step: keep its K/V, final hidden states, attention statistics and query images, (given
+        the images and the step's plan) how stale each visual token's K/V now are, and what the step gave
+        (`signals`, batch-first: its actions and logit margin, for the next plan's gates)."""
         step = self._step
         if step is None or step.in_prefill:
             raise RuntimeError("end_step() without a finished prefill: call begin_step() and run the model first")
@@ -382,9 +310,8 @@ class CacheEngine:
                                                                   stale, step.layout)
         prune = step.prune
         dropped = prune.dropped if prune is not None else None
-        self.episode.signals = {**self.episode.signals, "void": torch.zeros(step.batch_size, length, dtype=torch.bool)
-                                if dropped is None else dropped.cpu()}
-        self.advance()
+        void = torch.zeros(step.batch_size, length, dtype=torch.bool) if dropped is None else dropped.cpu()
+        self.advance({**(signals if signals is not None else self.episode.signals), "void": void})
         self._step = None
         return StepRecord(
             reused_per_layer=step.counts,
@@ -395,8 +322,10 @@ class CacheEngine:
             [int(prune.dropped_at[l][0].sum()) if l in prune.dropped_at else 0 for l in range(self.num_layers)],
         )
 
-    def advance(self) -> None:
-        """One step done in every row: none is fresh any more."""
+    def advance(self, signals: dict[str, torch.Tensor] | None = None) -> None:
+        """One step done in every row: none is fresh any more; `signals`: what it gave (kept for the next plan)."""
+        if signals is not None:
+            self.episode.signals = signals
         self.episode.steps = [n + 1 for n in self.episode.steps] or [1]
         self.episode.fresh.clear()
 

@@ -21,7 +21,6 @@ warns and appends the build (version, source hash, git commit) to the policy's `
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os

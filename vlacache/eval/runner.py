@@ -173,7 +173,7 @@ def run_batch(vla: CachedVLA, envs: list[Env], work: list[tuple[EpisodeSpec, int
                 slot.error = text
                 yield _slot_record(vla, slot, video_dir)
             return
-        rows = result.plan.info.get("row_counts") or [result.plan.counts] * len(active)
+        rows = result.plan.counts_per_row(len(active))
         for row, slot in enumerate(active):  # every env starts its chunk before any is waited for
             slot.steps.append(row_stats(result.stats, rows[row]))
             chunk = result.actions[row]

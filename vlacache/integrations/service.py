@@ -213,8 +213,8 @@ class PolicyService:
                 for session in sessions:
                     self._episodes[session] = None
                 raise
-            counts = result.plan.info.get("row_counts") or [result.plan.counts] * len(sessions)
-            steps = self.vla.engine.episode.steps
+            counts = result.plan.counts_per_row(len(sessions))
+            steps = self.vla.episode_steps()
             actions = []
             for row, session in enumerate(sessions):
                 self._episodes[session] = self.vla.save_episode(row=row)
