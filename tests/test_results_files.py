@@ -276,12 +276,12 @@ def test_the_interval_of_a_difference_of_success_rates():
 
 
 def test_flops_are_shown_in_the_unit_that_reads_as_a_number():
-    from vlacache.eval.report import _fmt, flops_column
+    from vlacache.eval.report import flops_column, format_cell
 
     for flops, unit, shown in ((5.808e8, "MFLOPs/query", "580.8"), (4.2e12, "TFLOPs/query", "4.200"),
                                (2.35e10, "GFLOPs/query", "23.50"), (0.0, "MFLOPs/query", "0.000")):
         key, title, kind = flops_column([{"flops": flops}, {"flops": None}])
-        assert (key, title, _fmt(flops, kind)) == ("flops", unit, shown)
+        assert (key, title, format_cell(flops, kind)) == ("flops", unit, shown)
 
 
 def test_report_puts_several_runs_in_one_table(tmp_path, capsys):

@@ -17,7 +17,8 @@ from test_cli import SCRIPT, vlacache
 from vlacache import Observation, register_env
 from vlacache.env import Env, EpisodeSpec
 from vlacache.experiment import ExperimentConfig, build_env
-from vlacache.eval.runner import print_summary, run_experiment
+from vlacache.eval.report import print_summary
+from vlacache.eval.runner import run_experiment
 
 
 @register_env("test-flaky")
@@ -211,6 +212,24 @@ def test_record_then_replay(tmp_path):
         assert obs.instruction == ref.instruction
         obs, ref = replay.step(None)[0], original.step(None)[0]
     assert replay.max_steps == 4
+
+
+def test_record_runs_the_rollout_loop_and_honours_execute_chunk(tmp_path, demo_folder):
+    """`vlacache record` drives the policy as `vlacache run` does: a chunked policy executing 4 of its 8 actions
+    per query is recorded at every 4th frame, the observations (both cameras, proprio) it queried on."""
+    from vlacache.envs.replay import load_recording
+
+    demo = sorted(demo_folder.glob("*.npz"))[0]  # 10 frames, two cameras and proprio
+    out = tmp_path / "chunked.npz"
+    result = vlacache("record", "tiny_replay", "--out", str(out), "--steps", "9", "--quiet",
+                      "backbone={name: openvla-oft, preset: tiny, device: cpu}", "execute_chunk=4",
+                      f"env={{name: replay, path: {demo}}}")
+    assert result.returncode == 0, result.stderr
+    (frames, instruction, proprio), (source, source_instruction, source_proprio) = load_recording(out), load_recording(demo)
+    assert instruction == source_instruction and set(frames) == {"primary", "wrist"}
+    for camera in frames:  # queries at env steps 0, 4 and 8 of 9
+        assert np.array_equal(frames[camera], source[camera][[0, 4, 8]])
+    assert np.array_equal(proprio, source_proprio[[0, 4, 8]])
 
 
 @register_env("test-flaky-while")

@@ -81,14 +81,13 @@ def _bench(args) -> int:
 
 def _run(args) -> int:
     from .experiment import ExperimentConfig, load_config
-    from .eval.runner import launch, print_summary
+    from .eval.report import print_summary
+    from .eval.runner import launch
 
     config = load_config(ExperimentConfig, args.config or "default", "experiment", args.overrides)
     rows = launch(config, progress=not args.quiet, restart=args.restart)
     if rows:
-        from .experiment import build_policy
-
-        print_summary(rows, reusing={p.label for p in map(build_policy, config.policies) if p.enabled and not p.prunes})
+        print_summary(rows)
         out = Path(config.output_dir)
         print(f"results: {out}/episodes*.jsonl (one line per episode), {out / 'summary.md'}, "
               f"{out / 'summary.csv'}, {out / 'summary.png'}")
@@ -117,7 +116,7 @@ def _record(args) -> int:
     from .eval.recording import record_episode
 
     config = load_config(ExperimentConfig, args.config, "experiment", args.overrides)
-    path = record_episode(config, args.out, max_steps=args.steps, episode_index=args.episode, progress=not args.quiet)
+    path = record_episode(config, args.out, max_steps=args.steps, episode_index=args.episode)
     print(f"wrote {path}")
     return 0
 

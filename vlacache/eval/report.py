@@ -83,7 +83,7 @@ def summarize(records: list[dict], policy_order: list[str]) -> tuple[list[str], 
     return suites, rows
 
 
-def _fmt(value, kind: str, row: dict | None = None, key: str = "") -> str:
+def format_cell(value, kind: str, row: dict | None = None, key: str = "") -> str:
     if value is None:
         return "n/a"
     if kind == "sr":  # a suite's success with its 95% interval
@@ -123,7 +123,7 @@ def table_columns(suites: list[str], rows: list[dict]) -> list[tuple[str, str, s
 def write_tables(out: Path, suites: list[str], rows: list[dict]) -> None:
     cols = table_columns(suites, rows)
     lines = ["| " + " | ".join(title for _, title, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(_fmt(row.get(key), kind, row, key) for key, _, kind in cols) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_cell(row.get(key), kind, row, key) for key, _, kind in cols) + " |" for row in rows]
     notes = (
         "\nSR: success rate over ALL attempted episodes, with its 95% Wilson interval: an episode whose last attempt raised an error counts as a "
         "failure (errors: how many did; a re-run of the same command retries them, see `retry_errors`, "
@@ -213,8 +213,39 @@ def combined_table(directories: list[Path]) -> str:
              "|---|---|" + "---|" * (len(columns) + 3)]
     for directory, records, order in found:
         for row in summarize(records, order)[1]:
-            cells = [_fmt(row.get(key), kind, row, key) if key in row else "-" for key, _, kind in columns]
+            cells = [format_cell(row.get(key), kind, row, key) if key in row else "-" for key, _, kind in columns]
             layers = " / ".join(f"{x:.2f}" for x in row["reused_per_layer"]) or "-"
             lines.append(f"| {row['policy']} | {directory.name} | " + " | ".join(cells)
                          + f" | {layers} | {row['episodes']} | {row['errors']} |")
     return "\n".join(lines) + "\n"
+
+
+def print_summary(rows: list[dict], console=None) -> None:
+    """The per-policy table on the console (`vlacache run`), with notes on errors and on a policy meant to reuse
+    (`row["reuses"]`; without it, every policy but no-cache) that reused nothing."""
+    from rich.console import Console
+    from rich.table import Table
+
+    suites = sorted({k.split("/", 1)[1] for row in rows for k in row if k.startswith("success/") and k != "success/mean"})
+    cols = table_columns(suites, rows)
+    table = Table(title="vlacache run: per policy (means over queries)")
+    for _, title, _ in cols:
+        table.add_column(title, justify="left" if title == "policy" else "right")
+    for row in rows:
+        table.add_row(*[format_cell(row.get(key), kind, row, key) for key, _, kind in cols])
+    console = console or Console()
+    if console.width < 170:
+        console = Console(width=170)
+    console.print(table)
+    errors = sum(row.get("errors") or 0 for row in rows)
+    if errors:
+        console.print(
+            f"Note: {errors} episode(s) raised an error; SR counts them as failures. The messages are in the\n"
+            "'error' field of episodes*.jsonl; running the same command again retries them (retry_errors, max_retries)."
+        )
+    if any(row["reuse_ratio"] == 0 for row in rows if row.get("reuses", row["policy"] != "no-cache")):
+        console.print(
+            "Note: a policy with 0% reuse found nothing it judged safe to reuse. With random weights (the tiny\n"
+            "presets) attention entropy does not fall with depth, so the entropy-adaptive schedule of vla-cache\n"
+            "reuses nothing; trained checkpoints behave as in the paper. See docs/ARCHITECTURE.md."
+        )

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from itertools import groupby
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from ..env import Env, EpisodeSpec
 from ..experiment import ExperimentConfig, build_backbone, build_env, build_policy
+from ..policy import CachePolicy
 from ..runtime import CachedVLA
 from ..types import Observation, StepStats
 from .env_workers import WorkerEnv, start_workers
@@ -89,35 +90,9 @@ def verdict(info: dict[str, Any]) -> bool | None:
 
 def run_episode(vla: CachedVLA, env: Env, episode: EpisodeSpec, config: ExperimentConfig, video_dir: Path | None,
                 attempt: int = 1) -> dict:
-    """Roll one episode out; any exception becomes the record's `error` (KeyboardInterrupt propagates).
-    `attempt`: how many times this episode has now been run (retries of errored episodes count up)."""
-    steps: list[StepStats] = []
-    env_steps, success, error, frames = 0, None, None, []
-    start = time.perf_counter()
-    try:
-        vla.reset()
-        obs = env.reset(episode)
-        limit = config.max_steps or env.max_steps
-        done, info = False, {}
-        while not done and env_steps < limit:
-            if video_dir is not None:
-                frames.append(np.asarray(obs.images["primary"]))
-            result = vla.predict(obs)
-            steps.append(result.stats)
-            chunk = result.actions[0]
-            obs, done, info, taken = env.run_actions(chunk[: config.execute_chunk or len(chunk)], limit - env_steps)
-            env_steps += taken
-        success = verdict(info)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # recorded, never silent: the report counts errors per policy
-        error = _error_text(exc)
-    if video_dir is not None and frames:
-        save_gif(_video_path(video_dir, vla, episode), frames)
-    return episode_record(
-        vla.policy.label, episode, steps, success=success, env_steps=env_steps, error=error,
-        wall_s=time.perf_counter() - start, attempts=attempt, finished_at=time.time(),
-    )
+    """Roll one episode out: the one-row case of `run_batch`. Any exception becomes the record's `error`
+    (KeyboardInterrupt propagates). `attempt`: how many times this episode has now been run."""
+    return next(run_batch(vla, [env], [(episode, attempt)], config, video_dir))
 
 
 @dataclass
@@ -143,10 +118,13 @@ def _error_text(exc: Exception) -> str:
 
 
 def run_batch(vla: CachedVLA, envs: list[Env], work: list[tuple[EpisodeSpec, int]], config: ExperimentConfig,
-              video_dir: Path | None) -> Iterator[dict]:
+              video_dir: Path | None, on_query: Callable[[EpisodeSpec, Observation], None] | None = None) -> Iterator[dict]:
     """Roll len(work) <= len(envs) episodes out together, one batch row each, and yield each episode's record
-    as soon as it ends. A row whose episode ended leaves the batch (`keep_rows`); the others keep their caches.
-    An exception in one env is that episode's error; one in the model is the error of every running episode."""
+    as soon as it ends: the one rollout loop of vlacache (`run_episode` is its one-row case, `vlacache record`
+    records through it). Each query's chunk is executed for `execute_chunk` actions. A row whose episode ended
+    leaves the batch (`keep_rows`); the others keep their caches. An exception in one env is that episode's
+    error; one in the model is the error of every running episode. `on_query(episode, obs)`: called with every
+    observation a query is made from."""
     slots = []
     for env, (episode, attempt) in zip(envs, work):
         slot = _Slot(env, episode, attempt)
@@ -165,6 +143,8 @@ def run_batch(vla: CachedVLA, envs: list[Env], work: list[tuple[EpisodeSpec, int
         for slot in active:
             if video_dir is not None:
                 slot.frames.append(np.asarray(slot.obs.images["primary"]))
+            if on_query is not None:
+                on_query(slot.episode, slot.obs)
         try:
             result = vla.predict(Observation.stack([s.obs for s in active]))
         except Exception as exc:
@@ -259,7 +239,7 @@ def claim_output(config: ExperimentConfig, restart: bool = False, world: int = 1
 def run_experiment(config: ExperimentConfig, progress: bool = True, restart: bool = False) -> list[dict]:
     """Run (or resume) the whole experiment in this process; return the summary rows."""
     with claim_output(config, restart):
-        return run_shard(config, progress)
+        return run_shard(config, progress, policies=[build_policy(spec) for spec in config.policies])
 
 
 def pending(config: ExperimentConfig, work: list[tuple[Any, EpisodeSpec]], out: Path) -> list[tuple[Any, EpisodeSpec, int]]:
@@ -275,12 +255,13 @@ def pending(config: ExperimentConfig, work: list[tuple[Any, EpisodeSpec]], out: 
     return todo
 
 
-def run_shard(config: ExperimentConfig, progress: bool = True, rank: int = 0, world: int = 1) -> list[dict]:
-    """This rank's share of the episodes (the output dir already claimed); summary rows on rank 0."""
+def run_shard(config: ExperimentConfig, progress: bool = True, rank: int = 0, world: int = 1,
+              policies: list[CachePolicy] | None = None) -> list[dict]:
+    """This rank's share of the episodes (the output dir already claimed); summary rows on rank 0 (world 1).
+    `policies`: the config's, built once by the caller."""
     out = Path(config.output_dir)
     store = ResultStore(out / ("episodes.jsonl" if world == 1 else f"episodes.rank{rank}.jsonl"))
-    policies = [build_policy(spec) for spec in config.policies]
-    labels = [p.label for p in policies]
+    policies = policies if policies is not None else [build_policy(spec) for spec in config.policies]
     workers = config.batch_envs > 1 and config.env_workers
     env = WorkerEnv(config.env, config.perturbation) if workers else build_env(config.env, config.perturbation)
     envs: list[Env] = []  # with batch_envs > 1: the other envs of a batch of episodes
@@ -320,9 +301,9 @@ def run_shard(config: ExperimentConfig, progress: bool = True, rank: int = 0, wo
     finally:
         for one in [env, *envs]:
             one.close()
-    if rank != 0:
-        return []
-    return report(out, labels)
+    if world != 1:
+        return []  # launch() reports once every rank is done
+    return report(out, policies)
 
 
 def env_steps_per_query(config: ExperimentConfig, backbone) -> int:
@@ -351,10 +332,14 @@ def _records(vla: CachedVLA, envs: list[Env], env: Env, work: list[tuple[Episode
         yield from run_batch(vla, [env, *envs], [(e, attempt[e.key]) for e in batch], config, video_dir)
 
 
-def report(out: Path, labels: list[str]) -> list[dict]:
-    """Merge every rank's JSONL and write summary.md, summary.csv and summary.png."""
+def report(out: Path, policies: list[CachePolicy]) -> list[dict]:
+    """Merge every rank's JSONL and write summary.md, summary.csv and summary.png. Each row says whether its
+    policy is meant to reuse K/V (`reuses`: cache enabled, not a pruner)."""
     records = load_records(result_files(out))
-    suites, rows = summarize(records, labels)
+    suites, rows = summarize(records, [p.label for p in policies])
+    reuses = {p.label: p.enabled and not p.prunes for p in policies}
+    for row in rows:
+        row["reuses"] = reuses.get(row["policy"])
     write_tables(out, suites, rows)
     write_plots(out, rows)
     return rows
@@ -365,8 +350,8 @@ SHARD_WAIT = timedelta(days=7)  # how long a finished rank waits for the others
 
 def launch(config: ExperimentConfig, progress: bool = True, restart: bool = False) -> list[dict]:
     """Run on one process, or shard over Lightning Fabric processes (devices x num_nodes). The process that
-    claims the output dir hands its run token to the processes Fabric starts, so they join its lock."""
-    config.check()
+    claims the output dir hands its run token to the processes Fabric starts, so they join its lock. The config
+    is checked and its policies built once here (`claim_output` checks it before anything else)."""
     launcher = config.launcher
     world = launcher.devices * launcher.num_nodes
     if world <= 1:
@@ -393,42 +378,9 @@ def launch(config: ExperimentConfig, progress: bool = True, restart: bool = Fals
         fabric.barrier()  # every rank starts after the lock holder has prepared the directory
         if fabric.device.type == "cuda":
             config.backbone = {**config.backbone, "device": str(fabric.device)}
-        run_shard(config, progress and fabric.global_rank == 0, fabric.global_rank, fabric.world_size)
+        policies = [build_policy(spec) for spec in config.policies]
+        run_shard(config, progress and fabric.global_rank == 0, fabric.global_rank, fabric.world_size, policies)
         fabric.barrier()
-        rows = report(Path(config.output_dir), [build_policy(s).label for s in config.policies]) if fabric.global_rank == 0 else []
+        rows = report(Path(config.output_dir), policies) if fabric.global_rank == 0 else []
         fabric.barrier()  # the lock holder may be any rank: it releases only once the report is written
         return rows
-
-
-def print_summary(rows: list[dict], console=None, reusing: set[str] | None = None) -> None:
-    """The per-policy table; `reusing`: the labels of the policies meant to reuse (a 0% reuse note is about
-    those only; None: every policy but no-cache)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from .report import _fmt, table_columns
-
-    suites = sorted({k.split("/", 1)[1] for row in rows for k in row if k.startswith("success/") and k != "success/mean"})
-    cols = table_columns(suites, rows)
-    table = Table(title="vlacache run: per policy (means over queries)")
-    for _, title, _ in cols:
-        table.add_column(title, justify="left" if title == "policy" else "right")
-    for row in rows:
-        table.add_row(*[_fmt(row.get(key), kind, row, key) for key, _, kind in cols])
-    console = console or Console()
-    if console.width < 170:
-        console = Console(width=170)
-    console.print(table)
-    errors = sum(row.get("errors") or 0 for row in rows)
-    if errors:
-        console.print(
-            f"Note: {errors} episode(s) raised an error; SR counts them as failures. The messages are in the\n"
-            "'error' field of episodes*.jsonl; running the same command again retries them (retry_errors, max_retries)."
-        )
-    if any(row["reuse_ratio"] == 0 for row in rows
-           if (row["policy"] in reusing if reusing is not None else row["policy"] != "no-cache")):
-        console.print(
-            "Note: a policy with 0% reuse found nothing it judged safe to reuse. With random weights (the tiny\n"
-            "presets) attention entropy does not fall with depth, so the entropy-adaptive schedule of vla-cache\n"
-            "reuses nothing; trained checkpoints behave as in the paper. See docs/ARCHITECTURE.md."
-        )
