@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from rich.console import Console
 from test_cli import SCRIPT, vlacache
@@ -122,6 +123,7 @@ def test_errors_are_recorded_and_the_run_goes_on(tmp_path):
         assert field in ok[0]
     assert set(ok[0]["latency_ms"]["prefill"]) == {"mean", "p50", "p95"}
     assert all(r["attempts"] == 1 for r in records)
+    assert all(r["torch_threads"] == torch.get_num_threads() for r in records)  # what a bit-exact re-run needs
     by_policy = {r["policy"]: r for r in rows}
     # success over ALL attempted episodes: the errored one counts as a failure, never silently excluded
     assert by_policy["no-cache"]["errors"] == 1 and by_policy["no-cache"]["episodes"] == 3

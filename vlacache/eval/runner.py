@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from ..env import Env, EpisodeSpec
@@ -60,6 +61,9 @@ def episode_record(policy: str, episode: EpisodeSpec, steps: list[StepStats], **
         "reuse_ratio": float(np.mean([s.reuse_ratio for s in steps])) if steps else None,
         "reused_per_layer": per_layer,
         "reused_age": reused_age(steps),
+        # float reductions, and so reuse decisions and trajectories, depend on it bit for bit (not in distribution):
+        # an episode re-run with this many threads gives this very record
+        "torch_threads": torch.get_num_threads(),
         **extra,
     }
 
