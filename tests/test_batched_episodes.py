@@ -1,4 +1,4 @@
-"""Batched episodes (issue 10, item 6): each batch row is its own episode; a batch equals B separate runs."""
+"""Batched episodes: each batch row is its own episode; a batch equals B separate runs."""
 
 import numpy as np
 import pytest

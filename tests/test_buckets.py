@@ -1,4 +1,4 @@
-"""Fixed-shape reuse buckets (issue 10, item 1): fewer tokens reused, never more or others; exact against the reference."""
+"""Fixed-shape reuse buckets: fewer tokens reused, never more or others; exact against the reference."""
 
 from dataclasses import dataclass, field
 

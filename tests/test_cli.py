@@ -1,4 +1,4 @@
-"""The `vlacache` console script, run for real in subprocesses (issue 3, item 6)."""
+"""The `vlacache` console script, run for real in subprocesses."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Compiled steps (issue 10, items 2 and 4): torch.compile (CPU inductor here) of the decoder's layer blocks and of
+"""Compiled steps: torch.compile (CPU inductor here) of the decoder's layer blocks and of
 OpenVLA's decode passes over a static K/V cache. Exact against eager within float tolerance, the same action
 tokens, and nothing compiled again once every shape has been seen."""
 

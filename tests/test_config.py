@@ -1,4 +1,4 @@
-"""Configs: shipped YAML loads, typos fail with the valid names listed (issue 3, items 5 and 9)."""
+"""Configs: shipped YAML loads, typos fail with the valid names listed."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Exactness of the cache engine against no cache and against an independent reference (issue 3, item 3)."""
+"""Exactness of the cache engine against no cache and against an independent reference."""
 
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
 """Gates that read what the previous step gave (`PlanContext.signals`): the action-aware gate (ADP / SpecPrune)
-and Gated VLA-Cache's logit-margin gate (issue 12, item 3)."""
+and Gated VLA-Cache's logit-margin gate."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Bad input gets a clear error that names the problem (issue 3, item 9)."""
+"""Bad input gets a clear error that names the problem."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Serving vlacache to evaluation stacks (issue 11): vla-eval's own orchestrator and client, `vla-eval serve`, the
+"""Serving vlacache to evaluation stacks: vla-eval's own orchestrator and client, `vla-eval serve`, the
 real openpi client from its own venv, and the shared per-session episode state."""
 
 import json

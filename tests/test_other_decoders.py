@@ -1,4 +1,4 @@
-"""The engine on decoders other than Llama (issue 5, item 3): tiny Qwen2 and Gemma2 from stock transformers.
+"""The engine on decoders other than Llama: tiny Qwen2 and Gemma2 from stock transformers.
 
 Gemma2 alternates sliding-window (window 16 < 40 tokens) and global layers, with its own norms and scaling.
 

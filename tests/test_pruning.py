@@ -1,4 +1,4 @@
-"""Dropping visual tokens inside the forward (issue 12, item 1): exact against the independent reference with
+"""Dropping visual tokens inside the forward: exact against the independent reference with
 the dropped keys masked, composed with reuse, through decode passes, FastV's ranking, batches of episodes."""
 
 from dataclasses import dataclass

@@ -1,5 +1,5 @@
 """The experiment runner: JSONL per episode, resume after an interruption, errors recorded, counted and retried,
-Fabric sharding, perturbations and recordings (issue 4, items 3-7)."""
+Fabric sharding, perturbations and recordings."""
 
 import json
 import os

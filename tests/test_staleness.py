@@ -1,4 +1,4 @@
-"""How stale reused K/V get (engine/staleness.py) and drift-aware reuse (issue 12, item 5)."""
+"""How stale reused K/V get (engine/staleness.py) and drift-aware reuse."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Built-in strategies, policy composition and the register_strategy extension point (issue 3, item 4)."""
+"""Built-in strategies, policy composition and the register_strategy extension point."""
 
 from dataclasses import dataclass
 
