@@ -17,6 +17,8 @@ from vlacache.types import InputError
 
 from test_libero import LIBERO_MISSING, libero_installed
 
+pytestmark = pytest.mark.sim  # starts a real simulator
+
 
 @pytest.fixture(scope="module")
 def sampled_env():

@@ -196,6 +196,7 @@ def test_client_actions_follow_the_benchmark_convention():
 
 
 # -- vla-eval ----------------------------------------------------------------------------------------------------
+@pytest.mark.sim
 def test_vla_eval_orchestrator_runs_libero_episodes():
     """vla-eval's own orchestrator (api.evaluate, in process) drives the shipped OFT micro-policy with VLA-Cache
     over 2 short LIBERO episodes: chunks of 8 played out by vla-eval, a full first query per episode, reuse after."""

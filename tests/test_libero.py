@@ -15,6 +15,8 @@ from vlacache.env import EpisodeSpec
 from vlacache.envs.libero import SUITE_MAX_STEPS, LiberoEnv, quat2axisangle, to_libero_action
 from vlacache.types import InputError
 
+pytestmark = pytest.mark.sim  # starts a real simulator
+
 
 def libero_installed() -> bool:
     try:

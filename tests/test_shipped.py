@@ -46,6 +46,7 @@ def test_an_unknown_checkpoint_name_lists_the_shipped_ones():
         resolve_checkpoint("micro_oft_libero_spatail")
 
 
+@pytest.mark.sim
 def test_closed_loop_smoke_episode_matches_its_recorded_outcome(tmp_path):
     if not libero_installed():
         pytest.fail(LIBERO_MISSING)

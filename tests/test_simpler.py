@@ -16,6 +16,8 @@ from vlacache.envs import simpler
 from vlacache.envs.simpler import BRIDGE_TASKS, SimplerEnv, missing_assets
 from vlacache.types import InputError
 
+pytestmark = pytest.mark.sim  # starts a real simulator
+
 HAVE_MANISKILL = importlib.util.find_spec("mani_skill") is not None
 HAVE_VULKAN = simpler.setup_vulkan() is not None or any(os.path.exists(p) for p in simpler.GPU_ICDS)
 
