@@ -316,7 +316,8 @@ class LiberoEnv(Env):
         ids = [int(i) for i in chosen]
         bad = [i for i in ids if not 0 <= i < total]
         if bad or not ids:
-            raise InputError(f"{what} {list(chosen)}: indices must lie in [0, {total})" + ("" if ids else " and the list must not be empty"))
+            raise InputError(f"{what} {list(chosen)}: indices must lie in [0, {total})"
+                             + ("" if ids else " and the list must not be empty"))
         return ids
 
     # -- tasks ----------------------------------------------------------------------------------------------
@@ -352,7 +353,8 @@ class LiberoEnv(Env):
             else:
                 names = self.suite.get_task_names()
                 if rest not in names:
-                    raise InputError(f"unknown {self.config.suite} task '{name}'; use '{self.config.suite}/<0..{len(names) - 1}>'")
+                    raise InputError(f"unknown {self.config.suite} task '{name}'; "
+                                     f"use '{self.config.suite}/<0..{len(names) - 1}>'")
                 idx = names.index(rest)
         if not 0 <= idx < self.suite.n_tasks:
             raise InputError(f"task index {idx} is out of range for {self.config.suite} ({self.suite.n_tasks} tasks)")

@@ -56,10 +56,14 @@ _JSON = "custom/info_bridge_custom_v0.json"
 _BAKED_JSON = "custom/info_bridge_custom_baked_tex_v0.json"
 # Files each task reads under BRIDGE_DATA (base_env.py / put_on_in_scene.py of mani-skill 3.0.1).
 BRIDGE_TASK_FILES: dict[str, tuple[str, ...]] = {
-    "PutCarrotOnPlateInScene-v1": (_JSON, *_FLAT, *(f"custom/models/{m}/collision.obj" for m in ("bridge_carrot_generated_modified", "bridge_plate_objaverse_larger"))),
-    "PutSpoonOnTableClothInScene-v1": (_JSON, *_FLAT, *(f"custom/models/{m}/collision.obj" for m in ("bridge_spoon_generated_modified", "table_cloth_generated_shorter"))),
-    "StackGreenCubeOnYellowCubeBakedTexInScene-v1": (_BAKED_JSON, *_FLAT, *(f"custom/models/{m}/collision.obj" for m in ("baked_green_cube_3cm", "baked_yellow_cube_3cm"))),
-    "PutEggplantInBasketScene-v1": (_JSON, *_SINK, *(f"custom/models/{m}/collision.obj" for m in ("eggplant", "dummy_sink_target_plane", "sink"))),
+    "PutCarrotOnPlateInScene-v1": (_JSON, *_FLAT, *(f"custom/models/{m}/collision.obj" for m in (
+        "bridge_carrot_generated_modified", "bridge_plate_objaverse_larger"))),
+    "PutSpoonOnTableClothInScene-v1": (_JSON, *_FLAT, *(f"custom/models/{m}/collision.obj" for m in (
+        "bridge_spoon_generated_modified", "table_cloth_generated_shorter"))),
+    "StackGreenCubeOnYellowCubeBakedTexInScene-v1": (_BAKED_JSON, *_FLAT, *(f"custom/models/{m}/collision.obj" for m in (
+        "baked_green_cube_3cm", "baked_yellow_cube_3cm"))),
+    "PutEggplantInBasketScene-v1": (_JSON, *_SINK, *(f"custom/models/{m}/collision.obj" for m in (
+        "eggplant", "dummy_sink_target_plane", "sink"))),
 }
 
 LAVAPIPE_ICDS = ("/usr/share/vulkan/icd.d/lvp_icd.json", "/usr/share/vulkan/icd.d/lvp_icd.x86_64.json")
@@ -200,7 +204,8 @@ class SimplerEnv(Env):
         seed: int = 0  # episode i: seed = episode_id = seed + i (SimplerEnv maniskill3 protocol)
         camera: str = "3rd_view_camera"  # mapped to 'primary'; PickCube-v1: base_camera
         obs_mode: str = "rgb+segmentation"  # the only mode the Bridge tasks support; other tasks: "rgb"
-        control_mode: str | None = None  # None: the task's default (Bridge: arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos)
+        # None: the task's default (Bridge: arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos)
+        control_mode: str | None = None
         shader_pack: str = "default"  # SIMPLER uses "default" (ManiSkill also has "minimal", "rt")
         rotation: str = "euler_to_axangle"  # or "none": pass action[3:6] through
         gripper: str = "binarize"  # model g in [0,1], 1 = open -> 2*(g>0.5)-1; "linear": 2g-1; "none": as is
@@ -225,7 +230,8 @@ class SimplerEnv(Env):
             import mani_skill.envs  # noqa: F401  (registers the tasks)
             from mani_skill.utils.registration import REGISTERED_ENVS
         except ImportError as error:
-            raise ImportError(f"the simpler env needs mani-skill==3.0.1 and sapien==3.0.3 ({error}); run scripts/setup_simpler.sh") from error
+            raise ImportError(f"the simpler env needs mani-skill==3.0.1 and sapien==3.0.3 ({error}); "
+                              "run scripts/setup_simpler.sh") from error
         for task in c.task_ids:
             if task not in REGISTERED_ENVS:
                 near = difflib.get_close_matches(task, list(REGISTERED_ENVS), n=3)
@@ -256,7 +262,8 @@ class SimplerEnv(Env):
         import gymnasium as gym
 
         check_assets([task])
-        kwargs: dict[str, Any] = dict(obs_mode=self.config.obs_mode, num_envs=1, sensor_configs=dict(shader_pack=self.config.shader_pack))
+        kwargs: dict[str, Any] = dict(obs_mode=self.config.obs_mode, num_envs=1,
+                                      sensor_configs=dict(shader_pack=self.config.shader_pack))
         if self.config.control_mode:
             kwargs["control_mode"] = self.config.control_mode
         try:
@@ -278,8 +285,9 @@ class SimplerEnv(Env):
         shape = env.unwrapped.single_action_space.shape
         if shape != (7,):
             self.close()
-            raise InputError(f"task {task} with control mode '{env.unwrapped.control_mode}' takes {shape} actions; this adapter "
-                             "feeds 7-d [dxyz, drot, gripper] actions: pick an EE delta-pose control mode (e.g. pd_ee_delta_pose)")
+            raise InputError(f"task {task} with control mode '{env.unwrapped.control_mode}' takes {shape} actions; "
+                             "this adapter feeds 7-d [dxyz, drot, gripper] actions: pick an EE delta-pose control mode "
+                             "(e.g. pd_ee_delta_pose)")
         return env
 
     def _observation(self, obs: dict) -> Observation:

@@ -2,13 +2,19 @@
 dimension (every 4th step of every 2nd episode of the 10% validation split of data/demos/libero_spatial, as
 `vlacache train` splits it) and how often the gripper command agrees. argv: policy folders or shipped names.
     python scripts/openvla_offline_check.py micro_openvla_libero_spatial runs/train/<run>/policy"""
-import json, sys, numpy as np, torch
-torch.set_num_threads(2)
+import json
+import sys
+
+import numpy as np
+import torch
+
 import vlacache
 from vlacache.experiment import build_backbone
-from vlacache.train.demos import load_demos
 from vlacache.train.bc import split_episodes
+from vlacache.train.demos import load_demos
 from vlacache.types import Observation
+
+torch.set_num_threads(2)
 demos = load_demos("data/demos/libero_spatial")
 _, val = split_episodes(list(range(len(demos))), 0.1, 0)
 val = val[::2]  # every 2nd held-out episode (15 of 30 with 300 demonstrations)
@@ -20,9 +26,11 @@ for policy in sys.argv[1:]:
             e = demos[i]
             vla.reset()
             for t in range(0, len(e["actions"]), 4):
-                a = np.asarray(vla.predict(Observation(images={"primary": e["primary"][t]}, instruction=e["instruction"])).actions[0, 0], dtype=np.float64)
+                a = np.asarray(vla.predict(Observation(images={"primary": e["primary"][t]},
+                                                       instruction=e["instruction"])).actions[0, 0], dtype=np.float64)
                 errs.append(np.abs(a - e["actions"][t]))
                 grip.append((a[6] > 0.5) == (e["actions"][t][6] > 0.5))
     errs = np.array(errs)
-    print(json.dumps({"policy": policy, "episodes": len(val), "steps": len(errs), "mean_abs_err": np.round(errs.mean(0), 4).tolist(),
+    print(json.dumps({"policy": policy, "episodes": len(val), "steps": len(errs),
+                      "mean_abs_err": np.round(errs.mean(0), 4).tolist(),
                       "gripper_agree": round(float(np.mean(grip)), 4)}), flush=True)

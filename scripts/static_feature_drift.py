@@ -51,19 +51,23 @@ def main() -> None:
                 current = {"images": inputs.query_images, "embeds": embeds[0], "keys": keys}
                 if previous is not None:
                     for camera, span in inputs.layout.vision.items():
-                        static = patch_cosine(current["images"][camera], previous["images"][camera], span.rows, span.cols)[0] >= args.tau
+                        static = patch_cosine(current["images"][camera], previous["images"][camera],
+                                              span.rows, span.cols)[0] >= args.tau
                         rows = slice(span.start, span.stop)
                         series = {"embedding": (current["embeds"][rows], previous["embeds"][rows])}
-                        series |= {f"keys layer {i}": (current["keys"][i][rows], previous["keys"][i][rows]) for i in range(layers)}
+                        series |= {f"keys layer {i}": (current["keys"][i][rows], previous["keys"][i][rows])
+                                   for i in range(layers)}
                         # what chained reuse serves: a patch static since it last changed keeps that step's keys
                         stale = anchor.setdefault(camera, [k[rows].clone() for k in previous["keys"]])
-                        series |= {f"keys layer {i} vs last recompute": (current["keys"][i][rows], stale[i]) for i in range(layers)}
+                        series |= {f"keys layer {i} vs last recompute": (current["keys"][i][rows], stale[i])
+                                   for i in range(layers)}
                         for name, (now, before) in series.items():
                             change = ((now - before).norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-12)).cpu().numpy()
                             for kind, mask in (("static", static), ("changed", ~static)):
                                 if kind == "changed" and name.endswith("last recompute"):
                                     continue
-                                drift.setdefault(f"{camera} {kind}", {}).setdefault(name, []).extend(change[mask.cpu().numpy()].tolist())
+                                drift.setdefault(f"{camera} {kind}", {}).setdefault(name, []).extend(
+                                    change[mask.cpu().numpy()].tolist())
                         for i in range(layers):
                             stale[i][~static] = current["keys"][i][rows][~static]
                 previous = current

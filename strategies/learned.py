@@ -59,8 +59,8 @@ def _similarity_feature(similarity: torch.Tensor) -> torch.Tensor:
 def token_features(ctx: PlanContext, cameras: list[str], attention_layers: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """Per camera of the step, the features [B, P, F] of its patches (see the module docstring)."""
     attention = None
-    if ctx.stats is not None and attention_layers and all(l in ctx.stats.to_keys for l in attention_layers):
-        attention = torch.stack([ctx.stats.to_keys[l].float() for l in attention_layers]).mean(0).cpu()
+    if ctx.stats is not None and attention_layers and all(layer in ctx.stats.to_keys for layer in attention_layers):
+        attention = torch.stack([ctx.stats.to_keys[layer].float() for layer in attention_layers]).mean(0).cpu()
     out = {}
     for camera, span in ctx.layout.vision.items():
         if camera not in cameras:

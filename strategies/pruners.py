@@ -71,7 +71,8 @@ class FastVPruner(TokenPruner):
     def check(self, num_layers: int) -> None:
         (layer,) = resolve_layers([self.config.layer], num_layers, "pruner 'fastv'")
         if layer < 1:
-            raise ConfigError(f"pruner 'fastv': layer must be >= 1 (it ranks tokens by the layer before), got {self.config.layer!r}")
+            raise ConfigError(f"pruner 'fastv': layer must be >= 1 (it ranks tokens by the layer before), "
+                              f"got {self.config.layer!r}")
         if not 0.0 <= self.config.ratio <= 1.0:
             raise ConfigError(f"pruner 'fastv': ratio must be in [0, 1], got {self.config.ratio}")
         if self.config.query not in QUERIES:

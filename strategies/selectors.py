@@ -49,8 +49,9 @@ class PixelCosineSelector(TokenSelector):
         if cameras is not None and not set(cameras) <= set(ctx.layout.vision):
             unknown = sorted(set(cameras) - set(ctx.layout.vision))
             raise InputError(
-                f"selector '{getattr(type(self), 'registry_name', 'pixel-cosine')}': cameras {unknown} are not inputs of this backbone, whose cameras are "
-                f"{sorted(ctx.layout.vision)}; set selector.cameras to some of those (or null for all)"
+                f"selector '{getattr(type(self), 'registry_name', 'pixel-cosine')}': cameras {unknown} are not inputs "
+                f"of this backbone, whose cameras are {sorted(ctx.layout.vision)}; set selector.cameras to some "
+                "of those (or null for all)"
             )
 
     def _candidates(self, camera: str, mask: torch.Tensor, score: torch.Tensor) -> Candidates:

@@ -35,7 +35,8 @@ def streams(backbone, frames):
 # per-row staleness (engine/staleness.py) decides this one's candidates: anchors and ages must follow each row
 DRIFT_AWARE = {"label": "drift-aware", "selector": {"name": "drift-aware", "tau": 0.996, "top_k": 100, "anchor_tau": 0.999,
                                                     "max_age": 3},
-               "relevance": {"name": "none"}, "scheduler": {"name": "constant", "fraction": 1.0}, "gate": {"name": "full-first-step"}}
+               "relevance": {"name": "none"}, "scheduler": {"name": "constant", "fraction": 1.0},
+               "gate": {"name": "full-first-step"}}
 
 
 @pytest.mark.parametrize("policy", ["static_reuse", "static_reuse_filter", DRIFT_AWARE], ids=["static", "filter", "drift"])

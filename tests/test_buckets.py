@@ -42,7 +42,8 @@ def two_camera_context(seed=0):
     g = torch.Generator().manual_seed(seed)
     layout = TokenLayout(
         length=40,
-        vision={"primary": VisionSpan(1, 17, rows=4, cols=4, patch_size=4), "wrist": VisionSpan(17, 33, rows=4, cols=4, patch_size=4)},
+        vision={"primary": VisionSpan(1, 17, rows=4, cols=4, patch_size=4),
+                "wrist": VisionSpan(17, 33, rows=4, cols=4, patch_size=4)},
         text=Span(33, 40),
     )
     previous = {c: torch.randint(0, 255, (2, 16, 16, 3), generator=g, dtype=torch.uint8) for c in layout.vision}
@@ -99,7 +100,7 @@ def test_buckets_give_up_the_least_reusable_tokens_and_keep_nesting():
                 if rounded.counts[layer] >= plan.counts[shallower]:
                     assert set(plan.reused[shallower][b].tolist()) <= kept
     # both cameras give up tokens when a layer's newcomers are cut (interleaved by rank, not camera by camera)
-    cut = next(l for l in range(1, len(RAMP)) if plan.counts[l - 1] < rounded.counts[l] < plan.counts[l])
+    cut = next(i for i in range(1, len(RAMP)) if plan.counts[i - 1] < rounded.counts[i] < plan.counts[i])
     newcomers = set(rounded.reused[cut][0].tolist()) - set(plan.reused[cut - 1][0].tolist())
     cameras = {name for p in newcomers for name, s in ctx.layout.vision.items() if s.start <= p < s.stop}
     assert cameras == {"primary", "wrist"}
@@ -121,7 +122,8 @@ def test_truncated_rejects_more_than_the_plan():
 
 def test_bucketed_steps_match_the_reference_and_use_few_shapes(tiny, frames):
     lm = tiny.model.language_model
-    policy = {"selector": {"name": "pixel-cosine", "tau": 0.996, "top_k": 100}, "scheduler": {"name": "constant", "fraction": 1.0, "start_layer": 1}}
+    policy = {"selector": {"name": "pixel-cosine", "tau": 0.996, "top_k": 100},
+              "scheduler": {"name": "constant", "fraction": 1.0, "start_layer": 1}}
     buckets = ReuseBuckets.from_spec(4)
     free = CachedVLA(tiny, CachePolicy.from_config(policy))
     with CachedVLA(tiny, CachePolicy.from_config(policy), buckets=4) as vla:

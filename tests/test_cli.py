@@ -126,8 +126,10 @@ def write_bad_recordings(folder):
     (("run", "tiny_replay", "--quiet", "launcher.devices=0"), "launcher.devices must be a positive integer"),
     (("bench", "tiny", "--out", "x.json", "repeats=0"), "repeats must be a positive integer"),
     (("bench", "tiny", "--out", "x.json", "env.path=frames.npy"), "frames.npy is not a vlacache recording: it holds a single"),
-    (("run", "tiny_replay", "--quiet", "env.path=gray.npz"), "'image__primary' must be uint8 frames [T>0, H, W, 3], got uint8 [2, 8, 8]"),
-    (("run", "tiny_replay", "--quiet", "env.path=empty"), "empty holds no recording (.npz) matching '*.npz'; record demonstrations"),
+    (("run", "tiny_replay", "--quiet", "env.path=gray.npz"),
+     "'image__primary' must be uint8 frames [T>0, H, W, 3], got uint8 [2, 8, 8]"),
+    (("run", "tiny_replay", "--quiet", "env.path=empty"),
+     "empty holds no recording (.npz) matching '*.npz'; record demonstrations"),
     (("bench", "tiny", "--out", "."), "cannot write the bench report . (Is a directory"),
 ])
 def test_more_bad_inputs_in_process(tmp_path, capsys, args, message):

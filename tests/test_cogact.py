@@ -68,7 +68,8 @@ def test_registered_and_yaml_builds():
 
 
 def test_saved_in_the_released_layout(saved):
-    assert {p.name for p in saved.iterdir()} >= {"config.json", "dataset_statistics.json", "checkpoints", "tokenizer.model", "tokenizer_config.json"}
+    assert {p.name for p in saved.iterdir()} >= {"config.json", "dataset_statistics.json", "checkpoints",
+                                                 "tokenizer.model", "tokenizer_config.json"}
     config = json.loads((saved / "config.json").read_text())
     assert config["future_action_window_size"] == 15 and config["past_action_window_size"] == 0
     assert config["arch_specifier"] == "no-align+fused-gelu-mlp"
@@ -79,7 +80,8 @@ def test_saved_in_the_released_layout(saved):
     assert set(model) == {"vision_backbone", "projector", "llm_backbone", "action_model"}
     for section, key in [
         ("vision_backbone", "dino_featurizer.blocks.0.ls1.gamma"), ("vision_backbone", "dino_featurizer.reg_token"),
-        ("vision_backbone", "siglip_featurizer.attn_pool.latent"), ("vision_backbone", "siglip_featurizer.blocks.0.attn.qkv.weight"),
+        ("vision_backbone", "siglip_featurizer.attn_pool.latent"),
+        ("vision_backbone", "siglip_featurizer.blocks.0.attn.qkv.weight"),
         ("projector", "projector.0.weight"), ("projector", "projector.2.bias"), ("projector", "projector.4.weight"),
         ("llm_backbone", "llm.model.embed_tokens.weight"), ("llm_backbone", "llm.model.layers.0.self_attn.q_proj.weight"),
         ("llm_backbone", "llm.lm_head.weight"), ("action_model", "net.x_embedder.linear.weight"),

@@ -57,7 +57,8 @@ def test_action_aware_gate_thresholds_on_translation_only():
 def test_logit_margin_gate(tiny, frames):
     base = run(tiny, frames, {"name": "full-first-step"})
     assert all(r.stats.reuse_ratio == 0 for r in run(tiny, frames, {"name": "logit-margin", "min_margin": 1.01}))
-    assert [r.plan.counts for r in run(tiny, frames, {"name": "logit-margin", "min_margin": 0.0})] == [r.plan.counts for r in base]
+    assert ([r.plan.counts for r in run(tiny, frames, {"name": "logit-margin", "min_margin": 0.0})]
+            == [r.plan.counts for r in base])
 
 
 def test_gate_settings_are_checked(tiny):

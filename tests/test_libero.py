@@ -125,7 +125,8 @@ def test_fast_render_is_the_same_scene_without_multisampling_and_shadows(env):
         context = fast_env._env.env.sim._render_context_offscreen
         assert fast_env._env.env.sim.model._model.vis.quality.offsamples == 0
         assert not context.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] and not context.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION]
-        np.testing.assert_allclose(fast.proprio, official.proprio, atol=2e-3)  # the same scene (a new simulator: solver warm start)
+        # the same scene (a new simulator: solver warm start)
+        np.testing.assert_allclose(fast.proprio, official.proprio, atol=2e-3)
         for camera in ("primary", "wrist"):
             diff = np.abs(fast.images[camera].astype(int) - official.images[camera].astype(int))
             assert 0 < diff.mean() < 8, (camera, diff.mean())
@@ -199,7 +200,8 @@ def test_model_resize_follows_the_evaluation_pipeline(env):
     try:
         first = resized.reset(resized.episodes()[0])
         assert first.images["primary"].shape == (224, 224, 3) and first.images["wrist"].shape == (224, 224, 3)
-        np.testing.assert_array_equal(first.images["primary"], resize_for_policy(resized.raw_obs["agentview_image"][::-1, ::-1].copy(), 224))
+        np.testing.assert_array_equal(first.images["primary"],
+                                      resize_for_policy(resized.raw_obs["agentview_image"][::-1, ::-1].copy(), 224))
     finally:
         resized.close()
 

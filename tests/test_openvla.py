@@ -104,7 +104,8 @@ def test_checkpoint_with_bad_keys_names_them(saved, tmp_path):
     save_file(tensors, broken / shard)
     index["weight_map"]["projector.fc9.weight"] = index["weight_map"].pop("projector.fc1.weight")
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=r"(?s)missing keys.*projector\.fc1\.weight.*unexpected keys.*projector\.fc9\.weight"):
+    with pytest.raises(CheckpointError, match=r"(?s)missing keys.*projector\.fc1\.weight"
+                                              r".*unexpected keys.*projector\.fc9\.weight"):
         OpenVLABackbone.from_pretrained(broken)
     config = json.loads((saved / "config.json").read_text())
     config["text_config"]["hidden_size"] = 32

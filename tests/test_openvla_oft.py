@@ -257,7 +257,8 @@ def test_mismatched_head_key_and_width_fail_naming_them(saved, tmp_path):
     head = torch.load(path, weights_only=True)
     head["module.model.fc3.weight"] = head.pop("module.model.layer_norm2.weight")
     torch.save(head, path)
-    with pytest.raises(CheckpointError, match=r"(?s)action_head--150000.*missing keys.*model\.layer_norm2\.weight.*unexpected keys.*model\.fc3\.weight"):
+    with pytest.raises(CheckpointError, match=r"(?s)action_head--150000.*missing keys.*model\.layer_norm2\.weight"
+                                              r".*unexpected keys.*model\.fc3\.weight"):
         OpenVLAOFTBackbone.from_pretrained(broken)
     head = torch.load(saved / "action_head--150000_checkpoint.pt", weights_only=True)
     head["module.model.fc1.weight"] = head["module.model.fc1.weight"][:, :6 * 64]
@@ -286,7 +287,8 @@ def test_without_proprio_projector(scenes):
     plain = build_preset("tiny", use_proprio=False)
     inputs = plain.prepare(Observation({"primary": scenes[0][0], "wrist": scenes[1][0]}, scenes[2]))
     assert "proprio" not in inputs.layout.extra and inputs.layout.text.start == 513
-    assert CachedVLA(plain, None).predict(Observation({"primary": scenes[0][0], "wrist": scenes[1][0]}, scenes[2])).actions.shape == (1, 8, 7)
+    assert CachedVLA(plain, None).predict(Observation({"primary": scenes[0][0], "wrist": scenes[1][0]},
+                                                      scenes[2])).actions.shape == (1, 8, 7)
 
 
 # -- the cache engine under the bidirectional mask ---------------------------------------------------------------

@@ -80,7 +80,8 @@ def test_film_changes_visual_features_and_depends_on_the_instruction(plain, film
 def test_film_input_is_the_mean_of_bos_prompt_and_stop_embeddings_for_both_cameras_and_towers(filmed, scenes):
     seen = {}
     hooks = [getattr(filmed.film, tower).blocks[0].scale.register_forward_hook(
-        lambda module, args, out, tower=tower: seen.__setitem__(tower, args[0].clone())) for tower in ("featurizer", "fused_featurizer")]
+        lambda module, args, out, tower=tower: seen.__setitem__(tower, args[0].clone()))
+        for tower in ("featurizer", "fused_featurizer")]
     try:
         inputs, embeds = embeds_of(filmed, observe(scenes, 1))
     finally:
@@ -173,15 +174,19 @@ def test_mismatched_or_missing_film_file_fails_naming_it(saved, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(saved, broken)
     state = torch.load(broken / FILE, weights_only=True)
-    state["vision_backbone.fused_featurizer.blocks.1.shiftt.weight"] = state.pop("vision_backbone.fused_featurizer.blocks.1.shift.weight")
+    state["vision_backbone.fused_featurizer.blocks.1.shiftt.weight"] = state.pop(
+        "vision_backbone.fused_featurizer.blocks.1.shift.weight")
     torch.save(state, broken / FILE)
-    with pytest.raises(CheckpointError, match=r"(?s)vision_backbone--150000.*FiLM.*missing keys.*fused_featurizer\.blocks\.1\.shift\.weight"
+    with pytest.raises(CheckpointError, match=r"(?s)vision_backbone--150000.*FiLM.*missing keys"
+                                              r".*fused_featurizer\.blocks\.1\.shift\.weight"
                                               r".*unexpected keys.*fused_featurizer\.blocks\.1\.shiftt\.weight"):
         OpenVLAOFTBackbone.from_pretrained(broken)
-    state["vision_backbone.fused_featurizer.blocks.1.shift.weight"] = state.pop("vision_backbone.fused_featurizer.blocks.1.shiftt.weight")
+    state["vision_backbone.fused_featurizer.blocks.1.shift.weight"] = state.pop(
+        "vision_backbone.fused_featurizer.blocks.1.shiftt.weight")
     state["vision_backbone.featurizer.blocks.0.scale.weight"] = state["vision_backbone.featurizer.blocks.0.scale.weight"][:, :32]
     torch.save(state, broken / FILE)
-    with pytest.raises(CheckpointError, match=r"shape mismatches.*featurizer\.blocks\.0\.scale\.weight: checkpoint \(32, 32\) vs model \(32, 64\)"):
+    with pytest.raises(CheckpointError, match=r"shape mismatches.*featurizer\.blocks\.0\.scale\.weight: "
+                                              r"checkpoint \(32, 32\) vs model \(32, 64\)"):
         OpenVLAOFTBackbone.from_pretrained(broken)
     (broken / FILE).unlink()
     assert OpenVLAOFTBackbone.from_pretrained(broken).film is None

@@ -10,7 +10,8 @@ reference too, so the two references vouch for each other.
 import pytest
 import torch
 from reference import reference_forward
-from transformers import DynamicCache, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (DynamicCache, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from vlacache import CacheEngine, ReusePlan, StatsRequest
 from vlacache.backbones.openvla.backbone import cache_keyword

@@ -82,7 +82,8 @@ def test_a_serve_config_imports_too(lab, monkeypatch):
     from vlacache.registry import STRATEGIES
 
     monkeypatch.syspath_prepend(str(lab))
-    config = load_serve_config({"imports": ["my_lab_selector"], "policy": {"label": "lab", "selector": {"name": "my-lab-lower-half"}}})
+    config = load_serve_config({"imports": ["my_lab_selector"],
+                                "policy": {"label": "lab", "selector": {"name": "my-lab-lower-half"}}})
     assert config.imports == ["my_lab_selector"] and "my-lab-lower-half" in STRATEGIES["selector"]
     sys.modules.pop("my_lab_selector", None)
 

@@ -10,7 +10,7 @@ from conftest import tiny_llama
 from reference import reference_forward
 from test_engine import LAYOUT, L, nested_plan, run_step, two_steps
 
-from vlacache import CachedVLA, CacheEngine, CachePolicy, InputError, PruneRule, ReusePlan
+from vlacache import CachedVLA, CacheEngine, CachePolicy, PruneRule, ReusePlan
 from vlacache.backbones.openvla.backbone import cache_keyword
 
 VISUAL = LAYOUT.vision["cam"].positions()  # positions 1..25

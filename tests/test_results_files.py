@@ -62,7 +62,8 @@ def test_fingerprint_counts_what_decides_outcomes_and_nothing_else(tmp_path):
     # reuse buckets change what is reused
     bucketed = quick_config(tmp_path, policies=["no_cache", "static_reuse"], max_steps=3)
     bucketed.fast_path.buckets = 4
-    assert experiment_fingerprints(bucketed)["static-reuse"]["fast_path"] == {"buckets": 4, "compile": False, "compile_mode": None} != fp["fast_path"]
+    assert (experiment_fingerprints(bucketed)["static-reuse"]["fast_path"]
+            == {"buckets": 4, "compile": False, "compile_mode": None} != fp["fast_path"])
 
 
 def test_fingerprint_counts_pruners_camera_scales_and_trained_strategy_weights(tmp_path):
@@ -113,8 +114,8 @@ def test_resume_with_a_changed_config_is_refused_naming_what_changed(tmp_path, c
     assert first.returncode == 0, first.stderr
     before = lines(out / "episodes.jsonl")
 
-    changed = vlacache_in_process(capsys, "run", "tiny_replay", "policies=[no_cache]", "max_steps=3", "backbone.seed=1", "--quiet",
-                       f"output_dir={out}")
+    changed = vlacache_in_process(capsys, "run", "tiny_replay", "policies=[no_cache]", "max_steps=3", "backbone.seed=1",
+                                  "--quiet", f"output_dir={out}")
     assert changed.returncode == 2
     line = one_error_line(changed.stderr)
     assert "policy 'no-cache' changed" in line and "backbone.seed (0 -> 1)" in line and "max_steps (2 -> 3)" in line
@@ -126,8 +127,8 @@ def test_resume_with_a_changed_config_is_refused_naming_what_changed(tmp_path, c
     assert relabelled.returncode == 2 and "policy.scheduler.fraction (1.0 -> 0.5)" in one_error_line(relabelled.stderr)
 
     # adding a policy is allowed, and a field that decides nothing (name) is not a change
-    added = vlacache_in_process(capsys, "run", "tiny_replay", "policies=[no_cache,static_reuse]", "max_steps=2", "name=renamed", "--quiet",
-                     f"output_dir={out}")
+    added = vlacache_in_process(capsys, "run", "tiny_replay", "policies=[no_cache,static_reuse]", "max_steps=2",
+                                "name=renamed", "--quiet", f"output_dir={out}")
     assert added.returncode == 0, added.stderr
     after = lines(out / "episodes.jsonl")
     assert after[:1] == before and [r["policy"] for r in after] == ["no-cache", "static-reuse"]

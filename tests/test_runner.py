@@ -47,7 +47,8 @@ class FlakyEnv(Env):
         self.t += 1
         if self.episode.init_state == self.config.fail_on and self.t == 2:
             raise RuntimeError("simulated simulator crash")
-        return Observation({"primary": self.image}, "pick up the bowl"), 0.0, self.t >= 3, {"success": self.episode.init_state == 0}
+        return (Observation({"primary": self.image}, "pick up the bowl"), 0.0, self.t >= 3,
+                {"success": self.episode.init_state == 0})
 
 
 @register_env("test-fragile")

@@ -82,7 +82,7 @@ def test_missing_bridge_assets_fail_at_once_without_prompt(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=90, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
     out = json.loads(line[len("RESULT"):])
     message = out["message"]
     assert not out["imported_maniskill"]  # raised before the heavy import: no download attempt, no prompt

@@ -227,7 +227,7 @@ def test_absolute_layer_beyond_the_depth_fails_at_attach(tiny):
 def test_per_camera_scale_applies_to_any_policy():
     """`cameras: {wrist: s}` scales the scheduler's fractions on that camera only, for whatever the strategies
     are (0: never reuse it); a camera the backbone lacks is named."""
-    from vlacache import CachedVLA, InputError, Observation
+    from vlacache import CachedVLA, Observation
     from vlacache.backbones.openvla_oft import build_preset as build_oft
 
     oft = build_oft("tiny", seed=0)

@@ -14,7 +14,7 @@ from .types import AttentionStats, InputError, Observation, PruneRule, ReusePlan
 from .rooms import bind_checkout_rooms  # noqa: E402  isort: skip
 
 bind_checkout_rooms()
-from . import strategies, backbones, envs  # noqa: E402  isort: skip
+from . import strategies, backbones, envs  # noqa: E402, F401  isort: skip
 from .experiment import build_backbone  # noqa: E402  isort: skip
 from .plugins import load_entry_points  # noqa: E402  isort: skip
 

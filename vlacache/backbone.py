@@ -72,7 +72,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
         if not torch.cuda.is_available():
             why = (f"this torch ({torch.__version__}) is a CPU-only build" if torch.version.cuda is None
                    else "no CUDA device is visible")
-            raise InputError(f"device '{device}' is not available: {why}; use device=cpu (or auto), or install a CUDA build of torch")
+            raise InputError(f"device '{device}' is not available: {why}; use device=cpu (or auto), "
+                             "or install a CUDA build of torch")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise InputError(f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif resolved.type == "mps" and not torch.backends.mps.is_available():

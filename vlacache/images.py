@@ -139,8 +139,8 @@ def center_crop(images: np.ndarray | torch.Tensor, scale: float = 0.9) -> np.nda
     left, right, x_lerp = _crop_axis(x.shape[-2], side)
 
     def across(rows: np.ndarray) -> np.ndarray:
-        l = np.take(rows, left, axis=-2)
-        return l + (np.take(rows, right, axis=-2) - l) * x_lerp[:, None]
+        at_left = np.take(rows, left, axis=-2)
+        return at_left + (np.take(rows, right, axis=-2) - at_left) * x_lerp[:, None]
 
     upper, lower = across(np.take(x, top, axis=-3)), across(np.take(x, bottom, axis=-3))
     out = np.clip(upper + (lower - upper) * y_lerp[:, None, None], 0, 1) * f32(255.5)

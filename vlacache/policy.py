@@ -134,8 +134,8 @@ class CachePolicy:
         static = self.selector.select(ctx)
         candidates = self.relevance.filter(ctx, static)
         if ctx.void is not None:  # dropped at the previous step: no K/V to reuse
-            candidates = {c: Candidates(m.mask & ~ctx.void[:, ctx.layout.vision[c].start:ctx.layout.vision[c].stop].to(m.mask.device),
-                                        m.score) for c, m in candidates.items()}
+            candidates = {c: Candidates(m.mask & ~ctx.void[:, ctx.layout.vision[c].start:ctx.layout.vision[c].stop]
+                                        .to(m.mask.device), m.score) for c, m in candidates.items()}
         fractions = [f * scale for f in self._monotone(self.scheduler.fractions(ctx), ctx.num_layers)]
         unknown = sorted(set(self.cameras) - set(ctx.layout.vision))
         if unknown:

@@ -69,9 +69,11 @@ class CachedVLA:
                 "OpenVLABackbone.from_pretrained(path) or build_backbone({'name': 'openvla', 'checkpoint': path})"
             )
         if policy is not None and not isinstance(policy, CachePolicy):
-            raise InputError(f"policy must be a CachePolicy (or use vlacache.attach with a name/YAML/dict), got {type(policy).__name__}")
+            raise InputError(f"policy must be a CachePolicy (or use vlacache.attach with a name/YAML/dict), "
+                             f"got {type(policy).__name__}")
         if isinstance(env_steps_per_query, bool) or not isinstance(env_steps_per_query, int) or env_steps_per_query < 1:
-            raise InputError(f"env_steps_per_query must be an int >= 1 (the actions executed per query), got {env_steps_per_query!r}")
+            raise InputError(f"env_steps_per_query must be an int >= 1 (the actions executed per query), "
+                             f"got {env_steps_per_query!r}")
         self.env_steps_per_query = env_steps_per_query
         self.closed = False
         self.backbone = backbone

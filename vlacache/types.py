@@ -246,7 +246,8 @@ class ReusePlan:
         previous = None
         for layer, (mask, reused) in enumerate(zip(self.spliced, self.reused)):
             if mask.dtype != torch.bool or tuple(mask.shape) != (batch_size, seq_len):
-                raise ValueError(f"ReusePlan layer {layer}: spliced must be a bool mask [{batch_size}, {seq_len}], got {mask.dtype} {tuple(mask.shape)}")
+                raise ValueError(f"ReusePlan layer {layer}: spliced must be a bool mask [{batch_size}, {seq_len}], "
+                                 f"got {mask.dtype} {tuple(mask.shape)}")
             if reused.shape[1] and not bool(mask.gather(1, reused.to(mask.device)).all()):
                 raise ValueError(f"ReusePlan layer {layer}: every reused position must also be spliced")
             if previous is not None and bool((previous & ~mask).any()):

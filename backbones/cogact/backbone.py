@@ -127,8 +127,10 @@ class CogACTBackbone(Backbone):
         if config.preset is not None:
             from .tiny import build_preset
 
-            return build_preset(config.preset, device=device, dtype=dtype, attn_implementation=config.attn_implementation, **options)
-        return cls.from_pretrained(config.checkpoint_dir(), device=device, dtype=dtype, attn_implementation=config.attn_implementation, **options)
+            return build_preset(config.preset, device=device, dtype=dtype,
+                                attn_implementation=config.attn_implementation, **options)
+        return cls.from_pretrained(config.checkpoint_dir(), device=device, dtype=dtype,
+                                   attn_implementation=config.attn_implementation, **options)
 
     @classmethod
     def from_pretrained(
@@ -322,9 +324,11 @@ def _check_chunk_size(action_state: dict[str, torch.Tensor], config: CogACTConfi
 
 
 def _load_tokenizer(root: Path):
-    if not (root / "tokenizer_config.json").is_file() or not any((root / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+    if (not (root / "tokenizer_config.json").is_file()
+            or not any((root / f).is_file() for f in ("tokenizer.model", "tokenizer.json"))):
         raise CheckpointError(
             f"missing tokenizer files in {root}: CogACT uses the Llama-2 tokenizer (meta-llama/Llama-2-7b-hf); copy its "
-            f"tokenizer.json, tokenizer.model, tokenizer_config.json and special_tokens_map.json next to config.json. {LAYOUT_HINT}"
+            f"tokenizer.json, tokenizer.model, tokenizer_config.json and special_tokens_map.json next to config.json. "
+            f"{LAYOUT_HINT}"
         )
     return load_tokenizer(root)

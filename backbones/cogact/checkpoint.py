@@ -91,7 +91,8 @@ def find_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, Path]:
         raise CheckpointError(f"CogACT checkpoint {path} does not exist. {LAYOUT_HINT}")
     found = sorted((path / CHECKPOINT_DIR).glob("*.pt"))
     if not found:
-        raise CheckpointError(f"missing file {path / CHECKPOINT_DIR / '<name>.pt'}: no .pt weights in {path / CHECKPOINT_DIR}. {LAYOUT_HINT}")
+        raise CheckpointError(f"missing file {path / CHECKPOINT_DIR / '<name>.pt'}: no .pt weights in "
+                              f"{path / CHECKPOINT_DIR}. {LAYOUT_HINT}")
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
         raise CheckpointError(f"{path / CHECKPOINT_DIR} holds several checkpoints ({names}); pass the .pt file to load")
@@ -138,7 +139,8 @@ def map_to_model(
             for k in expected_keys
             if k in given and tuple(given[k].shape) != want[(section, k)]
         ]
-        for label, names in (("expected but not found", missing), ("found but not expected", unexpected), ("shape mismatch", shapes)):
+        for label, names in (("expected but not found", missing), ("found but not expected", unexpected),
+                             ("shape mismatch", shapes)):
             if names:
                 problems.append(f"[{section}] {label} ({len(names)}): {_listing(names)}")
         for key, tensor in given.items():

@@ -124,7 +124,8 @@ class CogACTConfig:
 
     def validate(self) -> None:
         if self.vision_backbone_id not in VISION_BACKBONES:
-            raise CheckpointError(f"vision_backbone_id '{self.vision_backbone_id}' is not supported; known: {sorted(VISION_BACKBONES)}")
+            raise CheckpointError(f"vision_backbone_id '{self.vision_backbone_id}' is not supported; "
+                                  f"known: {sorted(VISION_BACKBONES)}")
         if self.llm_backbone_id not in LLM_BACKBONES and self.text_config is None:
             raise CheckpointError(
                 f"llm_backbone_id '{self.llm_backbone_id}' is not supported; known: {sorted(LLM_BACKBONES)} "
@@ -133,7 +134,8 @@ class CogACTConfig:
         if "fused-gelu-mlp" not in self.arch_specifier:
             raise CheckpointError(f"arch_specifier '{self.arch_specifier}' is not supported; expected '...fused-gelu-mlp'")
         if self.image_resize_strategy != "resize-naive":
-            raise CheckpointError(f"image_resize_strategy '{self.image_resize_strategy}' is not supported; expected 'resize-naive'")
+            raise CheckpointError(f"image_resize_strategy '{self.image_resize_strategy}' is not supported; "
+                                  "expected 'resize-naive'")
         if self.action_model_type not in ACTION_MODELS:
             raise CheckpointError(f"action_model_type '{self.action_model_type}' is not one of {sorted(ACTION_MODELS)}")
         if self.past_action_window_size != 0:

@@ -46,7 +46,8 @@ def load_norm_stats(ckpt_dir: str | os.PathLike[str], from_config: Any, config_n
         raise CheckpointError(f"{origin} holds no dataset statistics; restore it from the released checkpoint")
     bad = [k for k, v in stats.items() if not _has_action_bounds(v)]
     if bad:
-        raise CheckpointError(f"{origin}: dataset(s) {bad} lack action q01/q99 statistics; restore it from the released checkpoint")
+        raise CheckpointError(f"{origin}: dataset(s) {bad} lack action q01/q99 statistics; "
+                              "restore it from the released checkpoint")
     return NormStats(stats, sources)
 
 

@@ -14,7 +14,8 @@ except ImportError:  # pragma: no cover
 
 from .checkpoint import CheckpointError, check_field_types
 
-REQUIRED = ("vision_backbone_id", "arch_specifier", "use_fused_vision_backbone", "timm_model_ids", "image_sizes", "text_config", "norm_stats")
+REQUIRED = ("vision_backbone_id", "arch_specifier", "use_fused_vision_backbone", "timm_model_ids", "image_sizes",
+            "text_config", "norm_stats")
 _NOT_LLAMA_FIELDS = ("model_type", "architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path")
 
 
@@ -50,7 +51,8 @@ class OpenVLAConfig:
         if "fused-gelu-mlp" not in data["arch_specifier"]:
             raise CheckpointError(f"arch_specifier '{data['arch_specifier']}' is not supported; expected '...fused-gelu-mlp'")
         if data.get("image_resize_strategy", "resize-naive") != "resize-naive":
-            raise CheckpointError(f"image_resize_strategy '{data['image_resize_strategy']}' is not supported; expected 'resize-naive'")
+            raise CheckpointError(f"image_resize_strategy '{data['image_resize_strategy']}' is not supported; "
+                                  "expected 'resize-naive'")
         return cls(**{k: v for k, v in data.items() if k in known}, raw=dict(data))
 
     def llama_config(self, attn_implementation: str = "sdpa") -> LlamaConfig:

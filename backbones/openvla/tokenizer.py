@@ -86,7 +86,8 @@ class SentencePieceTokenizer:
         self.add_eos_token = bool(config.get("add_eos_token", False))
         added = folder / "added_tokens.json"
         self.added_tokens: dict[str, int] = read_json(added) if added.is_file() else {}
-        specials = {**config, **(read_json(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file() else {})}
+        specials = {**config, **(read_json(folder / "special_tokens_map.json")
+                                 if (folder / "special_tokens_map.json").is_file() else {})}
         for role in ("bos", "eos", "unk", "pad"):
             value = specials.get(f"{role}_token")
             setattr(self, f"{role}_token", value.get("content") if isinstance(value, dict) else value)

@@ -119,7 +119,8 @@ VIT_SPECS: dict[str, ViTSpec] = {
 # The micro towers on a 16 x 16 grid of 8 px patches (the `micro-fine` preset), and twice as wide (`micro-wide`).
 for _tower in ("dinov2-reg4", "siglip"):
     VIT_SPECS[f"vlacache-micro-fine-{_tower}"] = dataclasses.replace(VIT_SPECS[f"vlacache-micro-{_tower}"], patch_size=8)
-    VIT_SPECS[f"vlacache-micro-wide-{_tower}"] = dataclasses.replace(VIT_SPECS[f"vlacache-micro-{_tower}"], embed_dim=128, mlp_dim=256)
+    VIT_SPECS[f"vlacache-micro-wide-{_tower}"] = dataclasses.replace(VIT_SPECS[f"vlacache-micro-{_tower}"],
+                                                                     embed_dim=128, mlp_dim=256)
 
 
 class UnknownViTError(KeyError):

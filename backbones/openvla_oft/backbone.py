@@ -122,7 +122,8 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
                 f"width is {llm_dim} and the action statistics have {self.action_dim} dims"
             )
         if self.film is not None and self.film.llm_dim != llm_dim:
-            raise CheckpointError(f"FiLM projections take language embeddings of width {self.film.llm_dim}, the decoder width is {llm_dim}")
+            raise CheckpointError(f"FiLM projections take language embeddings of width {self.film.llm_dim}, "
+                                  f"the decoder width is {llm_dim}")
         if self.proprio_projector is not None:
             if "proprio" not in stats:
                 raise CheckpointError(
@@ -206,7 +207,8 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         projector = None
         if use_proprio:
             proprio_file = find_part(path, PROPRIO_PATTERN, step, "proprio projector")
-            projector = proprio_projector_from_state(strip_prefix(load_torch_file(proprio_file), DDP_PREFIX), llm_dim, proprio_file)
+            projector = proprio_projector_from_state(strip_prefix(load_torch_file(proprio_file), DDP_PREFIX), llm_dim,
+                                                     proprio_file)
         return cls.placed(model, tokenizer, head, projector, film, device, dtype,
                           chunk=chunk, unnorm_key=key, center_crop=center_crop)
 
@@ -335,7 +337,8 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         pixel_values, input_ids = inputs.model_inputs["pixel_values"], inputs.model_inputs["input_ids"]
         batch, cameras = input_ids.shape[0], len(self.cameras)
         # both cameras through the towers as one batch (camera-major), then back to [B, cameras * P, D]
-        views = pixel_values.view(batch, cameras, 6, *pixel_values.shape[-2:]).transpose(0, 1).reshape(batch * cameras, 6, *pixel_values.shape[-2:])
+        views = (pixel_values.view(batch, cameras, 6, *pixel_values.shape[-2:]).transpose(0, 1)
+                 .reshape(batch * cameras, 6, *pixel_values.shape[-2:]))
         embedding = self.model.language_model.get_input_embeddings()
         text = embedding(input_ids)
         stop = embedding(torch.full((batch, 1), STOP_TOKEN, dtype=torch.long, device=input_ids.device))
@@ -468,7 +471,8 @@ def action_head_from_state(state: dict[str, torch.Tensor], llm_dim: int, action_
             "or action dimension"
         )
     if fc2.shape[0] != action_dim:
-        raise CheckpointError(f"{source}: action head model.fc2.weight outputs {fc2.shape[0]} values, the action statistics have {action_dim}")
+        raise CheckpointError(f"{source}: action head model.fc2.weight outputs {fc2.shape[0]} values, "
+                              f"the action statistics have {action_dim}")
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"model\.mlp_resnet_blocks\.(\d+)\.", k))}
     head = L1RegressionActionHead(llm_dim, fc1.shape[0], action_dim, num_blocks=len(blocks))
     _load_part(head, state, source)
@@ -480,7 +484,8 @@ def proprio_projector_from_state(state: dict[str, torch.Tensor], llm_dim: int, s
     if fc1 is None or fc1.dim() != 2:
         raise CheckpointError(f"{source}: no proprio projector weights (fc1.weight); keys: {sorted(state)[:8]}")
     if fc1.shape[0] != llm_dim:
-        raise CheckpointError(f"{source}: proprio projector fc1.weight projects to {fc1.shape[0]}, the decoder width is {llm_dim}")
+        raise CheckpointError(f"{source}: proprio projector fc1.weight projects to {fc1.shape[0]}, "
+                              f"the decoder width is {llm_dim}")
     projector = ProprioProjector(llm_dim, fc1.shape[1])
     _load_part(projector, state, source)
     return projector

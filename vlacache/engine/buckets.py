@@ -30,7 +30,8 @@ class ReuseBuckets:
             raise ConfigError(f"buckets must be null, a count n (fractions 0, 1/n, ..., 1) or a list of fractions, got {spec!r}")
         if isinstance(spec, int):
             if spec < 1:
-                raise ConfigError(f"buckets must be a count >= 1 (e.g. 8: reuse in steps of 1/8 of the visual tokens), got {spec}")
+                raise ConfigError(f"buckets must be a count >= 1 (e.g. 8: reuse in steps of 1/8 of the visual tokens), "
+                                  f"got {spec}")
             fractions = [k / spec for k in range(spec + 1)]
         else:
             fractions = [float(f) for f in spec]

@@ -85,12 +85,12 @@ class EpisodeState:
             fresh={i for i, s in enumerate(states) if s is None or 0 in s.fresh},
             previous_images=None if template.previous_images is None else
             {n: cat(lambda s, n=n: s.previous_images[n]) for n in template.previous_images},
-            prompt_kv={layer: (cat(lambda s, l=layer: s.prompt_kv[l][0]), cat(lambda s, l=layer: s.prompt_kv[l][1]))
+            prompt_kv={layer: (cat(lambda s, i=layer: s.prompt_kv[i][0]), cat(lambda s, i=layer: s.prompt_kv[i][1]))
                        for layer in template.prompt_kv},
             final_hidden=cat(lambda s: s.final_hidden),
             stats=None if stats is None else AttentionStats(
-                {layer: cat(lambda s, l=layer: s.stats.to_keys[l]) for layer in stats.to_keys},
-                {layer: cat(lambda s, l=layer: s.stats.entropy[l]) for layer in stats.entropy}, stats.query),
+                {layer: cat(lambda s, i=layer: s.stats.to_keys[i]) for layer in stats.to_keys},
+                {layer: cat(lambda s, i=layer: s.stats.entropy[i]) for layer in stats.entropy}, stats.query),
             staleness=None if staleness is None else Staleness(
                 {c: cat(lambda s, c=c: s.staleness.anchors[c]) for c in staleness.anchors},
                 {c: cat(lambda s, c=c: s.staleness.ages[c]) for c in staleness.ages}),

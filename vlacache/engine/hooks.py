@@ -266,7 +266,8 @@ class CacheEngine:
             probe_layers = frozenset(range(self.num_layers) if request.layers is None else request.layers)
             bad = sorted(i for i in probe_layers if not 0 <= i < self.num_layers)
             if bad:
-                raise ValueError(f"attention statistics requested for layers {bad}, but the decoder has layers 0..{self.num_layers - 1}")
+                raise ValueError(f"attention statistics requested for layers {bad}, "
+                                 f"but the decoder has layers 0..{self.num_layers - 1}")
             span = layout.text if request.query == "text" else None
             positions = span.positions() if span is not None else torch.tensor([layout.length - 1])
             query_positions = positions.expand(batch_size, -1).contiguous().to(device)
@@ -319,7 +320,7 @@ class CacheEngine:
             stats=self.episode.stats,
             staleness=staleness,
             dropped_per_layer=None if prune is None else
-            [int(prune.dropped_at[l][0].sum()) if l in prune.dropped_at else 0 for l in range(self.num_layers)],
+            [int(prune.dropped_at[i][0].sum()) if i in prune.dropped_at else 0 for i in range(self.num_layers)],
         )
 
     def advance(self, signals: dict[str, torch.Tensor] | None = None) -> None:
@@ -483,11 +484,13 @@ class CacheEngine:
             queries = hidden.shape[1]
             past = step.cache.get_seq_length(index)
             positions = kwargs.get("cache_position")
-            positions = torch.arange(past, past + queries, device=hidden.device) if positions is None else positions.to(hidden.device)
+            positions = (torch.arange(past, past + queries, device=hidden.device) if positions is None
+                         else positions.to(hidden.device))
             allowed = torch.arange(past + queries, device=hidden.device)[None, :] <= positions[:, None]
             mask = allowed[None, None]
             if self._additive_mask:
-                mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(~mask, torch.finfo(hidden.dtype).min)
+                mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+                    ~mask, torch.finfo(hidden.dtype).min)
         kwargs["attention_mask"] = exclude_keys(mask, prune.dropped_at[index])
         return args, kwargs
 

@@ -47,7 +47,8 @@ class PruneState:
                 continue
             mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
             masks.append(mask.scatter_(1, positions.to(device), True))
-        busy = masks[-1].clone() if masks and masks[-1] is not None else torch.zeros(batch, length, dtype=torch.bool, device=device)
+        busy = (masks[-1].clone() if masks and masks[-1] is not None
+                else torch.zeros(batch, length, dtype=torch.bool, device=device))
         if spliced is not None:
             busy |= spliced[-1].to(device)
         queries = {}

@@ -240,7 +240,8 @@ def bench_row(label: str, description: str, baseline: list[list[list[StepResult]
                 "flops_cached": stats.flops,
                 "latency_baseline_ms": {p: _median([r.stats.latency_ms[p] for r in base]) for p in PARTS},
                 "latency_cached_ms": {p: _median([r.stats.latency_ms[p] for r in mine]) for p in PARTS},
-                "device_ms_baseline": _median([r.stats.device_ms for r in base]) if base[-1].stats.device_ms is not None else None,
+                "device_ms_baseline": (_median([r.stats.device_ms for r in base])
+                                       if base[-1].stats.device_ms is not None else None),
                 "device_ms_cached": _median([r.stats.device_ms for r in mine]) if stats.device_ms is not None else None,
                 "action_max_abs_diff": float(abs(base[-1].actions - mine[-1].actions).max()),
                 "staleness": stats.staleness,

@@ -4,7 +4,8 @@ Counted: the backbone's resolved typed config (device as its kind: cpu / cuda) a
 (for a directory: every file's relative name, size and content hash, or mtime above 64 MiB so that a released
 7B checkpoint costs a listing),
 the policy's full resolved parameters (every strategy's typed Config, so the same label with new parameters is
-a change; the per-camera scales; a trained strategy's checkpoint identity, e.g. the learned selector's weights), the env and perturbation typed configs (plus `data_identity(config)` when the env class defines it:
+a change; the per-camera scales; a trained strategy's checkpoint identity, e.g. the learned
+selector's weights), the env and perturbation typed configs (plus `data_identity(config)` when the env class defines it:
 the replay env's recording hash),
 max_steps, execute_chunk, episodes, the fast path (reuse buckets change what is reused), batch_envs (a batched step
 rounds differently), and the code of the strategies, backbone and env in use (`code_identity.component_code`).
@@ -261,7 +262,7 @@ def check_fingerprints(out: Path, fingerprints: dict[str, dict], recorded: set[s
         def commit(b: dict) -> str:
             return (b.get("commit") or "no git commit")[:12] + (" + uncommitted changes" if b.get("dirty") else "")
 
-        warn(f"resuming {out} under other vlacache code than its results so far ({', '.join(l for l, _ in rebuilt)}: "
+        warn(f"resuming {out} under other vlacache code than its results so far ({', '.join(label for label, _ in rebuilt)}: "
              f"{commit(rebuilt[0][1])} -> {commit(build)}); the code of the strategies, backbone and env in use is "
              f"unchanged, so the results continue; {MANIFEST_NAME} records both builds")
     if not write:

@@ -125,12 +125,12 @@ def write_tables(out: Path, suites: list[str], rows: list[dict]) -> None:
     lines = ["| " + " | ".join(title for _, title, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(format_cell(row.get(key), kind, row, key) for key, _, kind in cols) + " |" for row in rows]
     notes = (
-        "\nSR: success rate over ALL attempted episodes, with its 95% Wilson interval: an episode whose last attempt raised an error counts as a "
-        "failure (errors: how many did; a re-run of the same command retries them, see `retry_errors`, "
-        "`max_retries`); n/a: the env reports no success. FLOPs/query: decoder + vision per policy query "
-        "(2 x MACs; summary.csv: in FLOPs), latency and reuse over the episodes without error. latency: mean end-to-end wall time of a "
-        "policy query; query Hz = 1000 / latency. reuse: share of visual tokens whose K/V were reused, averaged "
-        "over layers and queries.\n"
+        "\nSR: success rate over ALL attempted episodes, with its 95% Wilson interval: an episode whose last attempt "
+        "raised an error counts as a failure (errors: how many did; a re-run of the same command retries them, see "
+        "`retry_errors`, `max_retries`); n/a: the env reports no success. FLOPs/query: decoder + vision per policy "
+        "query (2 x MACs; summary.csv: in FLOPs), latency and reuse over the episodes without error. latency: mean "
+        "end-to-end wall time of a policy query; query Hz = 1000 / latency. reuse: share of visual tokens whose K/V "
+        "were reused, averaged over layers and queries.\n"
     )
     (out / "summary.md").write_text("\n".join(lines) + "\n" + notes)
     keys = []
@@ -167,7 +167,8 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
     ax = axes[1]
     for row in rows:
         if row["reused_per_layer"]:
-            ax.plot(range(len(row["reused_per_layer"])), [100 * x for x in row["reused_per_layer"]], marker=".", label=row["policy"])
+            ax.plot(range(len(row["reused_per_layer"])), [100 * x for x in row["reused_per_layer"]], marker=".",
+                    label=row["policy"])
     ax.set(xlabel="decoder layer", ylabel="visual tokens reused (%)", title="per-layer reuse", ylim=(-5, 105))
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)

@@ -47,7 +47,8 @@ def episode_record(policy: str, episode: EpisodeSpec, steps: list[StepStats], **
     latency = {}
     for part in LATENCY_PARTS + ("total",):
         values = np.array([s.latency_ms[part] for s in steps]) if steps else np.array([np.nan])
-        latency[part] = {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)), "p95": float(np.percentile(values, 95))}
+        latency[part] = {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)),
+                         "p95": float(np.percentile(values, 95))}
     visual = steps[0].num_visual if steps else 0
     per_layer = [float(np.mean(x)) / visual for x in zip(*(s.reused_per_layer for s in steps))] if steps and visual else []
     return {

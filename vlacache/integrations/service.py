@@ -100,7 +100,8 @@ class PolicyService:
     / `end_session` mark the boundaries. `records` keeps the last queries' numbers (also written to `log`).
     """
 
-    def __init__(self, config: ServeConfig, backbone: Backbone | None = None, default_cameras: Mapping[str, str] | None = None) -> None:
+    def __init__(self, config: ServeConfig, backbone: Backbone | None = None,
+                 default_cameras: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.backbone = backbone if backbone is not None else build_backbone(config.backbone)
         self.cameras = dict(config.cameras if config.cameras is not None else default_cameras or {})

@@ -130,7 +130,8 @@ class PromptLengthBatches(torch.utils.data.Sampler):
     """A batch sampler over `batches_by_prompt`, reshuffled every epoch (deterministically from the seed)."""
 
     def __init__(self, samples: DemoSamples, prompt_length, batch_size: int, shuffle: bool, seed: int) -> None:
-        self.samples, self.prompt_length, self.batch_size, self.shuffle, self.seed = samples, prompt_length, batch_size, shuffle, seed
+        self.samples, self.prompt_length, self.batch_size, self.shuffle, self.seed = (
+            samples, prompt_length, batch_size, shuffle, seed)
         self.epoch = 0
         self._count = len(batches_by_prompt(samples, prompt_length, batch_size, False, seed))
 

@@ -3,15 +3,16 @@
 The classifier decides, per visual token and query, whether to reuse last query's K/V. It is trained by policy
 gradient (REINFORCE) through the real engine: on recorded demonstration episodes, replayed at the policy's query
 cadence, each window of queries starts with a full step and then draws every static token's decision (the
-selector's `tau`) from the classifier's probability; the query's reward is its reuse ratio minus `penalty` times how far its actions
-exceed `tolerance` away from the no-cache actions of the same frame (|a_cached - a_nocache| in units of half the
-dataset's q01..q99 range, averaged over the chunk, of the worst action dimension: 0.05 = 2.5% of the range), and a
-decision is credited with the discounted rewards of its query and the later ones of its window (reused K/V
-stay in the cache). Validation draws the same way on held-out episodes (from its own seeded generator); after
-training, the threshold is calibrated there (of `thresholds`, the one that reuses most while
-the mean deviation stays within the tolerance) and saved as the checkpoint's default. Lightning runs the loop as for behaviour cloning: a checkpoint every epoch, resume, seeds, a progress
-bar, curves (CSV + PNG). The export is a folder a policy YAML names (`selector: {name: learned, checkpoint:
-...}`): the classifier's weights (a few hundred floats) and `selector.json`.
+selector's `tau`) from the classifier's probability; the query's reward is its reuse ratio minus `penalty` times
+how far its actions exceed `tolerance` away from the no-cache actions of the same frame (|a_cached - a_nocache|
+in units of half the dataset's q01..q99 range, averaged over the chunk, of the worst action dimension: 0.05 =
+2.5% of the range), and a decision is credited with the discounted rewards of its query and the later ones of
+its window (reused K/V stay in the cache). Validation draws the same way on held-out episodes (from its own
+seeded generator); after training, the threshold is calibrated there (of `thresholds`, the one that reuses most
+while the mean deviation stays within the tolerance) and saved as the checkpoint's default. Lightning runs the
+loop as for behaviour cloning: a checkpoint every epoch, resume, seeds, a progress bar, curves (CSV + PNG). The
+export is a folder a policy YAML names (`selector: {name: learned, checkpoint: ...}`): the classifier's weights
+(a few hundred floats) and `selector.json`.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class ReuseTrainConfig:
     penalty: float = 4.0
     discount: float = 0.5
     hidden: int = 16
-    thresholds: list[float] = field(default_factory=lambda: [0.5, 0.3, 0.2, 0.1, 0.09, 0.08, 0.07, 0.06, 0.05, 0.04, 0.03])  # calibrated on validation
+    thresholds: list[float] = field(  # calibrated on validation
+        default_factory=lambda: [0.5, 0.3, 0.2, 0.1, 0.09, 0.08, 0.07, 0.06, 0.05, 0.04, 0.03])
     attention_layers: list[Any] | None = None  # the layers whose text-to-vision attention is a feature; null: all
     epochs: int = 4
     lr: float = 3.0e-3

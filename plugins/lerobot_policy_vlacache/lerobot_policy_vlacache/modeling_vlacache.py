@@ -162,5 +162,6 @@ class VlaCachePolicy(PreTrainedPolicy):
                 raise InputError(f"the model needs the robot state and the batch has no '{config.state_key}' "
                                  "(LeRobot's LIBERO env sends it with --env.obs_type=pixels_agent_pos, the default)")
             state = state[row] if getattr(state, "ndim", 1) == 2 else state
-            proprio = state.detach().to("cpu", torch.float32).numpy() if isinstance(state, Tensor) else np.asarray(state, np.float32)
+            proprio = (state.detach().to("cpu", torch.float32).numpy() if isinstance(state, Tensor)
+                       else np.asarray(state, np.float32))
         return service.observation(images, instruction, proprio)
