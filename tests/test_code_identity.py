@@ -143,3 +143,35 @@ def test_results_fingerprinted_with_the_whole_source_resume_only_under_that_sour
     else:
         assert again.returncode == 2 and "fingerprinted as a whole" in again.stderr
 
+
+
+def test_a_code_change_that_reproduces_a_recorded_episode_may_resume(tmp_path, capsys):
+    """`--verify-code-change`: the changed rows' first episodes run again under the new code, with their recorded
+    thread count; the run resumes only when they come out the same, and run.json keeps the evidence."""
+    out = tmp_path / "run"
+    policies = "policies=[no_cache,static_reuse]"
+    assert vlacache_in_process(capsys, "run", "tiny_replay", policies, *QUICK, f"output_dir={out}").returncode == 0
+    recorded = lines(out / "episodes.jsonl")
+    refactored = lambda e: e["fingerprint"]["code"].__setitem__("backbone", "f" * 64)  # noqa: E731
+    _rewrite(out / "run.json", refactored)  # the results were made before a backbone refactor
+
+    refused = vlacache_in_process(capsys, "run", "tiny_replay", policies, *QUICK, f"output_dir={out}")
+    assert refused.returncode == 2 and "code.backbone" in refused.stderr and "--verify-code-change" in refused.stderr
+
+    verified = vlacache_in_process(capsys, "run", "tiny_replay", policies, *QUICK, "--verify-code-change",
+                                   f"output_dir={out}")
+    assert verified.returncode == 0, verified.stderr
+    assert "reproduced" in verified.stderr and lines(out / "episodes.jsonl") == recorded  # nothing re-recorded
+    for entry in json.loads((out / "run.json").read_text())["policies"].values():
+        evidence = entry["builds"][-1]["verified"]
+        assert evidence["differ"] == {} and evidence["episode"] and evidence["torch_threads"] >= 1
+        assert entry["fingerprint"]["code"]["backbone"] != "f" * 64  # the new code's identity is recorded
+
+    # a refactor that changed what the policy does: its episode comes out otherwise, and the resume is refused
+    _rewrite(out / "run.json", refactored)
+    tampered = [dict(r, reuse_ratio=0.5) if r["policy"] == "static-reuse" else r for r in recorded]
+    (out / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tampered))
+    changed = vlacache_in_process(capsys, "run", "tiny_replay", policies, *QUICK, "--verify-code-change",
+                                  f"output_dir={out}")
+    assert changed.returncode == 2
+    assert "'static-reuse'" in changed.stderr and "reuse_ratio" in changed.stderr and "'no-cache'" not in changed.stderr

@@ -85,7 +85,7 @@ def _run(args) -> int:
     from .eval.runner import launch
 
     config = load_config(ExperimentConfig, args.config or "default", "experiment", args.overrides)
-    rows = launch(config, progress=not args.quiet, restart=args.restart)
+    rows = launch(config, progress=not args.quiet, restart=args.restart, verify_code_change=args.verify_code_change)
     if rows:
         print_summary(rows)
         out = Path(config.output_dir)
@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true",
                    help="start over in output_dir: its previous results move to output_dir/restarted-<time>/ "
                         "(never deleted) instead of being resumed")
+    p.add_argument("--verify-code-change", action="store_true",
+                   help="when only the code of a policy's strategies, backbone or env changed since its results were "
+                        "recorded, re-run its first recorded episode under the new code and resume if it comes out "
+                        "the same (the evidence goes into run.json)")
     p.set_defaults(func=_run)
     p = sub.add_parser("report", help="one markdown table over several runs' result directories (a row per policy)")
     p.add_argument("dirs", nargs="+", help="output_dir of each `vlacache run`, e.g. results/micro_oft_*")
@@ -202,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment YAML path or shipped name; its first policy drives the env")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--out", required=True, help="output .npz (replay it with env: {name: replay, path: FILE})")
-    p.add_argument("--steps", type=int, default=None, help="at most this many observations")
+    p.add_argument("--steps", type=int, default=None, help="at most this many env steps")
     p.add_argument("--episode", type=int, default=0, help="index into the env's episode list")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_record)

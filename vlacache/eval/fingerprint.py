@@ -27,14 +27,14 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..backbone import resolve_checkpoint
 from ..config import ConfigError, resolve_component
 from ..experiment import ExperimentConfig, resolve_policy_config
 from ..registry import BACKBONES, ENVS, PERTURBATIONS, STRATEGIES
 from .code_identity import code_build, component_code
-from .results import MANIFEST_NAME, ResultsConflict, warn, write_atomic
+from .results import MANIFEST_NAME, ResultsConflict, note, warn, write_atomic
 
 MAX_CHECKPOINT_FILES = 10_000
 HASHED_FILE_BYTES = 64 << 20
@@ -208,8 +208,9 @@ def _legacy_code(entry: dict) -> str | None:
     return code.get("source_sha256") if isinstance(code, dict) and "source_sha256" in code else None
 
 
-def _compare(label: str, entry: dict, fingerprint: dict, build: dict) -> str | None:
-    """Why `label`'s recorded results cannot be resumed under `fingerprint` (None: they can)."""
+def _compare(label: str, entry: dict, fingerprint: dict, build: dict) -> tuple[str | None, bool]:
+    """Why `label`'s recorded results cannot be resumed under `fingerprint` (None: they can), and whether only
+    the code of its components changed (what `--verify-code-change` can settle)."""
     recorded = entry.get("fingerprint", {})
     legacy = _legacy_code(entry)
     if legacy is not None:  # compare all but the code; the code only as a whole, as it was recorded
@@ -217,12 +218,13 @@ def _compare(label: str, entry: dict, fingerprint: dict, build: dict) -> str | N
         fingerprint = {k: v for k, v in fingerprint.items() if k != "code"}
     changes = changed_keys(recorded, fingerprint)
     if changes:
-        return f"policy '{label}' changed {describe_changes(changes)}"
+        code_only = all(key.startswith("code.") for key, _, _ in changes)
+        return f"policy '{label}' changed {describe_changes(changes)}", code_only
     if legacy is not None and legacy != build["source_sha256"]:
         return (f"policy '{label}' has results recorded under other vlacache code, fingerprinted as a whole (before "
                 f"the code of strategies, backbone and env was told apart), so whether what decides its outcomes "
-                f"changed is unknown")
-    return None
+                f"changed is unknown"), True
+    return None, False
 
 
 def _builds(entry: dict | None) -> list[dict]:
@@ -233,15 +235,18 @@ def _builds(entry: dict | None) -> list[dict]:
     return builds
 
 
-def check_fingerprints(out: Path, fingerprints: dict[str, dict], recorded: set[str], write: bool) -> None:
+def check_fingerprints(out: Path, fingerprints: dict[str, dict], recorded: set[str], write: bool,
+                       verify: Callable[[str], dict] | None = None) -> None:
     """Refuse when a policy that already has results in `out` had them made under a different fingerprint (or
     under none: results older than fingerprints); with `write`, record the fingerprints of this run's policies.
     A policy new to the directory, or one with no results yet, is (re)recorded freely. Code outside what the
     fingerprint counts (`code_identity`) may differ: the run resumes with a warning, and each policy's entry
-    lists every build (version, source hash, git commit) its results were made under (`builds`)."""
+    lists every build (version, source hash, git commit) its results were made under (`builds`). `verify`
+    (`--verify-code-change`, `verify.reproduce`): for a policy whose only change is the code of its components,
+    re-run one recorded episode; if it comes out the same, resume, and keep that evidence with the build."""
     manifest = load_manifest(out)
     build = code_build()
-    problems, rebuilt = [], []
+    problems, rebuilt, verified = [], [], {}
     for label, fingerprint in fingerprints.items():
         if label not in recorded:
             continue
@@ -249,15 +254,29 @@ def check_fingerprints(out: Path, fingerprints: dict[str, dict], recorded: set[s
         if entry is None:
             problems.append(f"policy '{label}' has results but no fingerprint in {MANIFEST_NAME}")
             continue
-        problem = _compare(label, entry, json.loads(json.dumps(fingerprint)), build)
+        problem, code_only = _compare(label, entry, json.loads(json.dumps(fingerprint)), build)
+        if problem is not None and code_only and verify is not None:
+            evidence = verify(label)
+            if not evidence["differ"] and evidence["error"] is None:
+                verified[label] = evidence
+                continue
+            problem += (f"; its episode {evidence['episode']} run again under this code gave other "
+                        f"{', '.join(evidence['differ']) or 'an error'}")
         if problem is not None:
             problems.append(problem)
         elif _builds(entry) and _builds(entry)[-1].get("source_sha256") != build["source_sha256"]:
             rebuilt.append((label, _builds(entry)[-1]))
     if problems:
+        hint = "" if verify is not None else (
+            "; if only code changed (e.g. a refactor), --verify-code-change re-runs one recorded episode per policy "
+            "and resumes when they come out the same")
         raise ResultsConflict(
             f"{out} holds results of a different run ({'; '.join(problems)}); to keep them, pass a new "
-            f"output_dir=...; to start over here, add --restart (the old results move to {out}/restarted-<time>/)")
+            f"output_dir=...; to start over here, add --restart (the old results move to {out}/restarted-<time>/)"
+            + hint)
+    for label, evidence in verified.items():
+        note(f"policy '{label}': the code of its components changed, and its episode {evidence['episode']} run again "
+             f"under this code ({evidence['torch_threads']} torch threads) reproduced its record exactly; resuming")
     if rebuilt and write:
         def commit(b: dict) -> str:
             return (b.get("commit") or "no git commit")[:12] + (" + uncommitted changes" if b.get("dirty") else "")
@@ -274,8 +293,8 @@ def check_fingerprints(out: Path, fingerprints: dict[str, dict], recorded: set[s
         entry = manifest["policies"].get(label)
         keep = entry is not None and label in recorded  # its results stay: so does the history of its builds
         builds = _builds(entry) if keep else []
-        if not builds or builds[-1].get("source_sha256") != build["source_sha256"]:
-            builds.append({**build, "since": now})
+        if not builds or builds[-1].get("source_sha256") != build["source_sha256"] or label in verified:
+            builds.append({**build, "since": now, **({"verified": verified[label]} if label in verified else {})})
         new = {"fingerprint": plain, "recorded": entry.get("recorded", now) if keep else now, "builds": builds}
         if entry != new:
             manifest["policies"][label] = new

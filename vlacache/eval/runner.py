@@ -19,6 +19,7 @@ import os
 import time
 import traceback
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from datetime import timedelta
 from itertools import groupby
@@ -38,6 +39,7 @@ from .env_workers import WorkerEnv, start_workers
 from .fingerprint import check_fingerprints, experiment_fingerprints
 from .lock import OutputLock, acquire_lock, run_token
 from .report import LATENCY_PARTS, summarize, write_plots, write_tables
+from .verify import first_episode, reproduce
 from .results import (ResultStore, attempts, check_writable_dir, load_records, move_aside, note, record_key,
                       repair_jsonl, result_files)
 
@@ -215,11 +217,13 @@ def save_gif(path: Path, frames: list[np.ndarray]) -> None:
 
 
 @contextmanager
-def claim_output(config: ExperimentConfig, restart: bool = False, world: int = 1) -> Iterator[OutputLock]:
+def claim_output(config: ExperimentConfig, restart: bool = False, world: int = 1,
+                 verify_code_change: bool = False) -> Iterator[OutputLock]:
     """Everything that can refuse a run, before any compute: the configs resolve (fingerprints), the output dir
     is writable, no other run holds it, torn lines are moved aside, and each policy's earlier results were made
-    under the same fingerprint (`restart`: move them aside instead). Yields the lock; the process that took it
-    releases it on exit, the other ranks of the same run join it."""
+    under the same fingerprint (`restart`: move them aside instead; `verify_code_change`: a policy whose only
+    change is its components' code resumes if one of its recorded episodes, run again, comes out the same:
+    `verify.py`). Yields the lock; the process that took it releases it on exit, the other ranks join it."""
     config.check()
     fingerprints = experiment_fingerprints(config)
     out = Path(config.output_dir)
@@ -234,16 +238,26 @@ def claim_output(config: ExperimentConfig, restart: bool = False, world: int = 1
             for path in result_files(out):
                 repair_jsonl(path)
         if lock.owner or not restart:  # under --restart the owner has moved the old results aside
-            recorded = {r["policy"] for r in load_records(result_files(out), quiet=not lock.owner)}
-            check_fingerprints(out, fingerprints, recorded, write=lock.owner)
+            records = load_records(result_files(out), quiet=not lock.owner)
+            verify = partial(reproduce_first, config, records) if verify_code_change and lock.owner else None
+            check_fingerprints(out, fingerprints, {r["policy"] for r in records}, write=lock.owner, verify=verify)
         yield lock
     finally:
         lock.release()
 
 
-def run_experiment(config: ExperimentConfig, progress: bool = True, restart: bool = False) -> list[dict]:
+def reproduce_first(config: ExperimentConfig, records: list[dict], label: str) -> dict:
+    """`verify.reproduce` on the policy's first recorded episode."""
+    record = first_episode(records, label)
+    if record is None:
+        return {"episode": "(none finished)", "torch_threads": None, "differ": {"a finished episode": None}, "error": None}
+    return reproduce(config, label, record)
+
+
+def run_experiment(config: ExperimentConfig, progress: bool = True, restart: bool = False,
+                   verify_code_change: bool = False) -> list[dict]:
     """Run (or resume) the whole experiment in this process; return the summary rows."""
-    with claim_output(config, restart):
+    with claim_output(config, restart, verify_code_change=verify_code_change):
         return run_shard(config, progress, policies=[build_policy(spec) for spec in config.policies])
 
 
@@ -353,15 +367,16 @@ def report(out: Path, policies: list[CachePolicy]) -> list[dict]:
 SHARD_WAIT = timedelta(days=7)  # how long a finished rank waits for the others
 
 
-def launch(config: ExperimentConfig, progress: bool = True, restart: bool = False) -> list[dict]:
+def launch(config: ExperimentConfig, progress: bool = True, restart: bool = False,
+           verify_code_change: bool = False) -> list[dict]:
     """Run on one process, or shard over Lightning Fabric processes (devices x num_nodes). The process that
     claims the output dir hands its run token to the processes Fabric starts, so they join its lock. The config
     is checked and its policies built once here (`claim_output` checks it before anything else)."""
     launcher = config.launcher
     world = launcher.devices * launcher.num_nodes
     if world <= 1:
-        return run_experiment(config, progress, restart)
-    with claim_output(config, restart, world) as lock:
+        return run_experiment(config, progress, restart, verify_code_change)
+    with claim_output(config, restart, world, verify_code_change) as lock:
         from lightning.fabric import Fabric
 
         from lightning.fabric.strategies import DDPStrategy
