@@ -10,6 +10,7 @@ record comes out the same in every outcome field; `run.json` keeps that evidence
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -34,7 +35,8 @@ def reproduce(config: ExperimentConfig, label: str, record: dict) -> dict[str, A
     spec = next((s for s in config.policies if build_policy(s).label == label), None)
     if spec is None:
         raise ValueError(f"policy '{label}' is not in this experiment's policies")
-    threads = record.get("torch_threads") or torch.get_num_threads()
+    # a record older than `torch_threads`: what Lightning gives each of the run's processes on this machine
+    threads = record.get("torch_threads") or max(1, (os.cpu_count() or 1) // max(1, config.launcher.devices))
     before = torch.get_num_threads()
     env = build_env(config.env, config.perturbation)
     try:
