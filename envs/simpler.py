@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from vlacache.env import Env, EpisodeSpec
+from vlacache.errors import VlacacheError
 from vlacache.registry import register_env
 from vlacache.types import InputError, Observation
 
@@ -70,7 +71,7 @@ LAVAPIPE_ICDS = ("/usr/share/vulkan/icd.d/lvp_icd.json", "/usr/share/vulkan/icd.
 GPU_ICDS = ("/usr/share/vulkan/icd.d/nvidia_icd.json", "/etc/vulkan/icd.d/nvidia_icd.json")
 
 
-class MissingAssetsError(FileNotFoundError):
+class MissingAssetsError(VlacacheError, FileNotFoundError):
     """ManiSkill assets a task needs are not on disk; the message says what to fetch and where to put it."""
 
     def __str__(self) -> str:  # FileNotFoundError would format (errno, strerror)

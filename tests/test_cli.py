@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,40 @@ def test_every_input_error_class_is_one_line_and_exit_2(monkeypatch, capsys, err
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("vlacache: error: ") and "Traceback" not in err
     assert str(raised).split("\n")[0] in err
+
+
+def test_only_user_errors_are_one_line_a_bug_keeps_its_traceback(tmp_path, capsys):
+    """Every error a user can fix derives from vlacache.VlacacheError and ends in one line and exit 2; anything
+    else (here a KeyError inside an env, i.e. a bug) is not swallowed into that line."""
+    from vlacache import ConfigError, InputError, VlacacheError, register_env
+    from vlacache.backbones.openvla.checkpoint import CheckpointError
+    from vlacache.cli import main
+    from vlacache.env import Env
+    from vlacache.envs.simpler import MissingAssetsError
+    from vlacache.eval.results import ResultsConflict
+    from vlacache.registry import RegistryError
+    from vlacache.types import NonFiniteOutputError
+
+    for error in (ConfigError, InputError, CheckpointError, MissingAssetsError, ResultsConflict, RegistryError,
+                  NonFiniteOutputError):
+        assert issubclass(error, VlacacheError), error
+
+    @register_env("test-buggy")
+    class BuggyEnv(Env):
+        @dataclass
+        class Config:
+            pass
+
+        def __init__(self, config=None):
+            raise KeyError("an internal lookup that should not fail")
+
+        def reset(self, episode=None):
+            raise NotImplementedError
+
+        def step(self, action):
+            raise NotImplementedError
+
+    with pytest.raises(KeyError, match="internal lookup"):
+        main(["run", "tiny_replay", "env={name: test-buggy}", f"output_dir={tmp_path}", "--quiet"])
+    user = vlacache_in_process(capsys, "run", "tiny_replay", "env={name: no-such-env}", f"output_dir={tmp_path / 'u'}")
+    assert user.returncode == 2 and "unknown env 'no-such-env'" in user.stderr and "Traceback" not in user.stderr

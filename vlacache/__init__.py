@@ -4,6 +4,7 @@ from .backbone import Backbone
 from .config import ConfigError
 from .engine import CacheEngine, StatsRequest
 from .env import Env
+from .errors import VlacacheError
 from .policy import CachePolicy, PolicyConfig
 from .registry import BACKBONES, ENVS, STRATEGIES, Registry, register_backbone, register_env, register_strategy
 from .runtime import CachedVLA, StepResult, attach
@@ -26,6 +27,6 @@ __all__ = [
     "AttentionStats", "BACKBONES", "Backbone", "CacheEngine", "CachePolicy", "CachedVLA", "Candidates", "ConfigError",
     "ENVS", "Env", "InputError", "LayerScheduler", "Observation", "PlanContext", "PolicyConfig", "PruneRule", "Registry",
     "RelevanceFilter", "ReusePlan", "STRATEGIES", "StatsRequest", "StepGate", "StepResult", "StepStats",
-    "TokenLayout", "TokenPruner", "TokenSelector", "attach", "build_backbone", "register_backbone", "register_env",
+    "TokenLayout", "TokenPruner", "TokenSelector", "VlacacheError", "attach", "build_backbone", "register_backbone", "register_env",
     "register_strategy",
 ]

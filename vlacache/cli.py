@@ -10,15 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-from .backbones.openvla.checkpoint import CheckpointError
-from .config import ConfigError
-from .envs.simpler import MissingAssetsError
-from .registry import RegistryError
+from .errors import VlacacheError
 from .types import InputError
 
 EXIT_BAD_INPUT = 2
-# what a user can fix (the message says how); anything else is a bug and keeps its traceback
-BAD_INPUT = (ConfigError, InputError, CheckpointError, RegistryError, MissingAssetsError, KeyError, FileNotFoundError)
 
 
 def _list(args) -> int:
@@ -253,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vlacache: interrupted. Finished episodes are saved; run the same command again to resume.", file=sys.stderr)
         return 130
-    except BAD_INPUT as error:
+    except VlacacheError as error:  # what a user can fix (the message says how); anything else is a bug: traceback
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"vlacache: error: {one_line(message)}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -11,8 +11,10 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from .errors import VlacacheError
 
-class ConfigError(ValueError):
+
+class ConfigError(VlacacheError, ValueError):
     """A config that cannot be used; the message names the bad key or value and the valid ones."""
 
 

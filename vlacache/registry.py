@@ -6,10 +6,12 @@ import difflib
 import fnmatch
 from typing import Callable, Generic, Iterator, TypeVar
 
+from .errors import VlacacheError
+
 T = TypeVar("T")
 
 
-class RegistryError(KeyError):
+class RegistryError(VlacacheError, KeyError):
     """An unknown or duplicate registry key; the message lists the valid names."""
 
     def __str__(self) -> str:  # KeyError would repr() the message

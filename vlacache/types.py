@@ -8,12 +8,14 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .errors import VlacacheError
 
-class InputError(ValueError):
+
+class InputError(VlacacheError, ValueError):
     """Bad user input (images, instruction, batch); the message says what is wrong and how to fix it."""
 
 
-class NonFiniteOutputError(RuntimeError):
+class NonFiniteOutputError(VlacacheError, RuntimeError):
     """The model produced NaN or inf logits or actions; no actions are returned."""
 
 

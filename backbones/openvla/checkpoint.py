@@ -16,6 +16,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from vlacache.errors import VlacacheError
+
 __all__ = [
     "CheckpointError",
     "SAFETENSORS_FILE",
@@ -45,7 +47,7 @@ _LAYOUT_HINT = (
 _MAX_LISTED = 20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VlacacheError, ValueError):
     """A checkpoint directory or file is missing, malformed, or does not match the model."""
 
 

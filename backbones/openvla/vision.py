@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlacache.errors import VlacacheError
+
 __all__ = [
     "ViTSpec",
     "VIT_SPECS",
@@ -123,7 +125,7 @@ for _tower in ("dinov2-reg4", "siglip"):
                                                                      embed_dim=128, mlp_dim=256)
 
 
-class UnknownViTError(KeyError):
+class UnknownViTError(VlacacheError, KeyError):
     """Raised for a timm model id that has no entry in ``VIT_SPECS``."""
 
     def __str__(self) -> str:

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from vlacache.config import resolve_component, typed
 from vlacache.env import EpisodeSpec
+from vlacache.types import InputError
 from vlacache.envs.replay import IMAGE_PREFIX, save_recording
 from vlacache.eval.lock import acquire_lock, run_token
 from vlacache.eval.results import ResultStore
@@ -312,7 +313,7 @@ class DemoSet:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         if not (self.folder / INDEX).exists():
-            raise FileNotFoundError(f"{self.folder} holds no {INDEX}: not a demo folder (record_demos writes one)")
+            raise InputError(f"{self.folder} holds no {INDEX}: not a demo folder (`vlacache demos` writes one)")
         self.index = read_index(self.folder)
         self.episodes = sorted((r for r in self.index if r.get("file")),
                                key=lambda r: (int(r["task"].rpartition("/")[2]), r["seed"]))
