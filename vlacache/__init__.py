@@ -27,6 +27,6 @@ __all__ = [
     "AttentionStats", "BACKBONES", "Backbone", "CacheEngine", "CachePolicy", "CachedVLA", "Candidates", "ConfigError",
     "ENVS", "Env", "InputError", "LayerScheduler", "Observation", "PlanContext", "PolicyConfig", "PruneRule", "Registry",
     "RelevanceFilter", "ReusePlan", "STRATEGIES", "StatsRequest", "StepGate", "StepResult", "StepStats",
-    "TokenLayout", "TokenPruner", "TokenSelector", "VlacacheError", "attach", "build_backbone", "register_backbone", "register_env",
-    "register_strategy",
+    "TokenLayout", "TokenPruner", "TokenSelector", "VlacacheError", "attach", "build_backbone", "register_backbone",
+    "register_env", "register_strategy",
 ]
