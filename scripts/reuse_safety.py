@@ -101,7 +101,14 @@ def plot(lines: list[dict], path: Path) -> None:
                 if line["episodes"] < 100:
                     ax.annotate(f"n={line['episodes']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xticks(range(len(settings)), [str(s) for s in settings])
+        def tick(setting):  # the setting, and no cache's own success there (the level the loss is measured from)
+            mine = [x for x in lines if x["axis"] == axis and x["setting"] == setting]
+            if not mine:
+                return str(setting)
+            widest = max(mine, key=lambda x: x["episodes"])
+            return f"{setting}\n(no cache {100 * widest['baseline_successes'] / widest['episodes']:.0f}%, n={widest['episodes']})"
+
+        ax.set_xticks(range(len(settings)), [tick(s) for s in settings])
         ax.set_xlim(-0.5, len(settings) - 0.5)
         ax.set(xlabel=AXIS_TITLES[axis], title=f"by {axis}")
         ax.legend(fontsize=8)
