@@ -95,7 +95,8 @@ def plot(lines: list[dict], path: Path) -> None:
                 continue
             xs = [settings.index(x["setting"]) + (i - 1.5) * 0.06 for x in mine]
             ys = [x["lost_points"] for x in mine]
-            err = [[y - x["lost_ci95_low"] for x, y in zip(mine, ys)], [x["lost_ci95_high"] - y for x, y in zip(mine, ys)]]
+            err = [[max(0.0, y - x["lost_ci95_low"]) for x, y in zip(mine, ys)],
+                   [max(0.0, x["lost_ci95_high"] - y) for x, y in zip(mine, ys)]]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=policy)
             for x, y, line in zip(xs, ys, mine):
                 if line["episodes"] < 100:

@@ -19,6 +19,7 @@ import vlacache.eval.fingerprint as fingerprint
 import vlacache.eval.runner as runner
 from vlacache import InputError
 from vlacache.eval.fingerprint import checkpoint_identity, experiment_fingerprints
+from vlacache.runtime import LATENCY_PARTS
 from vlacache.eval.lock import acquire_lock
 from vlacache.eval.results import ResultsConflict, ResultStore, load_records, repair_jsonl
 from vlacache.experiment import ExperimentConfig
@@ -264,6 +265,24 @@ def test_cli_refuses_unwritable_outputs(tmp_path, capsys):
 
 
 # -- one table over several runs ------------------------------------------------------------------------------
+
+def test_every_success_count_gets_a_sound_interval_and_plots(tmp_path):
+    """Wilson bounds are exactly 0 / 1 at 0 / n successes (rounding once left 0.9999999999999999 at 4 of 4, and the
+    summary plot refused the negative error bar it made, failing the default run)."""
+    from vlacache.eval.report import wilson_interval, write_plots
+
+    for n in range(1, 101):
+        for k in range(n + 1):
+            low, high = wilson_interval(k, n)
+            assert 0.0 <= low <= k / n <= high <= 1.0
+        assert wilson_interval(n, n)[1] == 1.0 and wilson_interval(0, n)[0] == 0.0
+    rows = []
+    for label, k in (("all", 4), ("none", 0), ("some", 3)):
+        low, high = wilson_interval(k, 4)
+        rows.append({"policy": label, "reuse_ratio": 0.1, "success/mean": k / 4, "ci95_low/s": low, "ci95_high/s": high,
+                     "reused_per_layer": [0.1, 0.2], **{f"{p}_ms": 1.0 for p in LATENCY_PARTS}})
+    assert write_plots(tmp_path, rows)[0].stat().st_size > 10_000
+
 
 def test_the_interval_of_a_difference_of_success_rates():
     from vlacache.eval.report import difference_interval

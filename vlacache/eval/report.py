@@ -39,7 +39,10 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at 0 or n successes the bound on that side is exactly 0 or 1 (rounding can leave 0.9999999999999999)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
 
 
 def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = 1.959964) -> tuple[float, float] | None:
@@ -157,7 +160,8 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
         bounds = [(row[k], row[k.replace("low", "high")]) for k in row if k.startswith("ci95_low/")]
         if len(bounds) == 1 and bounds[0][0] is not None:  # one suite: its 95% interval as an error bar
             low, high = bounds[0]
-            ax.errorbar([x], [y], yerr=[[y - 100 * low], [100 * high - y]], fmt="o", capsize=4, label=row["policy"])
+            below, above = max(0.0, y - 100 * low), max(0.0, 100 * high - y)  # never negative after rounding
+            ax.errorbar([x], [y], yerr=[[below], [above]], fmt="o", capsize=4, label=row["policy"])
         else:
             ax.scatter([x], [y], s=60, label=row["policy"])
     ax.set(xlabel="visual tokens reused (%)", ylabel="success rate (%)", title="success vs. reuse", ylim=(-5, 105))
