@@ -3,6 +3,7 @@ real openpi client from its own venv, and the shared per-session episode state."
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +29,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def end_group(process: subprocess.Popen) -> None:
+    """End a server started with start_new_session=True and every process it started (its whole group)."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 def wait_listening(port: int, process: subprocess.Popen, timeout: float = 180.0) -> None:
@@ -307,7 +321,8 @@ def test_vla_eval_server_starts_from_the_command_line(launcher):
         command = [str(BIN / "vla-eval"), "serve", "-c", "configs/vla_eval/serve_micro_oft_libero.yaml",
                    "--address", f"127.0.0.1:{port}"]
     env = {**os.environ, "UV_NO_PROJECT": "1", "UV_OFFLINE": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # `vla-eval serve` starts the server as a child (uv run)
     rng = np.random.default_rng(0)
     obs = {"images": {"agentview": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
                       "wrist": rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)},
@@ -325,8 +340,7 @@ def test_vla_eval_server_starts_from_the_command_line(launcher):
         wait_listening(port, process)
         anyio.run(client)
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        end_group(process)
     assert replies["hello"]["model_server"] == "VlaCacheModelServer"
     action = np.asarray(replies["action"])
     assert action.shape == (7,) and np.isfinite(action).all() and action[6] in (-1.0, 1.0)
