@@ -262,10 +262,11 @@ def check_fingerprints(out: Path, fingerprints: dict[str, dict], recorded: set[s
                 continue
             problem += (f"; its episode {evidence['episode']} run again under this code gave other "
                         f"{', '.join(evidence['differ']) or 'an error'}")
+        builds = _builds(entry)
         if problem is not None:
             problems.append(problem)
-        elif _builds(entry) and _builds(entry)[-1].get("source_sha256") != build["source_sha256"]:
-            rebuilt.append((label, _builds(entry)[-1]))
+        elif builds and builds[-1].get("source_sha256") != build["source_sha256"]:
+            rebuilt.append((label, builds[-1]))
     if problems:
         hint = "" if verify is not None else (
             "; if only code changed (e.g. a refactor), --verify-code-change re-runs one recorded episode per policy "
