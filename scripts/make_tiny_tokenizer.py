@@ -1,4 +1,4 @@
-"""Train the tiny Llama-style SentencePiece tokenizer shipped in backbones/openvla/assets/tiny_tokenizer.
+"""Train the tiny Llama-style SentencePiece tokenizer shipped in backbones/common/assets/tiny_tokenizer.
 
 The files mirror a released OpenVLA checkpoint's tokenizer (tokenizer.model, tokenizer.json in Llama-2's
 format, tokenizer_config.json, special_tokens_map.json, added_tokens.json with "<PAD>" appended after the
@@ -21,7 +21,7 @@ import sentencepiece as spm
 VOCAB_SIZE = 512
 PAD_TOKEN = "<PAD>"
 SPACE_PIECE = "\u2581"
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "backbones" / "openvla" / "assets" / "tiny_tokenizer"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "backbones" / "common" / "assets" / "tiny_tokenizer"
 PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
 
 INSTRUCTIONS = [

@@ -147,7 +147,7 @@ def test_every_input_error_class_is_one_line_and_exit_2(monkeypatch, capsys, err
     """What backbones and envs raise for bad checkpoints, devices, names and assets is caught as bad input."""
     import vlacache.eval.runner as runner
     from vlacache import InputError
-    from vlacache.backbones.openvla.checkpoint import CheckpointError
+    from vlacache.backbones.common.checkpoint import CheckpointError
     from vlacache.cli import main
     from vlacache.envs.simpler import MissingAssetsError
     from vlacache.registry import RegistryError
@@ -171,7 +171,7 @@ def test_only_user_errors_are_one_line_a_bug_keeps_its_traceback(tmp_path, capsy
     """Every error a user can fix derives from vlacache.VlacacheError and ends in one line and exit 2; anything
     else (here a KeyError inside an env, i.e. a bug) is not swallowed into that line."""
     from vlacache import ConfigError, InputError, VlacacheError, register_env
-    from vlacache.backbones.openvla.checkpoint import CheckpointError
+    from vlacache.backbones.common.checkpoint import CheckpointError
     from vlacache.cli import main
     from vlacache.env import Env
     from vlacache.envs.simpler import MissingAssetsError

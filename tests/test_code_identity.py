@@ -19,8 +19,8 @@ QUICK = ["max_steps=2", "--quiet"]
 def test_a_backbone_counts_the_modules_of_its_room_it_builds_on_and_nothing_else():
     oft = room_closure(BACKBONES.get("openvla-oft").__module__)
     assert "vlacache.backbones.openvla_oft.backbone" in oft and "vlacache.backbones.openvla_oft.heads" in oft
-    assert "vlacache.backbones.openvla.model" in oft  # OFT builds on OpenVLA's model: it decides OFT's outcomes
-    assert not any(m.startswith("vlacache.backbones.cogact") for m in oft)
+    assert "vlacache.backbones.common.vlm" in oft  # OFT builds on the shared VLM: it decides OFT's outcomes
+    assert not any(m.startswith(("vlacache.backbones.cogact", "vlacache.backbones.openvla.")) for m in oft)
     assert all(m.startswith("vlacache.backbones.") for m in oft) and "vlacache.backbones" not in oft
     assert room_closure(STRATEGIES["selector"].get("pixel-cosine").__module__) == ["vlacache.strategies.selectors"]
     assert room_closure(ENVS.get("libero").__module__) == ["vlacache.envs.libero"]

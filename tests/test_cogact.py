@@ -14,7 +14,7 @@ from reference import reference_forward
 from vlacache import CachedVLA, InputError, Observation, ReusePlan, attach
 from vlacache.backbones.cogact import AdaptiveEnsembler, CogACTBackbone, build_preset
 from vlacache.backbones.cogact.action_model import DDIMSampler, cosine_betas, ddim_timesteps, sample_actions
-from vlacache.backbones.openvla.checkpoint import CheckpointError
+from vlacache.backbones.common.checkpoint import CheckpointError
 from vlacache.config import packaged_configs
 from vlacache.experiment import build_backbone
 from vlacache.registry import BACKBONES

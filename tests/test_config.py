@@ -71,7 +71,7 @@ def test_every_shipped_experiment_config_is_valid(name):
 
 
 def test_unnorm_key_falls_back_to_no_noops():
-    from vlacache.backbones.openvla.actions import resolve_unnorm_key
+    from vlacache.backbones.common.statistics import resolve_unnorm_key
 
     stats = {"libero_spatial_no_noops": {}, "bridge_orig": {}}
     assert resolve_unnorm_key(stats, "libero_spatial") == "libero_spatial_no_noops"

@@ -7,7 +7,7 @@ from conftest import tiny_llama
 from reference import reference_forward
 
 from vlacache import CachedVLA, CacheEngine, Observation, ReusePlan, StatsRequest
-from vlacache.backbones.openvla.backbone import cache_keyword
+from vlacache.backbones.common.prismatic import cache_keyword
 from vlacache.types import Span, TokenLayout, VisionSpan
 
 L = 40

@@ -15,8 +15,8 @@ from vlacache import CachedVLA
 from vlacache.backbones.cogact import CogACTBackbone
 from vlacache.backbones.cogact import build_preset as build_cogact
 from vlacache.backbones.openvla import OpenVLABackbone, build_preset
-from vlacache.backbones.openvla import checkpoint as checkpoint_module
-from vlacache.backbones.openvla.checkpoint import CheckpointError
+from vlacache.backbones.common import checkpoint as checkpoint_module
+from vlacache.backbones.common.checkpoint import CheckpointError
 from vlacache.backbones.openvla_oft import OpenVLAOFTBackbone
 from vlacache.backbones.openvla_oft import build_preset as build_oft
 from vlacache.types import InputError
@@ -95,7 +95,7 @@ def test_dataset_statistics_replace_config_norm_stats(kind, saved, saved_oft, sa
 
 
 def test_dataset_statistics_change_the_actions(saved, tmp_path, frames):
-    from vlacache.backbones.openvla.actions import tokens_to_normalized
+    from vlacache.backbones.openvla.action_tokens import tokens_to_normalized
 
     root = copy(saved, tmp_path)
     plain = OpenVLABackbone.from_pretrained(root)
@@ -206,9 +206,9 @@ PEAK_SCRIPT = textwrap.dedent("""
     import sys, threading, time
     import torch
     from vlacache.backbones.openvla import OpenVLABackbone
-    from vlacache.backbones.openvla.checkpoint import load_safetensors_dir
-    from vlacache.backbones.openvla.model import OpenVLAModel, place_model
-    from vlacache.backbones.openvla.backbone import read_openvla_config
+    from vlacache.backbones.common.checkpoint import load_safetensors_dir
+    from vlacache.backbones.common.vlm import PrismaticVLM, place_model
+    from vlacache.backbones.common.prismatic import read_openvla_config
 
     def anon():
         for line in open("/proc/self/status"):
@@ -236,7 +236,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     def naive():  # read the file in its dtype, keep that state dict, cast the model: both copies alive at once
         config = read_openvla_config(__import__("pathlib").Path(path))
         with torch.device("meta"):
-            model = OpenVLAModel(config)
+            model = PrismaticVLM(config)
         state = load_safetensors_dir(path)
         model.load_state_dict(state, assign=True)
         return place_model(model, torch.device("cpu"), torch.float32)

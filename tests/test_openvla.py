@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from vlacache import CachedVLA, InputError
 from vlacache.backbones.openvla import OpenVLABackbone, build_preset
-from vlacache.backbones.openvla.actions import tokens_to_normalized
-from vlacache.backbones.openvla.checkpoint import CheckpointError
+from vlacache.backbones.openvla.action_tokens import tokens_to_normalized
+from vlacache.backbones.common.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_prompt_ids_from_a_saved_checkpoint_match_sentencepiece(saved):
     """The tokenizer loaded next to config.json (model_type 'openvla') must be the Llama one, not a guess."""
     import sentencepiece
 
-    from vlacache.backbones.openvla.backbone import PROMPT
+    from vlacache.backbones.common.prismatic import PROMPT
 
     loaded = OpenVLABackbone.from_pretrained(saved)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(saved / "tokenizer.model"))
@@ -141,7 +141,7 @@ def test_prompt_keeps_the_instructions_spaces_as_the_official_prompt_does(saved)
     """No .strip(): the official prompt is f"...take to {instruction.lower()}?" whatever spaces it has."""
     import sentencepiece
 
-    from vlacache.backbones.openvla.backbone import PROMPT
+    from vlacache.backbones.common.prismatic import PROMPT
 
     loaded = OpenVLABackbone.from_pretrained(saved)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(saved / "tokenizer.model"))

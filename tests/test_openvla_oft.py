@@ -11,10 +11,10 @@ from reference import reference_forward
 
 import vlacache
 from vlacache import CachedVLA, InputError, Observation, ReusePlan
-from vlacache.backbones.openvla.checkpoint import CheckpointError
+from vlacache.backbones.common.checkpoint import CheckpointError
 from vlacache.backbones.openvla_oft import OpenVLAOFTBackbone, build_preset
 from vlacache.backbones.openvla_oft.backbone import STOP_TOKEN
-from vlacache.backbones.openvla.actions import normalize_q99
+from vlacache.backbones.common.statistics import normalize_q99
 from vlacache.backbones.openvla_oft.heads import unnormalize_actions
 from vlacache.images import center_crop
 from vlacache.backbones.openvla_oft.tiny import LIBERO_PROPRIO_Q01, LIBERO_PROPRIO_Q99

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from vlacache import CachedVLA, Observation, ReusePlan
-from vlacache.backbones.openvla.checkpoint import CheckpointError
+from vlacache.backbones.common.checkpoint import CheckpointError
 from vlacache.backbones.openvla_oft import OpenVLAOFTBackbone, build_preset
 from vlacache.backbones.openvla_oft.backbone import STOP_TOKEN
 

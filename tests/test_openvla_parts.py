@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlacache.backbones.openvla.checkpoint import (
+from vlacache.backbones.common.checkpoint import (
     CheckpointError,
     load_safetensors_dir,
     load_state_dict_strict,
@@ -19,8 +19,8 @@ from vlacache.backbones.openvla.checkpoint import (
     save_torch_checkpoint,
     strip_prefix,
 )
-from vlacache.backbones.openvla.tokenizer import copy_tokenizer_files, load_tokenizer, tiny_tokenizer_dir
-from vlacache.backbones.openvla.vision import (
+from vlacache.backbones.common.tokenizer import copy_tokenizer_files, load_tokenizer, tiny_tokenizer_dir
+from vlacache.backbones.common.vision import (
     VIT_SPECS,
     FusedMLPProjector,
     FusedVisionBackbone,

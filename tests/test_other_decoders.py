@@ -14,7 +14,7 @@ from transformers import (DynamicCache, Gemma2Config, Gemma2ForCausalLM, LlamaCo
                           Qwen2ForCausalLM)
 
 from vlacache import CacheEngine, ReusePlan, StatsRequest
-from vlacache.backbones.openvla.backbone import cache_keyword
+from vlacache.backbones.common.prismatic import cache_keyword
 from vlacache.types import Span, TokenLayout, VisionSpan
 
 L = 40

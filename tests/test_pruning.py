@@ -11,7 +11,7 @@ from reference import reference_forward
 from test_engine import LAYOUT, L, nested_plan, run_step, two_steps
 
 from vlacache import CachedVLA, CacheEngine, CachePolicy, PruneRule, ReusePlan
-from vlacache.backbones.openvla.backbone import cache_keyword
+from vlacache.backbones.common.prismatic import cache_keyword
 
 VISUAL = LAYOUT.vision["cam"].positions()  # positions 1..25
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlacache.backbones.openvla.vision import Attention, Mlp
+from vlacache.backbones.common.vision import Attention, Mlp
 
 FREQUENCY_EMBEDDING_SIZE = 256
 

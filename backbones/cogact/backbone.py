@@ -37,15 +37,15 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from vlacache.backbone import ActionOutput, Backbone, LoadConfig, PrefillOutput, PreparedInputs
-from vlacache.backbones.openvla.actions import STATS_FILE, load_norm_stats, resolve_unnorm_key, unnormalize
-from vlacache.backbones.openvla.backbone import cache_keyword, prepare_prismatic
-from vlacache.backbones.openvla.checkpoint import CheckpointError, ensure_fits, load_state_dict_strict, read_json
-from vlacache.backbones.openvla.model import OpenVLAModel
-from vlacache.backbones.openvla.tokenizer import copy_tokenizer_files, load_tokenizer
-from vlacache.flops import DecoderDims, attention_flops, linear_flops
+from vlacache.backbone import ActionOutput, LoadConfig, PrefillOutput, PreparedInputs
+from vlacache.backbones.common.checkpoint import CheckpointError, ensure_fits, load_state_dict_strict, read_json
+from vlacache.backbones.common.prismatic import PrismaticBackbone
+from vlacache.backbones.common.statistics import STATS_FILE, load_norm_stats, resolve_unnorm_key, unnormalize
+from vlacache.backbones.common.tokenizer import copy_tokenizer_files, load_tokenizer
+from vlacache.backbones.common.vlm import PrismaticVLM
+from vlacache.flops import attention_flops, linear_flops
 from vlacache.registry import register_backbone
-from vlacache.types import InputError, Observation
+from vlacache.types import InputError
 
 from .action_model import ActionModel, DDIMSampler, sample_actions
 from .checkpoint import (
@@ -62,7 +62,7 @@ DIFFUSION_STEPS = 100
 
 
 @register_backbone("cogact")
-class CogACTBackbone(Backbone):
+class CogACTBackbone(PrismaticBackbone):
     """CogACT (Prismatic DINOv2+SigLIP + Llama-2, DiT action head) on stock transformers; one 'primary' camera."""
 
     cameras = ("primary",)
@@ -78,7 +78,7 @@ class CogACTBackbone(Backbone):
 
     def __init__(
         self,
-        vlm: OpenVLAModel,
+        vlm: PrismaticVLM,
         action_model: ActionModel,
         tokenizer,
         config: CogACTConfig,
@@ -93,21 +93,16 @@ class CogACTBackbone(Backbone):
     ) -> None:
         if noise not in NOISE_MODES:
             raise InputError(f"noise '{noise}' is not one of {list(NOISE_MODES)}")
-        self.model = vlm.eval()
+        super().__init__(vlm, tokenizer, config, unnorm_key)
         self.action_model = action_model.eval()
-        self.config = config
-        self.tokenizer = tokenizer
-        self.unnorm_key = resolve_unnorm_key(config.norm_stats, unnorm_key)
         self.seed = seed
         self.noise = noise
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.cfg_scale = float(cfg_scale)
         self.sampler = DDIMSampler(DIFFUSION_STEPS, ddim_steps)
-        self.space_token = tokenizer.convert_tokens_to_ids("\u2581")
         self.eos_token = tokenizer.eos_token_id
         if self.space_token is None or self.space_token == tokenizer.unk_token_id or self.eos_token is None:
             raise CheckpointError("the tokenizer lacks the '▁' piece or an EOS token; CogACT needs the Llama-2 tokenizer")
-        self._cache_kw = cache_keyword(self.decoder.forward)
         self.ensembler = AdaptiveEnsembler(ensemble_horizon, ensemble_alpha) if action_ensemble else None
         if self.ensembler is not None and ensemble_horizon > config.chunk_size:
             raise InputError(f"ensemble_horizon {ensemble_horizon} exceeds the {config.chunk_size} predicted actions per step")
@@ -187,14 +182,6 @@ class CogACTBackbone(Backbone):
 
     # -- the four stages ----------------------------------------------------------------------------------
     @property
-    def decoder(self):
-        return self.model.language_model.model
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
     def chunk_size(self) -> int:
         return self.config.chunk_size
 
@@ -204,12 +191,6 @@ class CogACTBackbone(Backbone):
         message = f"What action should the robot take to {instruction.lower()}?".replace("<image>", "").strip()
         ids = self.tokenizer(f"In: {message}\nOut:").input_ids
         return [*ids, self.space_token, self.eos_token]
-
-    def prepare(self, obs: Observation) -> PreparedInputs:
-        return prepare_prismatic(self, obs)
-
-    def embed(self, inputs: PreparedInputs) -> torch.Tensor:
-        return self.model.embed(inputs.model_inputs["pixel_values"], inputs.model_inputs["input_ids"])
 
     def prefill(self, embeds: torch.Tensor, inputs: PreparedInputs, cache: DynamicCache) -> PrefillOutput:
         """One decoder pass; `extra["cognition"]` is the last position's final (normed) hidden state [B, D]."""
@@ -288,9 +269,6 @@ class CogACTBackbone(Backbone):
     keep_rows = reset_rows
 
     # -- accounting ---------------------------------------------------------------------------------------
-    def decoder_dims(self) -> DecoderDims:
-        return DecoderDims.from_config(self.model.language_model.config)
-
     def head_flops(self) -> float:
         """The DiT over 1 condition + chunk action tokens, per DDIM step, doubled for classifier-free guidance."""
         net = self.action_model.net
@@ -302,14 +280,8 @@ class CogACTBackbone(Backbone):
         passes = len(self.sampler.timesteps) * (2 if self.cfg_scale > 1.0 else 1)
         return per_pass * passes
 
-    def vision_towers(self) -> list[torch.nn.Module]:
-        return [self.model.vision_backbone]
-
     def decode_passes(self) -> int:
         return 0
-
-    def vision_flops(self) -> float:
-        return self.model.vision_flops()
 
 
 def _check_chunk_size(action_state: dict[str, torch.Tensor], config: CogACTConfig, source: Path) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from vlacache.backbones.openvla.checkpoint import CheckpointError
+from vlacache.backbones.common.checkpoint import CheckpointError
 
 SECTIONS = ("vision_backbone", "projector", "llm_backbone", "action_model")
 CONFIG_FILE = "config.json"

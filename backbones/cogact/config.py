@@ -30,8 +30,8 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-from vlacache.backbones.openvla.checkpoint import CheckpointError, check_field_types
-from vlacache.backbones.openvla.config import checked_llama_config
+from vlacache.backbones.common.checkpoint import CheckpointError, check_field_types
+from vlacache.backbones.common.config import checked_llama_config
 
 # Prismatic vision backbone id -> (featurizer timm id, fused featurizer timm id), as in Prismatic's registry.
 VISION_BACKBONES: dict[str, tuple[str, str]] = {

@@ -1,11 +1,11 @@
-"""CogACT's two networks: the Prismatic VLM (OpenVLA's modules, reused) and the DiT action model."""
+"""CogACT's two networks: the Prismatic VLM (the shared library's) and the DiT action model."""
 
 from __future__ import annotations
 
 import torch
 
-from vlacache.backbones.openvla.config import OpenVLAConfig
-from vlacache.backbones.openvla.model import OpenVLAModel, place_model
+from vlacache.backbones.common.config import OpenVLAConfig
+from vlacache.backbones.common.vlm import PrismaticVLM, place_model
 
 from .action_model import ActionModel, DiT
 from .config import LLM_BACKBONES, CogACTConfig
@@ -29,8 +29,8 @@ def vlm_config(config: CogACTConfig, vocab_size: int | None = None) -> OpenVLACo
     )
 
 
-def build_vlm(config: CogACTConfig, attn_implementation: str = "sdpa", vocab_size: int | None = None) -> OpenVLAModel:
-    return OpenVLAModel(vlm_config(config, vocab_size), attn_implementation)
+def build_vlm(config: CogACTConfig, attn_implementation: str = "sdpa", vocab_size: int | None = None) -> PrismaticVLM:
+    return PrismaticVLM(vlm_config(config, vocab_size), attn_implementation)
 
 
 def build_action_model(config: CogACTConfig, token_size: int) -> ActionModel:
@@ -45,7 +45,7 @@ def build_action_model(config: CogACTConfig, token_size: int) -> ActionModel:
     )
 
 
-def place(vlm: OpenVLAModel, action_model: ActionModel, device: torch.device, dtype: torch.dtype):
+def place(vlm: PrismaticVLM, action_model: ActionModel, device: torch.device, dtype: torch.dtype):
     """VLM to `dtype`; the action head always runs in float32, as CogACT's inference does (it casts only the
     VLM to bf16 and the cognition feature to the head's dtype)."""
     vlm = place_model(vlm, device, dtype).eval()

@@ -1,20 +1,19 @@
-"""Random-weight CogACT models of the released structure (tiny towers, tokenizer and Llama from OpenVLA's tiny
-preset; a 2-block DiT of width 32), for tests and CPU runs."""
+"""Random-weight CogACT models of the released structure (the shared tiny towers, tokenizer and decoder
+sizes; a 2-block DiT of width 32), for tests and CPU runs."""
 
 from __future__ import annotations
 
 import torch
 
-from vlacache.backbones.openvla.tiny import PRESETS as OPENVLA_PRESETS
-from vlacache.backbones.openvla.tiny import _TINY_VOCAB, libero_action_stats
-from vlacache.backbones.openvla.tokenizer import load_tokenizer, tiny_tokenizer_dir
+from vlacache.backbones.common.tiny import DECODER_PRESETS, TINY_PAD_ID, TINY_VOCAB, libero_action_stats
+from vlacache.backbones.common.tokenizer import load_tokenizer, tiny_tokenizer_dir
 from vlacache.types import InputError
 
 from .config import CogACTConfig
 from .model import build_action_model, build_vlm, place
 
 PRESETS: dict[str, dict] = {
-    "tiny": dict(llm=OPENVLA_PRESETS["tiny"], action_model_type="vlacache-tiny-DiT"),
+    "tiny": dict(llm=DECODER_PRESETS["tiny"], action_model_type="vlacache-tiny-DiT"),
 }
 
 
@@ -23,7 +22,7 @@ def preset_config(name: str) -> CogACTConfig:
     if name not in PRESETS:
         raise InputError(f"unknown CogACT preset '{name}'; presets: {', '.join(PRESETS)}")
     preset = PRESETS[name]
-    text = dict(model_type="llama", vocab_size=_TINY_VOCAB, pad_token_id=512, max_position_embeddings=2048,
+    text = dict(model_type="llama", vocab_size=TINY_VOCAB, pad_token_id=TINY_PAD_ID, max_position_embeddings=2048,
                 rms_norm_eps=1e-5, **preset["llm"])
     stats = libero_action_stats()
     data = {

@@ -2,44 +2,28 @@
 
 from __future__ import annotations
 
-import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import DynamicCache
 
-from vlacache.backbone import ActionOutput, Backbone, LoadConfig, PrefillOutput, PreparedInputs, validate_observation
-from vlacache.flops import DecoderDims
-from vlacache.images import center_crop
+from vlacache.backbone import ActionOutput, LoadConfig, PrefillOutput, PreparedInputs
+from vlacache.backbones.common.checkpoint import (
+    ensure_fits, load_safetensors_dir, load_state_dict_strict, loaded_nbytes, weight_files,
+)
+from vlacache.backbones.common.prismatic import PrismaticBackbone, read_openvla_config, save_openvla_layout
+from vlacache.backbones.common.statistics import normalize_q99, resolve_unnorm_key, unnormalize
+from vlacache.backbones.common.tokenizer import load_tokenizer
+from vlacache.backbones.common.vlm import PrismaticVLM, place_model
 from vlacache.registry import register_backbone
-from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
+from vlacache.types import Observation
 
-from .actions import (
-    STATS_FILE, load_norm_stats, normalize_q99, normalized_to_tokens, resolve_unnorm_key, tokens_to_normalized, unnormalize,
-)
-from .checkpoint import (
-    ensure_fits, load_safetensors_dir, load_state_dict_strict, loaded_nbytes, read_config, save_safetensors_dir,
-    weight_files,
-)
-from .config import OpenVLAConfig
-from .model import OpenVLAModel, place_model
-from .tokenizer import copy_tokenizer_files, load_tokenizer
-from .vision import normalize_for_towers
-
-PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
-
-
-def cache_keyword(forward) -> str:
-    """transformers renamed `past_key_values` to `cache` in 5.24; use whichever this version takes."""
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-
+from .action_tokens import normalized_to_tokens, tokens_to_normalized
 
 @register_backbone("openvla")
-class OpenVLABackbone(Backbone):
+class OpenVLABackbone(PrismaticBackbone):
     """OpenVLA (Prismatic DINOv2+SigLIP + Llama-2) on stock transformers, one 'primary' camera, 7-DoF actions."""
 
     cameras = ("primary",)
@@ -54,13 +38,8 @@ class OpenVLABackbone(Backbone):
 
     center_crop = False
 
-    def __init__(self, model: OpenVLAModel, tokenizer, unnorm_key: str | None = None) -> None:
-        self.model = model.eval()
-        self.config = model.config
-        self.tokenizer = tokenizer
-        self.unnorm_key = resolve_unnorm_key(self.config.norm_stats, unnorm_key)
-        self.space_token = tokenizer.convert_tokens_to_ids("\u2581")
-        self._cache_kw = cache_keyword(model.language_model.forward)
+    def __init__(self, model: PrismaticVLM, tokenizer, unnorm_key: str | None = None) -> None:
+        super().__init__(model, tokenizer, model.config, unnorm_key)
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -92,7 +71,7 @@ class OpenVLABackbone(Backbone):
         resolve_unnorm_key(config.norm_stats, unnorm_key)  # a wrong key fails before any weights are read
         tokenizer = load_tokenizer(path)
         with torch.device("meta"):
-            model = OpenVLAModel(config, attn_implementation)
+            model = PrismaticVLM(config, attn_implementation)
         files, _ = weight_files(path)
         ensure_fits(path, loaded_nbytes(files, dtype), device, dtype)
         load_state_dict_strict(model, load_safetensors_dir(path, dtype, device), assign=True)
@@ -101,39 +80,9 @@ class OpenVLABackbone(Backbone):
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write the checkpoint in the released layout: config.json, dataset_statistics.json, (sharded)
         safetensors, tokenizer files."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-        (path / STATS_FILE).write_text(json.dumps(self.config.norm_stats, indent=2))
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        save_safetensors_dir(path, state, max_shard_bytes=max_shard_bytes)
-        copy_tokenizer_files(self.tokenizer_dir, path)
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return Path(self.tokenizer.name_or_path)
+        save_openvla_layout(self, Path(path), max_shard_bytes)
 
     # -- the four stages ----------------------------------------------------------------------------------
-    @property
-    def decoder(self):
-        return self.model.language_model.model
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def prepare(self, obs: Observation) -> PreparedInputs:
-        return prepare_prismatic(self, obs)
-
-    def prompt_ids(self, instruction: str) -> list[int]:
-        ids = self.tokenizer(PROMPT.format(instruction=instruction.lower())).input_ids  # no strip, as the official code
-        if ids[-1] != self.space_token:
-            ids.append(self.space_token)
-        return ids
-
-    def embed(self, inputs: PreparedInputs) -> torch.Tensor:
-        return self.model.embed(inputs.model_inputs["pixel_values"], inputs.model_inputs["input_ids"])
-
     def prefill(self, embeds: torch.Tensor, inputs: PreparedInputs, cache: DynamicCache) -> PrefillOutput:
         positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
         out = self.model.language_model(
@@ -184,78 +133,9 @@ class OpenVLABackbone(Backbone):
         normalized = tokens_to_normalized(tokens, self.config.text_vocab_size, self.config.n_action_bins)
         return unnormalize(normalized, self.config.norm_stats[self.unnorm_key]).astype(np.float32)
 
-    @property
-    def action_dim(self) -> int:
-        return len(self.config.norm_stats[self.unnorm_key]["action"]["q01"])
-
     # -- accounting ---------------------------------------------------------------------------------------
-    def decoder_dims(self) -> DecoderDims:
-        return DecoderDims.from_config(self.model.language_model.config)
-
     def decode_passes(self) -> int:
         return self.action_dim - 1
 
     def causal_lm(self) -> torch.nn.Module:
         return self.model.language_model
-
-    def vision_towers(self) -> list[torch.nn.Module]:
-        return [self.model.vision_backbone]
-
-    def vision_flops(self) -> float:
-        return self.model.vision_flops()
-
-
-def read_openvla_config(path: Path) -> OpenVLAConfig:
-    """config.json of a checkpoint dir, with the statistics the official evaluations use (dataset_statistics.json
-    when present, see `load_norm_stats`)."""
-    config = OpenVLAConfig.from_dict(read_config(path))
-    config.norm_stats = load_norm_stats(path, config.norm_stats)
-    return config
-
-
-def batch_prompt_ids(backbone, instructions: tuple[str, ...]) -> torch.Tensor:
-    """The backbone's prompt ids for each instruction as one [B, T] tensor; all must tokenize to one length."""
-    ids = [backbone.prompt_ids(instruction) for instruction in instructions]
-    if len({len(i) for i in ids}) != 1:
-        raise InputError(
-            "instructions in one batch tokenize to different lengths "
-            f"({sorted({len(i) for i in ids})}); batch observations that share an instruction"
-        )
-    return torch.tensor(ids, dtype=torch.long, device=backbone.device)
-
-
-def prepare_prismatic(backbone, obs: Observation) -> PreparedInputs:
-    """One camera through the fused towers' preprocessing, the backbone's prompt ids, and the layout
-    [BOS | patches | rest of the prompt]; shared by the Prismatic-based backbones (OpenVLA, CogACT)."""
-    images, instructions = validate_observation(obs, backbone.cameras)
-    model = backbone.model
-    query = resize_images(images["primary"], model.featurizer_spec.img_size)
-    if getattr(backbone, "center_crop", False):
-        query = center_crop(query)
-    input_ids = batch_prompt_ids(backbone, instructions)
-    num_patches = model.vision_backbone.num_patches
-    rows, cols = model.vision_backbone.grid
-    length = input_ids.shape[1] + num_patches
-    layout = TokenLayout(
-        length=length,
-        vision={"primary": VisionSpan(1, 1 + num_patches, rows=rows, cols=cols, patch_size=model.featurizer_spec.patch_size)},
-        text=Span(1 + num_patches, length),
-        extra={"bos": Span(0, 1)},
-    )
-    pixel_values = normalize_for_towers(query, model.featurizer_spec, model.fused_spec)
-    return PreparedInputs(
-        batch_size=len(instructions),
-        instructions=instructions,
-        query_images={"primary": query},
-        layout=layout,
-        model_inputs={"pixel_values": pixel_values.to(backbone.device, backbone.dtype), "input_ids": input_ids},
-        source_sizes={name: tuple(image.shape[1:3]) for name, image in images.items()},
-    )
-
-
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bicubic resize of uint8 [B, H, W, 3] to size x size ('resize-naive'), as OpenVLA's processor does."""
-    if images.shape[1] == size and images.shape[2] == size:
-        return images
-    out = [np.asarray(Image.fromarray(image.numpy()).resize((size, size), Image.BICUBIC)) for image in images]
-    return torch.from_numpy(np.stack(out))

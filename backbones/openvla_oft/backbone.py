@@ -27,9 +27,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from vlacache.backbone import ActionOutput, LoadConfig, PrefillOutput, PreparedInputs, validate_observation
-from vlacache.backbones.openvla.actions import load_norm_stats, normalize_q99, resolve_unnorm_key
-from vlacache.backbones.openvla.backbone import OpenVLABackbone, batch_prompt_ids, cache_keyword
-from vlacache.backbones.openvla.checkpoint import (
+from vlacache.backbones.common.checkpoint import (
     CheckpointError,
     ensure_fits,
     load_safetensors_dir,
@@ -41,10 +39,12 @@ from vlacache.backbones.openvla.checkpoint import (
     save_torch_checkpoint,
     strip_prefix,
 )
-from vlacache.backbones.openvla.config import OpenVLAConfig
-from vlacache.backbones.openvla.model import OpenVLAModel, place_model
-from vlacache.backbones.openvla.tokenizer import load_tokenizer
-from vlacache.backbones.openvla.vision import normalize_for_towers
+from vlacache.backbones.common.config import OpenVLAConfig
+from vlacache.backbones.common.prismatic import PrismaticBackbone, batch_prompt_ids, cache_keyword, save_openvla_layout
+from vlacache.backbones.common.statistics import load_norm_stats, normalize_q99, resolve_unnorm_key
+from vlacache.backbones.common.tokenizer import load_tokenizer
+from vlacache.backbones.common.vision import normalize_for_towers
+from vlacache.backbones.common.vlm import PrismaticVLM, place_model
 from vlacache.flops import linear_flops
 from vlacache.images import center_crop, resize_for_policy
 from vlacache.registry import register_backbone
@@ -65,7 +65,7 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
 @register_backbone("openvla-oft")
-class OpenVLAOFTBackbone(OpenVLABackbone):
+class OpenVLAOFTBackbone(PrismaticBackbone):
     """OpenVLA-OFT (OpenVLA's VLM + proprio token + parallel decoding + L1 regression head), on stock transformers.
 
     Cameras 'primary' (third-person) and 'wrist'; `Observation.proprio` [8] (or [B, 8]) is required when the
@@ -85,7 +85,7 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
 
     def __init__(
         self,
-        model: OpenVLAModel,
+        model: PrismaticVLM,
         tokenizer,
         action_head: L1RegressionActionHead,
         proprio_projector: ProprioProjector | None,
@@ -102,7 +102,7 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
             )
         if chunk < 1:
             raise InputError(f"chunk must be >= 1, got {chunk}")
-        super().__init__(model, tokenizer, resolve_unnorm_key(model.config.norm_stats, unnorm_key))
+        super().__init__(model, tokenizer, model.config, unnorm_key)
         self.action_head = action_head.eval()
         self.proprio_projector = proprio_projector.eval() if proprio_projector is not None else None
         self.chunk = chunk
@@ -184,7 +184,7 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         key = resolve_unnorm_key(config.norm_stats, unnorm_key)
         tokenizer = load_tokenizer(path)
         with torch.device("meta"):
-            model = OpenVLAModel(config, attn_implementation)
+            model = PrismaticVLM(config, attn_implementation)
         device = torch.device(device)
         files, _ = weight_files(path)
         ensure_fits(path, loaded_nbytes(files, dtype), device, dtype)
@@ -226,7 +226,7 @@ class OpenVLAOFTBackbone(OpenVLABackbone):
         """Write the released OFT layout: OpenVLA's files + the head (bf16) and proprio projector (fp32) as DDP
         state dicts ("module." prefix). config.json also records the chunk size (key 'vlacache_oft')."""
         path = Path(path)
-        super().save_pretrained(path, max_shard_bytes=max_shard_bytes)
+        save_openvla_layout(self, path, max_shard_bytes)
         config_path = path / "config.json"
         data = json.loads(config_path.read_text())
         data[META_KEY] = {

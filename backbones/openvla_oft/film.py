@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlacache.backbones.openvla.checkpoint import CheckpointError
-from vlacache.backbones.openvla.vision import FusedVisionBackbone, VisionTransformer
+from vlacache.backbones.common.checkpoint import CheckpointError
+from vlacache.backbones.common.vision import FusedVisionBackbone, VisionTransformer
 
 __all__ = [
     "FiLMProjection",

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlacache.backbones.openvla.actions import q99_bounds
+from vlacache.backbones.common.statistics import q99_bounds
 
 __all__ = [
     "ProprioProjector",

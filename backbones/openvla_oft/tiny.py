@@ -1,14 +1,13 @@
-"""Random-weight OpenVLA-OFT models of the released structure (OpenVLA's tiny towers, tokenizer and decoder)."""
+"""Random-weight OpenVLA-OFT models of the released structure (the shared tiny towers, tokenizer and decoder sizes)."""
 
 from __future__ import annotations
 
 import torch
 
-from vlacache.backbones.openvla.config import OpenVLAConfig
-from vlacache.backbones.openvla.model import OpenVLAModel
-from vlacache.backbones.openvla.tiny import PRESETS as OPENVLA_PRESETS
-from vlacache.backbones.openvla.tiny import preset_config as openvla_preset_config
-from vlacache.backbones.openvla.tokenizer import load_tokenizer, tiny_tokenizer_dir
+from vlacache.backbones.common.config import OpenVLAConfig
+from vlacache.backbones.common.tiny import DECODER_PRESETS, preset_openvla_config
+from vlacache.backbones.common.tokenizer import load_tokenizer, tiny_tokenizer_dir
+from vlacache.backbones.common.vlm import PrismaticVLM
 from vlacache.types import InputError
 
 from .film import VisionFiLM
@@ -19,7 +18,7 @@ __all__ = ["PRESETS", "preset_config", "build_preset", "LIBERO_PROPRIO_Q01", "LI
 # Width of the action head's MLPResNet (the released 7B head uses 4096).
 PRESETS: dict[str, dict] = {"tiny": dict(head_hidden=64), "cpu-25m": dict(head_hidden=256), "micro": dict(head_hidden=256),
                             "micro-deep8": dict(head_hidden=256), "micro-deep16": dict(head_hidden=256)}
-assert set(PRESETS) <= set(OPENVLA_PRESETS)
+assert set(PRESETS) <= set(DECODER_PRESETS)
 
 # LIBERO-like robot-state statistics: eef position (3), axis-angle (3), gripper qpos (2).
 LIBERO_PROPRIO_Q01 = [-0.21, -0.27, 0.90, 2.90, -0.85, -0.60, 0.000, -0.040]
@@ -30,7 +29,7 @@ def preset_config(name: str) -> OpenVLAConfig:
     """OpenVLA's preset config.json with OFT's extra 'proprio' statistics."""
     if name not in PRESETS:
         raise InputError(f"unknown OpenVLA-OFT preset '{name}'; presets: {', '.join(PRESETS)}")
-    data = openvla_preset_config(name).to_dict()
+    data = preset_openvla_config(name).to_dict()
     data["llm_backbone_id"] = f"vlacache-{name}-llama-oft"
     for stats in data["norm_stats"].values():
         stats["proprio"] = {
@@ -66,7 +65,7 @@ def build_preset(
 
     config = preset_config(name)
     torch.manual_seed(seed)
-    model = OpenVLAModel(config, attn_implementation)
+    model = PrismaticVLM(config, attn_implementation)
     llm_dim = model.language_model.config.hidden_size
     stats = next(iter(config.norm_stats.values()))
     head = L1RegressionActionHead(llm_dim, PRESETS[name]["head_hidden"], len(stats["action"]["q01"]))

@@ -2,10 +2,10 @@
 
 - `component_code(cls)`: what decides an outcome. The module that defines a component (a strategy, the backbone,
   the env or perturbation) and every module of the same plug-in room (`vlacache.strategies`,
-  `vlacache.backbones`, `vlacache.envs`) it imports, transitively (so OpenVLA-OFT counts the OpenVLA files it
-  builds on). Each module counts by its syntax tree without docstrings, so a comment, docstring or formatting
-  edit changes nothing. A room's package `__init__` (which only imports every family to register it) does not
-  count. Part of the fingerprint: resuming under a change here is refused.
+  `vlacache.backbones`, `vlacache.envs`) it imports, transitively (so OpenVLA-OFT counts the shared
+  `backbones/common/` files it builds on). Each module counts by its syntax tree without docstrings, so a
+  comment, docstring or formatting edit changes nothing. A room's package `__init__` (which only imports every
+  family to register it) does not count. Part of the fingerprint: resuming under a change here is refused.
 - `code_build()`: everything else, for the record: the version, a hash of all Python sources of the package and
   its rooms, and the git commit of the checkout (None for an installed wheel). A change here (the engine, the
   runner, the CLI, another family) resumes with a warning, and `run.json` keeps every build a row's results

@@ -1,4 +1,5 @@
-"""The released OpenVLA config.json, parsed into what the model needs."""
+"""The released OpenVLA config.json (also OpenVLA-OFT's; CogACT's VLM is described in it), parsed into what the
+Prismatic VLM needs."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class OpenVLAConfig:
     timm_model_ids: list[str]
     image_sizes: list[int]
     text_config: dict[str, Any]
-    norm_stats: dict[str, Any] | None  # None: only in dataset_statistics.json (see actions.load_norm_stats)
+    norm_stats: dict[str, Any] | None  # None: only in dataset_statistics.json (see statistics.load_norm_stats)
     llm_backbone_id: str = "llama2-7b-pure"
     image_resize_strategy: str = "resize-naive"
     n_action_bins: int = 256

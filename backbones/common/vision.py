@@ -140,7 +140,7 @@ def get_vit_spec(timm_id: str) -> ViTSpec:
         known = ", ".join(sorted(VIT_SPECS))
         raise UnknownViTError(
             f"unknown vision tower {timm_id!r}; known ids: {known}. "
-            "Add a ViTSpec for it to VIT_SPECS in vlacache.backbones.openvla.vision"
+            "Add a ViTSpec for it to VIT_SPECS in vlacache.backbones.common.vision"
         ) from None
 
 

@@ -1,4 +1,5 @@
-"""The OpenVLA network with the released key names: vision_backbone, projector, language_model."""
+"""The Prismatic VLM that OpenVLA, OpenVLA-OFT and CogACT build on, with OpenVLA's released key names:
+vision_backbone, projector, language_model."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from .config import OpenVLAConfig
 from .vision import FusedMLPProjector, FusedVisionBackbone, get_vit_spec
 
 
-class OpenVLAModel(nn.Module):
+class PrismaticVLM(nn.Module):
     """Fused DINOv2 + SigLIP towers, the GELU MLP projector, and a stock transformers LlamaForCausalLM."""
 
     def __init__(self, config: OpenVLAConfig, attn_implementation: str = "sdpa") -> None:

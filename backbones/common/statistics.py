@@ -1,4 +1,5 @@
-"""OpenVLA's action de-tokenisation and un-normalisation, and where a checkpoint's statistics come from."""
+"""A checkpoint's dataset statistics: where they come from, which dataset's apply, and the BOUNDS_Q99
+(un)normalisation of actions and proprio that OpenVLA, OpenVLA-OFT and CogACT share."""
 
 from __future__ import annotations
 
@@ -57,21 +58,6 @@ def _has_action_bounds(entry: Any) -> bool:
         return False
     q01, q99 = action["q01"], action["q99"]
     return isinstance(q01, list) and isinstance(q99, list) and len(q01) == len(q99) > 0
-
-
-def tokens_to_normalized(tokens: np.ndarray, text_vocab_size: int, n_bins: int = 256) -> np.ndarray:
-    """Token id t -> bin clip(text_vocab_size - t - 1, 0, n_bins - 2) -> its centre in [-1, 1]."""
-    edges = np.linspace(-1.0, 1.0, n_bins)
-    centres = (edges[:-1] + edges[1:]) / 2.0
-    index = np.clip(text_vocab_size - tokens.astype(np.int64) - 1, 0, centres.shape[0] - 1)
-    return centres[index]
-
-
-def normalized_to_tokens(normalized: np.ndarray, text_vocab_size: int, n_bins: int = 256) -> np.ndarray:
-    """OpenVLA's ActionTokenizer: clip to [-1, 1], bin d = digitize(x, linspace(-1, 1, n_bins)) in [1, n_bins],
-    token text_vocab_size - d (the inverse of `tokens_to_normalized` up to the bin width)."""
-    bins = np.linspace(-1.0, 1.0, n_bins)
-    return (text_vocab_size - np.digitize(np.clip(normalized, -1.0, 1.0), bins)).astype(np.int64)
 
 
 def resolve_unnorm_key(norm_stats: dict[str, Any], key: str | None) -> str:
