@@ -202,3 +202,21 @@ def test_only_user_errors_are_one_line_a_bug_keeps_its_traceback(tmp_path, capsy
         main(["run", "tiny_replay", "env={name: test-buggy}", f"output_dir={tmp_path}", "--quiet"])
     user = vlacache_in_process(capsys, "run", "tiny_replay", "env={name: no-such-env}", f"output_dir={tmp_path / 'u'}")
     assert user.returncode == 2 and "unknown env 'no-such-env'" in user.stderr and "Traceback" not in user.stderr
+
+
+def test_the_readme_replay_example_replaces_the_env_and_a_named_backbone_takes_its_later_keys(tmp_path, capsys):
+    recorded = vlacache_in_process(capsys, "record", "tiny_replay", "--out", "rec.npz", "--steps", "2", cwd=tmp_path)
+    assert recorded.returncode == 0, recorded.stderr
+    # the LIBERO smoke config on a recording: the override names another env, so LIBERO's keys (suite, ...) go
+    replayed = vlacache_in_process(capsys, "run", "tiny_libero_smoke", "env={name: replay, path: rec.npz}", "--quiet",
+                                   "policies=[no_cache]", f"output_dir={tmp_path / 'replayed'}", cwd=tmp_path)
+    assert replayed.returncode == 0, replayed.stderr
+    records = [json.loads(x) for x in (tmp_path / "replayed" / "episodes.jsonl").read_text().splitlines()]
+    assert [r["queries"] for r in records] == [2]
+    # `backbone=NAME backbone.KEY=...`: both apply, in order (the name was dropped before)
+    named = vlacache_in_process(capsys, "run", "tiny_replay", "backbone=micro_openvla_libero_spatial", "backbone.device=cpu",
+                                "policies=[no_cache]", "max_steps=1", "--quiet", f"output_dir={tmp_path / 'named'}")
+    assert named.returncode == 0, named.stderr
+    run = json.loads((tmp_path / "named" / "run.json").read_text())
+    backbone = run["policies"]["no-cache"]["fingerprint"]["backbone"]
+    assert backbone["checkpoint"] == "micro_openvla_libero_spatial" and backbone["preset"] is None

@@ -103,3 +103,21 @@ def test_limits_that_can_run_are_accepted():
     assert ExperimentConfig().retry_errors is True and ExperimentConfig().max_retries == 2
     with pytest.raises(ConfigError, match="warmup must be a non-negative integer"):
         load_config(BenchConfig, "tiny", "bench", ["warmup=-1"])
+
+
+def test_an_override_that_names_another_component_replaces_the_node_and_the_same_name_merges():
+    smoke = "tiny_libero_smoke"
+    assert load_config(ExperimentConfig, smoke, "experiment", ["env={name: replay, path: x.npz}"]).env == {
+        "name": "replay", "path": "x.npz"}
+    assert load_config(ExperimentConfig, smoke, "experiment", ["env.name=replay"]).env == {"name": "replay"}
+    merged = load_config(ExperimentConfig, smoke, "experiment", ["env={name: libero, tasks: [1]}"]).env
+    assert merged["tasks"] == [1] and merged["suite"] == "libero_spatial"  # same component: its settings stay
+    # in order: a later override of a key inside a node given by name expands the name first
+    backbone = load_config(ExperimentConfig, "tiny_replay", "experiment",
+                           ["backbone=micro_oft_libero_spatial", "backbone.chunk=8", "backbone.device=cpu"]).backbone
+    assert backbone["checkpoint"] == "micro_oft_libero_spatial" and backbone["name"] == "openvla-oft"
+    assert "preset" not in backbone
+    bench = load_config(BenchConfig, "tiny", "bench", ["policy=vla_cache", "policy.selector.tau=0.5"]).policy
+    assert bench["selector"] == {"name": "pixel-cosine", "tau": 0.5, "top_k": 100} and bench["label"] == "vla-cache"
+    swapped = load_config(BenchConfig, "tiny", "bench", ["policy=vla_cache", "policy.selector.name=none"])
+    assert swapped.policy["selector"] == {"name": "none"}

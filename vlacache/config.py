@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -98,28 +98,60 @@ def load_yaml(path: Path) -> DictConfig:
     return config
 
 
-def apply_overrides(config: DictConfig, overrides: list[str]) -> DictConfig:
-    """Apply command-line `key.sub=value` overrides; a key that does not exist is an error."""
+def apply_overrides(config: DictConfig, overrides: list[str],
+                    expand: Callable[[str, str], Any] | None = None) -> DictConfig:
+    """Apply command-line `key.sub=value` overrides in the order given; a key that does not exist is an error.
+
+    A component node (one with a `name`) is replaced, not merged, when an override names another component:
+    `env={name: replay, path: rec.npz}`, `env.name=replay`, or a plain name (`backbone=micro_openvla_libero_spatial`).
+    A later override of a key inside a node that is still a plain name first expands it with `expand(key, name)`
+    (e.g. a shipped backbone config's name into its mapping), so `backbone=NAME backbone.device=cpu` keeps both."""
+    for item in overrides:
+        key, value = parse_override(item, config)
+        try:
+            apply_override(config, key, value, expand)
+        except (ValueError, OmegaConfBaseException) as error:
+            raise ConfigError(f"cannot apply override '{item}': {error}") from None
+    return config
+
+
+def parse_override(item: str, config: DictConfig) -> tuple[str, Any]:
+    """(key, value) of one `key=value` override, its value parsed as YAML; unknown top-level keys are refused."""
     import yaml
 
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value (e.g. backbone.device=cpu)")
-        key, value = item.split("=", 1)
-        if not key.strip():
-            raise ConfigError(f"override '{item}' has no key; write key=value (e.g. max_steps=4)")
-        head = key.split(".")[0]
-        if head not in config:
-            check_keys({head: None}, list(config.keys()), "the config's top level")
-        try:
-            yaml.safe_load(value)
-            OmegaConf.from_dotlist([item])
-        except (yaml.YAMLError, OmegaConfBaseException) as error:
-            problem = getattr(error, "problem", None) or str(error).strip().splitlines()[-1]
-            raise ConfigError(
-                f"override '{item}': the value does not parse as YAML ({problem}); fix it (e.g. {key}=[1, 2] for a "
-                f"list) or quote it as a string ({key}='\"{value}\"')") from None
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. backbone.device=cpu)")
+    key, value = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override '{item}' has no key; write key=value (e.g. max_steps=4)")
+    head = key.split(".")[0]
+    if head not in config:
+        check_keys({head: None}, list(config.keys()), "the config's top level")
     try:
-        return OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
+        yaml.safe_load(value)
+        parsed = OmegaConf.select(OmegaConf.from_dotlist([item]), key.strip())
     except (yaml.YAMLError, OmegaConfBaseException) as error:
-        raise ConfigError(f"cannot apply overrides {overrides}: {error}") from None
+        problem = getattr(error, "problem", None) or str(error).strip().splitlines()[-1]
+        raise ConfigError(
+            f"override '{item}': the value does not parse as YAML ({problem}); fix it (e.g. {key}=[1, 2] for a "
+            f"list) or quote it as a string ({key}='\"{value}\"')") from None
+    return key.strip(), to_plain(parsed)
+
+
+def apply_override(config: DictConfig, key: str, value: Any, expand: Callable[[str, str], Any] | None) -> None:
+    parts = key.split(".")
+    for i in range(1, len(parts)):  # a key inside a node given as a plain name: expand the name first
+        prefix = ".".join(parts[:i])
+        node = OmegaConf.select(config, prefix, default=None)
+        if isinstance(node, str) and expand is not None:
+            OmegaConf.update(config, prefix, expand(prefix, node), merge=False)
+    if len(parts) > 1 and parts[-1] == "name":
+        parent = ".".join(parts[:-1])
+        node = OmegaConf.select(config, parent, default=None)
+        if isinstance(node, DictConfig) and node.get("name") not in (None, value):
+            OmegaConf.update(config, parent, {"name": value}, merge=False)  # another component: its own defaults
+            return
+    node = OmegaConf.select(config, key, default=None)
+    replace = isinstance(node, DictConfig) and "name" in node and (
+        isinstance(value, str) or (isinstance(value, Mapping) and value.get("name", node.name) != node.name))
+    OmegaConf.update(config, key, value, merge=not replace)

@@ -144,11 +144,20 @@ def load_config(schema: type, source: str | Path | Mapping[str, Any] | None, gro
             OmegaConf.update(base, key, raw[key], merge=key in nested)
     if "imports" in schema.__dataclass_fields__:  # the user's modules register their components before any lookup
         import_plugins(to_plain(apply_overrides(base.copy(), overrides or []).get("imports")) or [])
-    if isinstance(base.get("backbone"), str):  # a shipped backbone config's name: its keys take overrides
-        OmegaConf.update(base, "backbone", resolve_backbone_spec(base.backbone), merge=False)
-    base = apply_overrides(base, overrides or [])
+    base = apply_overrides(base, overrides or [], expand=expand_name)
     config = typed(schema, OmegaConf.to_container(base, resolve=True), f"the {group} config")
     return config.check() if hasattr(config, "check") else config
+
+
+def expand_name(key: str, name: str) -> dict[str, Any]:
+    """The mapping a plain name in a config stands for, so an override can set one of its keys: a shipped
+    backbone config (or a registered backbone), a shipped policy config, else a registered component's name."""
+    if key == "backbone":
+        spec = resolve_backbone_spec(name)
+        return dict(spec) if isinstance(spec, Mapping) else {"name": spec}
+    if key.split(".")[-1] == "policy" or key.startswith("policies."):
+        return to_plain(load_yaml(resolve_config_path(name, "policy")))
+    return {"name": name}
 
 
 def resolve_backbone_spec(spec: Mapping[str, Any] | str) -> Mapping[str, Any] | str:
