@@ -1,6 +1,7 @@
 """The OpenVLA-OFT backbone: layout, bidirectional attention, released-layout checkpoints, and the cache engine's
 exactness under the bidirectional mask (against the independent plain-torch reference)."""
 
+import json
 import shutil
 
 import numpy as np
@@ -13,7 +14,7 @@ import vlacache
 from vlacache import CachedVLA, InputError, Observation, ReusePlan
 from vlacache.backbones.common.checkpoint import CheckpointError
 from vlacache.backbones.openvla_oft import OpenVLAOFTBackbone, build_preset
-from vlacache.backbones.openvla_oft.backbone import STOP_TOKEN
+from vlacache.backbones.openvla_oft.backbone import META_KEY, STOP_TOKEN
 from vlacache.backbones.common.statistics import normalize_q99
 from vlacache.backbones.openvla_oft.heads import unnormalize_actions
 from vlacache.images import center_crop
@@ -418,3 +419,24 @@ def test_other_sizes_go_through_the_official_resize_for_policy(oft, frames):
     inputs = oft.prepare(Observation({"primary": frame, "wrist": frame[::-1].copy()}, frames[0].instruction, proprio=PROPRIO))
     assert torch.equal(inputs.query_images["primary"][0], torch.from_numpy(resize_for_policy(frame, 224)))
     assert torch.equal(inputs.query_images["wrist"][0], torch.from_numpy(resize_for_policy(frame[::-1].copy(), 224)))
+
+
+def test_center_crop_defaults_to_the_checkpoints_own_choice(tmp_path):
+    """A released OFT directory (no vlacache record) is evaluated center-cropped, as OFT's LIBERO evaluation does;
+    one saved by vlacache records its own choice; an explicit setting wins; a config resolves the same way."""
+    from vlacache.eval.fingerprint import component
+    from vlacache.experiment import resolve_backbone_spec
+
+    cropped = build_preset("tiny", center_crop=True)
+    cropped.save_pretrained(tmp_path / "cropped")
+    build_preset("tiny").save_pretrained(tmp_path / "plain")
+    assert OpenVLAOFTBackbone.from_pretrained(tmp_path / "cropped").center_crop is True
+    assert OpenVLAOFTBackbone.from_pretrained(tmp_path / "plain").center_crop is False
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    del config[META_KEY]
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(config))  # now laid out like a released checkpoint
+    assert OpenVLAOFTBackbone.from_pretrained(tmp_path / "plain").center_crop is True
+    assert OpenVLAOFTBackbone.from_pretrained(tmp_path / "plain", center_crop=False).center_crop is False
+    spec = {"name": "openvla-oft", "checkpoint": str(tmp_path / "plain")}
+    assert component(BACKBONES, spec, "backbone")[1]["center_crop"] is True  # what a run's fingerprint records
+    assert component(BACKBONES, resolve_backbone_spec("micro_oft_libero_spatial"), "backbone")[1]["center_crop"] is False

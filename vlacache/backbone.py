@@ -131,6 +131,11 @@ class LoadConfig:
         """`checkpoint` as a path (a shipped policy's name resolved into the package)."""
         return resolve_checkpoint(self.checkpoint)
 
+    def resolved(self) -> "LoadConfig":
+        """This config with every setting whose default depends on the checkpoint filled in (a backbone whose
+        defaults do, e.g. OFT's center crop, overrides this); what is built and what a fingerprint records."""
+        return self
+
 
 class Backbone(ABC):
     """A VLA model on stock transformers. The four stages below are timed separately by the runtime."""

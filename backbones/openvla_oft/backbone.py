@@ -15,6 +15,7 @@ film.py); it lives inside `embed`, so the cache engine sees ordinary vision toke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -80,8 +81,14 @@ class OpenVLAOFTBackbone(PrismaticBackbone):
         chunk: int = 8
         use_film: bool = False
         use_proprio: bool = True
-        center_crop: bool = False  # OFT's LIBERO eval center-crops (90% area): its policies train with random crops
+        center_crop: bool | None = None  # None: the checkpoint's own choice (`checkpoint_center_crop`)
         step: str | None = None  # which action_head--<step>_checkpoint.pt when a directory holds several
+
+        def resolved(self) -> "OpenVLAOFTBackbone.Config":
+            if self.center_crop is not None:
+                return self
+            crop = checkpoint_center_crop(self.checkpoint_dir()) if self.checkpoint is not None else False
+            return dataclasses.replace(self, center_crop=crop)
 
     def __init__(
         self,
@@ -140,6 +147,7 @@ class OpenVLAOFTBackbone(PrismaticBackbone):
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: "OpenVLAOFTBackbone.Config") -> "OpenVLAOFTBackbone":
+        config = config.resolved()
         device, dtype = config.placement()
         options = dict(unnorm_key=config.unnorm_key, device=device, dtype=dtype,
                        attn_implementation=config.attn_implementation, chunk=config.chunk,
@@ -160,15 +168,18 @@ class OpenVLAOFTBackbone(PrismaticBackbone):
         attn_implementation: str = "sdpa",
         chunk: int = 8,
         use_proprio: bool = True,
-        center_crop: bool = False,
+        center_crop: bool | None = None,
         step: str | int | None = None,
         use_film: bool = False,
     ) -> "OpenVLAOFTBackbone":
         """Load a released OFT directory unchanged: the OpenVLA HF files (config.json, safetensors, tokenizer) plus
         `action_head--<step>_checkpoint.pt` and `proprio_projector--<step>_checkpoint.pt` (DDP state dicts).
         FiLM is on when the directory holds a `vision_backbone--<step>_checkpoint.pt` (the FiLM-wrapped towers,
-        which replace the safetensors' vision weights, as OFT's loader does); `use_film=True` requires one."""
+        which replace the safetensors' vision weights, as OFT's loader does); `use_film=True` requires one.
+        `center_crop=None`: the checkpoint's own choice (`checkpoint_center_crop`)."""
         path = Path(path)
+        if center_crop is None:
+            center_crop = checkpoint_center_crop(path)
         raw = read_config(path)
         film_file = None
         if use_film or any(path.glob(FILM_PATTERN)):
@@ -234,6 +245,7 @@ class OpenVLAOFTBackbone(PrismaticBackbone):
             "action_dim": self.action_dim,
             "head_hidden_dim": self.action_head.hidden_dim,
             "proprio_dim": self.proprio_projector.proprio_dim if self.proprio_projector is not None else None,
+            "center_crop": self.center_crop,
         }
         config_path.write_text(json.dumps(data, indent=2))
         for pattern in (HEAD_PATTERN, PROPRIO_PATTERN, FILM_PATTERN):
@@ -432,6 +444,15 @@ class OpenVLAOFTBackbone(PrismaticBackbone):
             d, p = self.proprio_projector.llm_dim, self.proprio_projector.proprio_dim
             total += 2.0 * (p * d + d * d)
         return total
+
+
+def checkpoint_center_crop(path: Path) -> bool:
+    """Whether a checkpoint's policy is evaluated on center-cropped images. A released OFT checkpoint: yes, as OFT's
+    LIBERO evaluation does (its policies were trained with random crops). One written by `save_pretrained`: what
+    its config.json records (vlacache's trainer shifts images but never crops them, so an older record without
+    the key means no)."""
+    meta = read_config(path).get(META_KEY)
+    return bool(meta.get("center_crop", False)) if isinstance(meta, dict) else True
 
 
 # -- the released .pt parts ---------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def component(registry, spec: Mapping[str, Any] | str, kind: str) -> tuple[type,
     changes between versions, or a parameter left out in one config and set in the other, shows."""
     cls, config = resolve_component(registry, spec, kind)
     name = spec if isinstance(spec, str) else dict(spec)["name"]
+    config = config.resolved() if hasattr(config, "resolved") else config
     return cls, {"name": name, **plain(config)}
 
 
