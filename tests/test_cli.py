@@ -48,6 +48,14 @@ def test_list_shows_every_registry():
     assert "shipped policies" in out.stdout and "micro_oft_libero_spatial" in out.stdout
     filtered = vlacache("list", "entropy*").stdout
     assert "entropy-adaptive" in filtered and "pixel-cosine" not in filtered
+    assert "backbones:" not in filtered and "envs:" not in filtered  # no empty headings under a filter
+    # descriptions end at a sentence, not at the docstring's line break ("... i.e." was cut there)
+    gate = next(line for line in out.stdout.splitlines() if line.strip().startswith("logit-margin"))
+    assert gate.rstrip().endswith("`min_margin`.")
+    assert all(line.rstrip()[-1] in ".)`'\"" for line in out.stdout.splitlines() if line.startswith("  ") and
+               not line.strip().startswith("micro_"))
+    none = vlacache("list", "zzz*")
+    assert none.returncode == 0 and none.stdout.startswith("nothing matches 'zzz*'")
 
 
 def test_run_prints_summary_and_writes_results(tmp_path):
@@ -132,6 +140,9 @@ def write_bad_recordings(folder):
     (("run", "tiny_replay", "--quiet", "env.path=empty"),
      "empty holds no recording (.npz) matching '*.npz'; record demonstrations"),
     (("bench", "tiny", "--out", "."), "cannot write the bench report . (Is a directory"),
+    (("serve", "micro_oft_libero", "--max-batch-size", "2"), "the openpi server answers one client's query at a time"),
+    (("serve", "micro_oft_libero", "--protocol", "vla-eval", "--max-batch-size", "0"),
+     "--max-batch-size must be a positive integer, got 0"),
 ])
 def test_more_bad_inputs_in_process(tmp_path, capsys, args, message):
     """The same one-line exit 2 for further bad values (in-process: each console-script start costs seconds)."""

@@ -307,16 +307,20 @@ def test_vla_eval_batch_of_sessions_equals_separate_runs(tiny, frames):
     assert all(r["batch"] == 2 for r in service.records) and any(r["reuse_ratio"] > 0 for r in service.records)
 
 
-@pytest.mark.parametrize("launcher", ["python -m", "vla-eval serve"])
+@pytest.mark.parametrize("launcher", ["python -m", "vlacache serve", "vla-eval serve"])
 def test_vla_eval_server_starts_from_the_command_line(launcher):
-    """`python -m vlacache.integrations.vla_eval` and vla-eval's own `vla-eval serve` (uv run) both serve the
-    micro-policy; vla-eval's client gets the HELLO and a chunk of LIBERO-convention actions."""
+    """`python -m vlacache.integrations.vla_eval`, `vlacache serve --protocol vla-eval --max-batch-size 2` and
+    vla-eval's own `vla-eval serve` (uv run, its default port replaced by --address) all serve the micro-policy;
+    vla-eval's client gets the HELLO and a chunk of LIBERO-convention actions."""
     from vla_eval.connection import Connection
 
     port = free_port()
     if launcher == "python -m":
         command = [sys.executable, "-m", "vlacache.integrations.vla_eval", "micro_oft_libero", "policy=no_cache",
                    "--port", str(port)]
+    elif launcher == "vlacache serve":
+        command = [str(BIN / "vlacache"), "serve", "micro_oft_libero", "policy=no_cache", "--protocol", "vla-eval",
+                   "--port", str(port), "--max-batch-size", "2"]
     else:
         command = [str(BIN / "vla-eval"), "serve", "-c", "configs/vla_eval/serve_micro_oft_libero.yaml",
                    "--address", f"127.0.0.1:{port}"]
@@ -350,6 +354,7 @@ def test_vla_eval_server_starts_from_the_command_line(launcher):
 OPENPI_CLIENT = r"""
 import json, sys
 import numpy as np
+from openpi_client import msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
 client = WebsocketClientPolicy("127.0.0.1", int(sys.argv[1]))
@@ -366,6 +371,15 @@ for o in [obs("pick up the black bowl"), obs("pick up the black bowl"), obs("pic
     out["steps"].append({"shape": list(reply["actions"].shape), "dtype": str(reply["actions"].dtype),
                          "gripper": reply["actions"][:, 6].tolist(), "reuse": reply["vlacache"]["reuse_ratio"],
                          "infer_ms": reply["server_timing"]["infer_ms"]})
+# the control frames of openpi's episode-marking client (openpi PR #919: `episode_start` / `episode_end` send
+# these frames with the client's own packer and read one reply), around two more queries of the last prompt
+def control(frame):
+    client._ws.send(client._packer.pack(frame))
+    return msgpack_numpy.unpackb(client._ws.recv())
+out["acks"] = [control({"__ctrl__": "episode_start", "__experiment__": "libero", "__task__": "t", "__episode_id__": 3})]
+for o in [obs("put the bowl on the plate"), obs("put the bowl on the plate")]:
+    out["steps"].append({"shape": [8, 7], "dtype": "float32", "gripper": [1.0], "reuse": client.infer(o)["vlacache"]["reuse_ratio"]})
+out["acks"] += [control({"__ctrl__": "episode_end", "__success__": True}), control({"__ctrl__": "pause"})]
 try:
     client.infer({"observation/image": agent, "prompt": "pick up the black bowl"})
     out["error"] = None
@@ -398,10 +412,51 @@ def test_openpi_protocol_with_the_real_client(tmp_path):
     steps = out["steps"]
     assert all(s["shape"] == [8, 7] and s["dtype"] == "float32" for s in steps)
     assert all(set(s["gripper"]) <= {-1.0, 1.0} for s in steps)
-    assert [s["reuse"] > 0 for s in steps] == [False, True, False, True, False]
+    assert [s["reuse"] > 0 for s in steps] == [False, True, False, True, False, False, True]
+    assert out["acks"] == [{"__ack__": "episode_start"}, {"__ack__": "episode_end"}, {"__ack__": "ignored"}]
     assert "needs camera(s) ['wrist']" in out["error"] and "observation/wrist_image" in out["error"]
     logged = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [r["episode"] for r in logged] == [0, 0, 1, 1, 2]
+    assert [r["episode"] for r in logged] == [0, 0, 1, 1, 2, 3, 3]  # the episode-start frame began episode 3
+
+
+def test_a_crafted_array_is_refused_naming_its_key_and_the_server_serves_the_next_client(tmp_path):
+    """An ndarray frame with an object dtype over raw bytes (it crashed the server: numpy read the bytes as
+    pointers), or a buffer that does not fit its shape, is answered with an error naming the key; the server
+    process stays up and the next client is served."""
+    import msgpack
+    from websockets.sync.client import connect
+
+    from vlacache.integrations.openpi import packb, unpackb
+
+    port = free_port()
+    process = subprocess.Popen([str(BIN / "vlacache"), "serve", "micro_oft_libero", "--protocol", "openpi",
+                                "--port", str(port), "policy=no_cache"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    image = np.zeros((128, 128, 3), np.uint8)
+    good = {"observation/image": image, "observation/wrist_image": image, "observation/state": np.zeros(8, np.float32),
+            "prompt": "pick up the black bowl"}
+    crafted = [({b"__ndarray__": True, b"data": b"\x01" * 64, b"dtype": "|O", b"shape": [8]}, "dtype '|O'"),
+               ({b"__ndarray__": True, b"data": b"\x00" * 4, b"dtype": "<f4", b"shape": [8]}, "holds 4 bytes")]
+    try:
+        wait_listening(port, process)
+        for array, problem in crafted:
+            with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
+                ws.recv()  # metadata
+                message = msgpack.packb({**{k: v for k, v in good.items() if k != "observation/state"},
+                                         "observation/state": array}, default=lambda o: {
+                                             b"__ndarray__": True, b"data": o.tobytes(), b"dtype": o.dtype.str,
+                                             b"shape": o.shape})
+                ws.send(message)
+                error = ws.recv()
+            assert isinstance(error, str) and "'observation/state'" in error and problem in error, error
+            assert process.poll() is None
+        with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
+            ws.recv()
+            ws.send(packb(good))
+            reply = unpackb(ws.recv())
+        assert reply["actions"].shape == (8, 7) and process.poll() is None
+    finally:
+        end_group(process)
 
 
 def test_serve_refuses_a_bad_config_before_listening():

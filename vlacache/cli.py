@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -17,32 +18,37 @@ EXIT_BAD_INPUT = 2
 
 
 def _list(args) -> int:
-    from .registry import BACKBONES, ENVS, PERTURBATIONS, STRATEGIES
-
-    def show(title, registry):
-        names = registry.names(args.pattern)
-        print(f"{title}:")
-        for name in names:
-            doc = (registry.get(name).__doc__ or "").strip().splitlines()
-            print(f"  {name:<20} {doc[0] if doc else ''}")
-
-    show("backbones", BACKBONES)
-    for kind, registry in STRATEGIES.items():
-        show(f"strategies ({kind})", registry)
-    show("envs", ENVS)
-    show("perturbations", PERTURBATIONS)
     from fnmatch import fnmatch
 
     from .backbone import resolve_checkpoint, shipped_policies
+    from .registry import BACKBONES, ENVS, PERTURBATIONS, STRATEGIES
 
-    print("shipped policies (backbone.checkpoint=NAME):")
+    sections = [("backbones", BACKBONES), *((f"strategies ({kind})", r) for kind, r in STRATEGIES.items()),
+                ("envs", ENVS), ("perturbations", PERTURBATIONS)]
+    lines = {title: [f"  {name:<20} {first_sentence(registry.get(name).__doc__)}" for name in registry.names(args.pattern)]
+             for title, registry in sections}
+    policies = []
     for name in shipped_policies():
         if fnmatch(name, args.pattern):
             folder = resolve_checkpoint(name)
             config = json.loads((folder / "config.json").read_text())
             kind = "openvla-oft" if any(folder.glob("action_head--*")) else config.get("model_type", "?")
-            print(f"  {name:<28} {kind}, trained on {', '.join(config.get('norm_stats', {})) or '?'}")
+            policies.append(f"  {name:<28} {kind}, trained on {', '.join(config.get('norm_stats', {})) or '?'}")
+    lines["shipped policies (backbone.checkpoint=NAME)"] = policies
+    if not any(lines.values()):
+        print(f"nothing matches '{args.pattern}'; `vlacache list` shows every name (patterns are shell-style: 'entropy*')")
+        return 0
+    for title, rows in lines.items():
+        if rows or args.pattern == "*":
+            print(f"{title}:", *rows, sep="\n")
     return 0
+
+
+def first_sentence(doc: str | None) -> str:
+    """A docstring's first sentence, whole (its first paragraph up to the first full stop)."""
+    paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
+    end = re.search(r"[.!?](?=\s+[A-Z(`'\"]|$)", paragraph)  # not "i.e. the"
+    return paragraph[: end.start() + 1] if end else paragraph
 
 
 def _bench(args) -> int:
@@ -153,11 +159,18 @@ def _train(args) -> int:
 
 
 def _serve(args) -> int:
+    from .config import ConfigError
     from .integrations.service import PolicyService, load_serve_config
 
+    if args.max_batch_size < 1:
+        raise ConfigError(f"--max-batch-size must be a positive integer, got {args.max_batch_size}")
     config = load_serve_config(args.config, args.overrides)
     if args.protocol == "openpi":
         from .integrations import openpi
+
+        if args.max_batch_size != 1:
+            raise ConfigError("--max-batch-size batches the queries of several vla-eval sessions; the openpi server "
+                              "answers one client's query at a time: drop it, or use --protocol vla-eval")
 
         service = PolicyService(config, default_cameras=openpi.OPENPI_CAMERAS)
         openpi.serve(service, args.host, args.port)
@@ -165,7 +178,7 @@ def _serve(args) -> int:
         from .integrations import vla_eval
 
         argv = ([args.config] if args.config else []) + args.overrides
-        return vla_eval.main(argv + ["--host", args.host, "--port", str(args.port)])
+        return vla_eval.main(argv + ["--host", args.host, "--port", str(args.port), "--max-batch-size", str(args.max_batch_size)])
     return 0
 
 
@@ -223,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="openpi: the openpi websocket `infer` protocol; vla-eval: a vla-eval model server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=1,
+                   help="vla-eval: run up to N sessions' queries that arrive together as one batch of episodes")
     p.set_defaults(func=_serve)
     return parser
 

@@ -2,7 +2,7 @@
 ...) drives any vlacache backbone + cache policy over its websocket protocol.
 
     python -m vlacache.integrations.vla_eval micro_oft_libero policy=vla_cache --port 8000
-    UV_NO_PROJECT=1 vla-eval serve -c configs/vla_eval/micro_oft_libero.yaml   # vla-eval's launcher (uv run)
+    UV_NO_PROJECT=1 vla-eval serve -c configs/vla_eval/serve_micro_oft_libero.yaml --address 127.0.0.1:8000
     vla_eval.api.evaluate(VlaCacheModelServer("micro_oft_libero"), eval_config, docker=False)
 
 What it does with vla-eval's conventions:
@@ -39,8 +39,8 @@ try:
     from vla_eval.specs import (GRIPPER_CLOSE_POS, GRIPPER_RAW, IMAGE_RGB, LANGUAGE, POSITION_DELTA, ROTATION_AA,
                                 STATE_EEF_POS_AA_GRIP, DimSpec)
 except ImportError as error:  # pragma: no cover - the message is the point
-    raise ImportError(f"vlacache.integrations.vla_eval needs vla-eval: pip install 'vlacache[vla-eval]' "
-                      f"(or pip install vla-eval==0.8.0); {error}") from None
+    raise ImportError("vlacache.integrations.vla_eval needs vla-eval: pip install vla-eval==0.8.0 (or, from the vlacache "
+                      f"clone's root: pip install -e '.[vla-eval]'); {error}") from None
 
 # vla-eval's camera names -> vlacache's (LIBERO: agentview / wrist; SIMPLER: primary).
 VLA_EVAL_CAMERAS = {"agentview": "primary", "wrist": "wrist", "primary": "primary"}
