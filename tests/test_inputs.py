@@ -42,6 +42,18 @@ def test_batch_with_different_prompt_lengths(tiny):
         CachedVLA(tiny, None).predict(obs)
 
 
+def test_an_instruction_longer_than_the_models_positions_is_refused_at_once(tiny):
+    """Refused after tokenising, before the towers or the decoder run; the next query is served."""
+    from vlacache.backbones.openvla_oft import build_preset as oft_preset
+
+    for backbone, images in ((tiny, {"primary": GOOD}), (oft_preset("tiny"), {"primary": GOOD, "wrist": GOOD})):
+        vla = vlacache.attach(backbone, "vla_cache")
+        proprio = np.zeros(8, np.float32) if backbone.uses_proprio else None
+        with pytest.raises(InputError, match=r"the instruction is too long: .* but the model has 2048; shorten the"):
+            vla.predict(Observation(images, "pick up the bowl " * 5000, proprio=proprio))
+        assert vla.predict(Observation(images, INSTRUCTION, proprio=proprio)).stats.step == 0
+
+
 def test_float_images_and_batches_work(tiny):
     vla = CachedVLA(tiny, None)
     as_uint8 = vla.predict(Observation({"primary": GOOD + 128}, INSTRUCTION))

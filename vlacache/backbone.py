@@ -221,6 +221,10 @@ class Backbone(ABC):
         """Decoder forward passes after the prefill (for FLOPs, and the length of a compiled step's static cache)."""
         return 0
 
+    def max_positions(self) -> int | None:
+        """How many positions the decoder has (its config's max_position_embeddings; None: no limit known)."""
+        return getattr(getattr(self.decoder, "config", None), "max_position_embeddings", None)
+
     def causal_lm(self) -> nn.Module | None:
         """The causal LM (decoder + LM head) the decode passes call; None for a backbone without decode passes."""
         return None

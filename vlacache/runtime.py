@@ -16,7 +16,7 @@ from .engine import CacheEngine, CompiledSteps, EpisodeState, ReuseBuckets
 from .flops import decode_flops, prefill_flops
 from .policy import CachePolicy, PolicyConfig
 from .timing import StepTimer
-from .types import InputError, NonFiniteOutputError, Observation, ReusePlan, StepStats
+from .types import InputError, NonFiniteOutputError, Observation, ReusePlan, StepStats, TokenLayout
 
 # The sections of a control step, in order; their sum plus bookkeeping is the step's wall time ("total").
 LATENCY_PARTS = ("prepare", "vision", "select", "prefill", "decode")
@@ -176,6 +176,7 @@ class CachedVLA:
         with timer.section("prepare"):
             inputs = backbone.prepare(obs)
         layout, batch = inputs.layout, inputs.batch_size
+        check_fits_positions(backbone, layout)
         num_layers = engine.num_layers
         engine.recover_unfinished_step()  # the last predict() may have raised mid-step
         fresh = engine.sync_episode(inputs.batch_key(), inputs.instructions)
@@ -307,3 +308,15 @@ def attach(
     if policy is not None and not isinstance(policy, CachePolicy):
         policy = CachePolicy.from_config(policy)
     return CachedVLA(backbone, policy, buckets=buckets, compile=compile, compile_mode=compile_mode)
+
+
+def check_fits_positions(backbone: Backbone, layout: TokenLayout) -> None:
+    """Refuse, before any compute, a sequence longer than the decoder's positions (an over-long instruction)."""
+    limit = backbone.max_positions()
+    needed = layout.length + backbone.decode_passes()
+    if limit is not None and needed > limit:
+        text = layout.text.stop - layout.text.start
+        raise InputError(
+            f"the instruction is too long: with the image tokens the sequence needs {needed} positions ({text} of them "
+            f"the prompt's text), but the model has {limit}; shorten the instruction by at least {needed - limit} tokens"
+        )
