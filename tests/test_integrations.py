@@ -376,7 +376,8 @@ for o in [obs("pick up the black bowl"), obs("pick up the black bowl"), obs("pic
 def control(frame):
     client._ws.send(client._packer.pack(frame))
     return msgpack_numpy.unpackb(client._ws.recv())
-out["acks"] = [control({"__ctrl__": "episode_start", "__experiment__": "libero", "__task__": "t", "__episode_id__": 3})]
+start = {"__ctrl__": "episode_start", "__experiment__": "libero", "__task__": "t", "__episode_id__": 3}
+out["acks"] = [control(start)]
 for o in [obs("put the bowl on the plate"), obs("put the bowl on the plate")]:
     out["steps"].append({"shape": [8, 7], "dtype": "float32", "gripper": [1.0], "reuse": client.infer(o)["vlacache"]["reuse_ratio"]})
 out["acks"] += [control({"__ctrl__": "episode_end", "__success__": True}), control({"__ctrl__": "pause"})]

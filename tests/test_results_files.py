@@ -216,8 +216,41 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
     (tmp_path / "run.lock").write_text(json.dumps(stale))
     runner.run_experiment(quick_config(tmp_path), progress=False)
     err = capsys.readouterr().err
-    assert "taking over the stale lock" in err and f"pid {dead.pid}" in err
+    assert "took over the stale lock" in err and f"pid {dead.pid}" in err
     assert len(lines(tmp_path / "episodes.jsonl")) == 3 and not (tmp_path / "run.lock").exists()
+
+
+def race_for_the_lock(out, token, barrier, results):
+    barrier.wait()
+    try:
+        lock = acquire_lock(out, token)
+        results.put("owner" if lock.owner else "joined")
+        time.sleep(0.5)  # hold it while the others look
+    except ResultsConflict:
+        results.put("refused")
+
+
+def test_processes_racing_on_a_stale_lock_take_it_over_exactly_once(tmp_path):
+    """4 processes released together on a stale lock, 10 times: exactly one takes it over, the rest are refused
+    (the takeover was a plain overwrite: two of them could both read their own token back)."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")  # the children share this process's imports: they start at once
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for trial in range(10):
+        out = tmp_path / f"trial{trial}"
+        out.mkdir()
+        (out / "run.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                                  "started": "2020-01-01 00:00:00", "token": "old"}))
+        barrier, results = fork.Barrier(4), fork.Queue()
+        racers = [fork.Process(target=race_for_the_lock, args=(out, f"run{i}", barrier, results)) for i in range(4)]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join(timeout=60)
+        outcomes = sorted(results.get(timeout=10) for _ in racers)
+        assert outcomes == ["owner", "refused", "refused", "refused"], (trial, outcomes)
 
 
 def test_a_lock_of_another_host_is_never_taken_over(tmp_path):

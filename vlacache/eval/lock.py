@@ -79,6 +79,20 @@ def _create_exclusive(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _take_over(path: Path, stale: dict, data: bytes) -> bool:
+    """Replace the stale lock `stale` with ours, exclusively: takeovers serialise on an fcntl lock of a guard file
+    beside it, and only the first to find the lock still `stale` replaces it (the others then see a live holder).
+    A new lock is never created while the stale one exists, so creation cannot race a takeover."""
+    import fcntl
+
+    with open(path.with_name(f".{path.name}.takeover"), "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if _read_lock(path) != stale:
+            return False
+        write_atomic(path, data)
+        return True
+
+
 @dataclass
 class OutputLock:
     """`run.lock` of an output directory. `owner`: this process created it (and releases it); otherwise this
@@ -132,8 +146,7 @@ def acquire_lock(out: Path, token: str) -> OutputLock:
             raise ResultsConflict(
                 f"output_dir {out} is in use by another vlacache run ({_holder(other)}; lock {path}); wait for it "
                 f"to finish or pass a new output_dir=... (if that process is gone, delete {path})")
-        warn(f"taking over the stale lock {path} of {_holder(other)}: that process no longer runs")
-        write_atomic(path, data)
-        if (_read_lock(path) or {}).get("token") == token:
+        if _take_over(path, other, data):
+            warn(f"took over the stale lock {path} of {_holder(other)}: that process no longer runs")
             return OutputLock(path, token, owner=True)
     raise ResultsConflict(f"could not take the lock {path}: other processes keep changing it; pass a new output_dir=...")
