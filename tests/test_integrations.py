@@ -379,7 +379,8 @@ def control(frame):
 start = {"__ctrl__": "episode_start", "__experiment__": "libero", "__task__": "t", "__episode_id__": 3}
 out["acks"] = [control(start)]
 for o in [obs("put the bowl on the plate"), obs("put the bowl on the plate")]:
-    out["steps"].append({"shape": [8, 7], "dtype": "float32", "gripper": [1.0], "reuse": client.infer(o)["vlacache"]["reuse_ratio"]})
+    reuse = client.infer(o)["vlacache"]["reuse_ratio"]
+    out["steps"].append({"shape": [8, 7], "dtype": "float32", "gripper": [1.0], "reuse": reuse})
 out["acks"] += [control({"__ctrl__": "episode_end", "__success__": True}), control({"__ctrl__": "pause"})]
 try:
     client.infer({"observation/image": agent, "prompt": "pick up the black bowl"})
