@@ -231,3 +231,21 @@ def test_the_readme_replay_example_replaces_the_env_and_a_named_backbone_takes_i
     run = json.loads((tmp_path / "named" / "run.json").read_text())
     backbone = run["policies"]["no-cache"]["fingerprint"]["backbone"]
     assert backbone["checkpoint"] == "micro_openvla_libero_spatial" and backbone["preset"] is None
+
+
+def test_threads_are_set_per_process_printed_in_the_header_and_restored(tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    out = vlacache_in_process(capsys, "run", "tiny_replay", "threads=1", "policies=[no_cache]", "max_steps=1", "--quiet",
+                              f"output_dir={tmp_path / 'one'}")
+    assert out.returncode == 0, out.stderr
+    assert "1 process, 1 torch thread per process (threads=1; set threads=N)" in out.stderr
+    record = json.loads((tmp_path / "one" / "episodes.jsonl").read_text().splitlines()[0])
+    assert record["torch_threads"] == 1 and torch.get_num_threads() == before  # a notebook keeps its own setting
+    bench = vlacache_in_process(capsys, "bench", "tiny", "threads=1", "max_steps=1", "repeats=1", "--quiet",
+                                "--out", str(tmp_path / "b.json"))
+    assert bench.returncode == 0, bench.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["machine"]["threads"] == 1 and torch.get_num_threads() == before
+    refused = vlacache_in_process(capsys, "run", "tiny_replay", "threads=0", f"output_dir={tmp_path / 'zero'}")
+    assert refused.returncode == 2 and "threads must be a positive integer" in refused.stderr

@@ -465,3 +465,16 @@ def test_serve_refuses_a_bad_config_before_listening():
     out = subprocess.run([str(BIN / "vlacache"), "serve", "micro_oft_libero", "benchmark=bridge"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "benchmark must be one of" in out.stderr
+
+
+def test_a_serve_config_sets_the_servers_torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        service = PolicyService(load_serve_config({"backbone": {"name": "openvla", "preset": "tiny"}, "threads": 1}))
+        assert torch.get_num_threads() == 1 and "1 torch thread per process (threads=1" in service.threads
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="threads must be a positive integer"):
+        load_serve_config({"backbone": {"name": "openvla", "preset": "tiny"}, "threads": 0})

@@ -83,6 +83,7 @@ class ExperimentConfig:
     fast_path: FastPathConfig = field(default_factory=FastPathConfig)
     retry_errors: bool = True  # on resume, run again the episodes whose last attempt raised an error
     max_retries: int = 2  # ... at most this many times (the record's `attempts` counts them)
+    threads: int | None = None  # torch threads per process; null: the cores shared among the processes (threads.py)
 
     def check(self) -> "ExperimentConfig":
         """Values that type-check but cannot run; raises ConfigError naming the key and a valid value."""
@@ -93,6 +94,7 @@ class ExperimentConfig:
         _positive(self.max_retries, "max_retries", "2", allow_zero=True, nullable=False)
         _positive(self.launcher.devices, "launcher.devices", "1", nullable=False)
         _positive(self.launcher.num_nodes, "launcher.num_nodes", "1", nullable=False)
+        _positive(self.threads, "threads", "1 (null: the cores shared among the processes)")
         if not self.policies:
             raise ConfigError("policies is empty; list at least one, e.g. policies=[no_cache,vla_cache]")
         if not str(self.output_dir).strip():
@@ -119,9 +121,11 @@ class BenchConfig:
     repeats: int = 3
     batch: int = 1  # > 1: also actions per second of this many episodes stepped together vs one at a time
     fast_path: FastPathConfig = field(default_factory=FastPathConfig)
+    threads: int | None = None  # torch threads; null: torch's default
 
     def check(self) -> "BenchConfig":
         self.fast_path.check()
+        _positive(self.threads, "threads", "1 (null: torch's default)")
         _positive(self.batch, "batch", "8", nullable=False)
         _positive(self.max_steps, "max_steps", "8 (null: the whole recording)")
         _positive(self.episodes, "episodes", "4 (null: every episode the env lists)")

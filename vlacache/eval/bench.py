@@ -18,7 +18,9 @@ from tqdm import tqdm
 
 from ..config import ConfigError
 from ..experiment import BenchConfig, build_backbone, build_env, build_policy
+from ..messages import note
 from ..runtime import LATENCY_PARTS, CachedVLA, StepResult
+from ..threads import torch_threads
 from ..types import Observation, ReusePlan
 
 PARTS = LATENCY_PARTS + ("total",)
@@ -94,8 +96,14 @@ def _policy_specs(spec: Any) -> list[Any]:
 
 def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     """Every step of the chosen episodes through the baseline and each cache policy, interleaved per episode and
-    repeat; per policy a row with per-step numbers and their summary."""
+    repeat; per policy a row with per-step numbers and their summary. Runs with `config.threads` torch threads."""
     config.check()
+    with torch_threads(config.threads) as threads:
+        note(f"bench {config.name}: {threads}")
+        return measure(config, progress)
+
+
+def measure(config: BenchConfig, progress: bool) -> dict[str, Any]:
     backbone = build_backbone(config.backbone)
     policies = [build_policy(spec) for spec in _policy_specs(config.policy)]
     labels = [p.label for p in policies]

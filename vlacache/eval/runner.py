@@ -39,6 +39,7 @@ from .env_workers import WorkerEnv, start_workers
 from .fingerprint import check_fingerprints, experiment_fingerprints
 from .lock import OutputLock, acquire_lock, run_token
 from .report import LATENCY_PARTS, summarize, write_plots, write_tables
+from ..threads import torch_threads, use_threads
 from .verify import first_episode, reproduce
 from .results import (ResultStore, attempts, check_writable_dir, load_records, move_aside, note, record_key,
                       repair_jsonl, result_files)
@@ -257,8 +258,15 @@ def reproduce_first(config: ExperimentConfig, records: list[dict], label: str) -
 def run_experiment(config: ExperimentConfig, progress: bool = True, restart: bool = False,
                    verify_code_change: bool = False) -> list[dict]:
     """Run (or resume) the whole experiment in this process; return the summary rows."""
-    with claim_output(config, restart, verify_code_change=verify_code_change):
+    with claim_output(config, restart, verify_code_change=verify_code_change), torch_threads(config.threads) as threads:
+        announce(config, threads, 1)
         return run_shard(config, progress, policies=[build_policy(spec) for spec in config.policies])
+
+
+def announce(config: ExperimentConfig, threads: str, processes: int) -> None:
+    """The run's header line on stderr: what runs where, and with how many threads."""
+    note(f"{config.name}: {len(config.policies)} policies, {processes} process{'es' if processes > 1 else ''}, "
+         f"{threads}; results in {config.output_dir}")
 
 
 def pending(config: ExperimentConfig, work: list[tuple[Any, EpisodeSpec]], out: Path) -> list[tuple[Any, EpisodeSpec, int]]:
@@ -396,6 +404,9 @@ def launch(config: ExperimentConfig, progress: bool = True, restart: bool = Fals
             else:
                 os.environ["VLACACHE_RUN_TOKEN"] = previous
         fabric.barrier()  # every rank starts after the lock holder has prepared the directory
+        threads = use_threads(config.threads, launcher.devices)
+        if fabric.global_rank == 0:
+            announce(config, threads, world)
         if fabric.device.type == "cuda":
             config.backbone = {**config.backbone, "device": str(fabric.device)}
         policies = [build_policy(spec) for spec in config.policies]

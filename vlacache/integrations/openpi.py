@@ -206,7 +206,8 @@ def serve(service: PolicyService, host: str = "127.0.0.1", port: int = 8000) -> 
     """Block serving the openpi protocol on ws://host:port."""
 
     def announce(bound: int) -> None:
-        print(f"vlacache: serving {service.config.name} over the openpi protocol on ws://{host}:{bound}", flush=True)
+        print(f"vlacache: serving {service.config.name} over the openpi protocol on ws://{host}:{bound}, "
+              f"{service.threads}", flush=True)
 
     try:
         asyncio.run(serve_forever(service, host, port, announce))

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from vlacache.threads import use_threads
 from vlacache.backbone import Backbone
 from vlacache.config import ConfigError
 from vlacache.experiment import FastPathConfig, build_backbone, build_policy, load_config
@@ -56,12 +57,13 @@ class ServeConfig:
     execute_chunk: int | None = None
     fast_path: FastPathConfig = field(default_factory=FastPathConfig)
     log: str | None = None
+    threads: int | None = None  # torch threads of the server; null: torch's default
 
     def check(self) -> "ServeConfig":
         if self.benchmark not in ACTION_CONVENTIONS:
             raise ConfigError(f"benchmark must be one of {list(ACTION_CONVENTIONS)}, got {self.benchmark!r}; "
                               "e.g. benchmark=libero")
-        for key in ("model_resize", "execute_chunk"):
+        for key in ("model_resize", "execute_chunk", "threads"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{key} must be a positive integer or null, got {value!r}")
@@ -103,6 +105,7 @@ class PolicyService:
     def __init__(self, config: ServeConfig, backbone: Backbone | None = None,
                  default_cameras: Mapping[str, str] | None = None) -> None:
         self.config = config
+        self.threads = use_threads(config.threads)  # the header line servers print
         self.backbone = backbone if backbone is not None else build_backbone(config.backbone)
         self.cameras = dict(config.cameras if config.cameras is not None else default_cameras or {})
         for name, camera in self.cameras.items():

@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     from vla_eval.model_servers.serve import serve
 
     server = VlaCacheModelServer(args.config, args.overrides, max_batch_size=args.max_batch_size)
-    print(f"vlacache: serving {server.service.config.name} to vla-eval on ws://{args.host}:{args.port}", flush=True)
+    print(f"vlacache: serving {server.service.config.name} to vla-eval on ws://{args.host}:{args.port}, "
+          f"{server.service.threads}", flush=True)
     try:
         serve(server, host=args.host, port=args.port)
     except (KeyboardInterrupt, asyncio.CancelledError):
