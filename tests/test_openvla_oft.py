@@ -440,3 +440,26 @@ def test_center_crop_defaults_to_the_checkpoints_own_choice(tmp_path):
     spec = {"name": "openvla-oft", "checkpoint": str(tmp_path / "plain")}
     assert component(BACKBONES, spec, "backbone")[1]["center_crop"] is True  # what a run's fingerprint records
     assert component(BACKBONES, resolve_backbone_spec("micro_oft_libero_spatial"), "backbone")[1]["center_crop"] is False
+
+
+def test_a_checkpoint_loaded_as_the_wrong_family_is_refused_naming_the_right_backbone(tmp_path):
+    from vlacache.backbones.openvla import OpenVLABackbone
+    from vlacache.backbones.openvla import build_preset as openvla_preset
+    from vlacache.experiment import build_backbone
+
+    build_preset("tiny").save_pretrained(tmp_path / "oft")
+    with pytest.raises(CheckpointError, match="is an OpenVLA-OFT checkpoint .* load it as backbone 'openvla-oft'"):
+        OpenVLABackbone.from_pretrained(tmp_path / "oft")
+    with pytest.raises(CheckpointError, match="load it as backbone 'openvla-oft'"):
+        build_backbone({"name": "openvla", "checkpoint": str(tmp_path / "oft")})
+    config = json.loads((tmp_path / "oft" / "config.json").read_text())
+    del config[META_KEY]
+    (tmp_path / "oft" / "config.json").write_text(json.dumps(config))  # a released OFT directory: no vlacache record
+    with pytest.raises(CheckpointError, match="load it as backbone 'openvla-oft'"):  # the head file marks it
+        OpenVLABackbone.from_pretrained(tmp_path / "oft")
+    for part in (tmp_path / "oft").glob("*_checkpoint.pt"):
+        part.unlink()
+    OpenVLABackbone.from_pretrained(tmp_path / "oft")  # now an OpenVLA layout: it loads
+    openvla_preset("tiny").save_pretrained(tmp_path / "plain")
+    with pytest.raises(CheckpointError, match="a plain OpenVLA checkpoint: load it as backbone 'openvla'"):
+        OpenVLAOFTBackbone.from_pretrained(tmp_path / "plain")

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from vlacache.backbone import ActionOutput, LoadConfig, PrefillOutput, PreparedInputs
 from vlacache.backbones.common.checkpoint import (
-    ensure_fits, load_safetensors_dir, load_state_dict_strict, loaded_nbytes, weight_files,
+    CheckpointError, ensure_fits, load_safetensors_dir, load_state_dict_strict, loaded_nbytes, weight_files,
 )
 from vlacache.backbones.common.prismatic import PrismaticBackbone, read_openvla_config, save_openvla_layout
 from vlacache.backbones.common.statistics import normalize_q99, resolve_unnorm_key, unnormalize
@@ -21,6 +21,11 @@ from vlacache.registry import register_backbone
 from vlacache.types import Observation
 
 from .action_tokens import normalized_to_tokens, tokens_to_normalized
+
+# what marks an OpenVLA-OFT directory (its L1 head; vlacache's own export also records its settings)
+OFT_HEAD_PATTERN = "action_head--*_checkpoint.pt"
+OFT_MARKER = "vlacache_oft"
+
 
 @register_backbone("openvla")
 class OpenVLABackbone(PrismaticBackbone):
@@ -68,6 +73,11 @@ class OpenVLABackbone(PrismaticBackbone):
         """Load a released OpenVLA HF checkpoint directory unchanged (config.json, safetensors, tokenizer)."""
         path, device = Path(path), torch.device(device)
         config = read_openvla_config(path)
+        if OFT_MARKER in config.raw or any(path.glob(OFT_HEAD_PATTERN)):
+            raise CheckpointError(
+                f"{path} is an OpenVLA-OFT checkpoint (it holds {OFT_HEAD_PATTERN} or config.json records "
+                f"'{OFT_MARKER}'): its actions come from that head, not from action tokens; load it as backbone "
+                "'openvla-oft' (OpenVLAOFTBackbone)")
         resolve_unnorm_key(config.norm_stats, unnorm_key)  # a wrong key fails before any weights are read
         tokenizer = load_tokenizer(path)
         with torch.device("meta"):

@@ -466,7 +466,7 @@ def find_part(path: Path, pattern: str, step: str | int | None, what: str) -> Pa
         raise CheckpointError(
             f"missing {what} file {path / (wanted or pattern)}{found}; a released OpenVLA-OFT directory holds "
             f"'{HEAD_PATTERN}' and '{PROPRIO_PATTERN}' next to config.json and the safetensors (FiLM ones also "
-            f"'{FILM_PATTERN}')"
+            f"'{FILM_PATTERN}'); a directory with none of them is a plain OpenVLA checkpoint: load it as backbone 'openvla'"
         )
     if len(matches) > 1:
         raise CheckpointError(
