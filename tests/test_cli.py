@@ -124,7 +124,7 @@ def write_bad_recordings(folder):
     (("run", "missing.yaml"), "config file not found"),
     (("run", "tiny_replay", "--quiet", "max_steps=[1"), "override 'max_steps=[1': the value does not parse as YAML"),
     (("run", "tiny_replay", "--quiet", "max_steps=0"), "max_steps must be a positive integer (or null), got 0; e.g. max_steps="),
-    (("run", "tiny_replay", "--quiet", "episodes=-1"), "episodes must be a non-negative integer (or null), got -1"),
+    (("run", "tiny_replay", "--quiet", "episodes=-1"), "episodes must be a positive integer (or null), got -1"),
     (("run", "tiny_replay", "--quiet", "execute_chunk=-2"), "execute_chunk must be a positive integer (or null), got -2"),
     (("run", "tiny_replay", "--quiet", "env={name: replay, path: notes.txt}"),
      "notes.txt is not a vlacache recording: it is not an .npz (zip) archive; record one with `vlacache record"),

@@ -84,7 +84,7 @@ def test_unnorm_key_falls_back_to_no_noops():
     ("env={name: replay", r"override 'env=\{name: replay': the value does not parse as YAML"),
     ("max_steps=0", r"max_steps must be a positive integer \(or null\), got 0; e\.g\. max_steps=50"),
     ("max_steps=-1", "max_steps must be a positive integer"),
-    ("episodes=-3", r"episodes must be a non-negative integer \(or null\), got -3"),
+    ("episodes=-3", r"episodes must be a positive integer \(or null\), got -3"),
     ("execute_chunk=-1", "execute_chunk must be a positive integer"),
     ("execute_chunk=0", "execute_chunk must be a positive integer"),
     ("max_retries=-1", "max_retries must be a non-negative integer"),
@@ -98,8 +98,10 @@ def test_values_that_cannot_run_fail_naming_the_key(override, message):
 
 def test_limits_that_can_run_are_accepted():
     config = load_config(ExperimentConfig, "tiny_replay", "experiment",
-                         ["max_steps=null", "episodes=0", "execute_chunk=1", "max_retries=0", "retry_errors=false"])
-    assert config.max_steps is None and config.episodes == 0 and config.retry_errors is False
+                         ["max_steps=null", "episodes=1", "execute_chunk=1", "max_retries=0", "retry_errors=false"])
+    assert config.max_steps is None and config.episodes == 1 and config.retry_errors is False
+    with pytest.raises(ConfigError, match="episodes must be a positive integer"):  # it ran nothing and exited 0
+        load_config(ExperimentConfig, "tiny_replay", "experiment", ["episodes=0"])
     assert ExperimentConfig().retry_errors is True and ExperimentConfig().max_retries == 2
     with pytest.raises(ConfigError, match="warmup must be a non-negative integer"):
         load_config(BenchConfig, "tiny", "bench", ["warmup=-1"])

@@ -54,6 +54,12 @@ def test_an_instruction_longer_than_the_models_positions_is_refused_at_once(tiny
         assert vla.predict(Observation(images, INSTRUCTION, proprio=proprio)).stats.step == 0
 
 
+def test_attach_refuses_a_switch_that_is_not_a_bool(tiny):
+    for bad in ("yes", 1, None):
+        with pytest.raises(InputError, match=f"compile must be True or False, got {bad!r}"):
+            vlacache.attach(tiny, "no_cache", compile=bad)
+
+
 def test_float_images_and_batches_work(tiny):
     vla = CachedVLA(tiny, None)
     as_uint8 = vla.predict(Observation({"primary": GOOD + 128}, INSTRUCTION))

@@ -356,6 +356,14 @@ def test_report_puts_several_runs_in_one_table(tmp_path, capsys):
     written = vlacache_in_process(capsys, "report", tmp_path / "b", "--out", tmp_path / "table.md")
     assert written.returncode == 0 and (tmp_path / "table.md").read_text().splitlines()[2].startswith("| no-cache | b |")
 
+    twice = vlacache_in_process(capsys, "report", tmp_path / "b", tmp_path / "b" / ".." / "b")
+    assert len(twice.stdout.splitlines()) == 3 and "is given twice: its rows are shown once" in twice.stderr
+    record = lines(tmp_path / "b" / "episodes.jsonl")[0]
+    with (tmp_path / "b" / "episodes.jsonl").open("a") as f:  # a hand-edited record: "yes" is not a success value
+        f.write(json.dumps({**record, "init_state": 9, "success": "yes"}) + "\n")
+    odd = vlacache_in_process(capsys, "report", tmp_path / "b")
+    assert "success values that are not true / false / null ('yes'): they count as failures" in odd.stderr
+
     (tmp_path / "empty").mkdir()
     empty = vlacache_in_process(capsys, "report", tmp_path / "a", tmp_path / "empty")
     assert empty.returncode == 2 and "empty holds no episode records" in one_error_line(empty.stderr)

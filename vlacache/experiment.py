@@ -88,7 +88,7 @@ class ExperimentConfig:
     def check(self) -> "ExperimentConfig":
         """Values that type-check but cannot run; raises ConfigError naming the key and a valid value."""
         _positive(self.max_steps, "max_steps", "50 (null: the env's own limit)")
-        _positive(self.episodes, "episodes", "10 (null: every episode the env lists)", allow_zero=True)
+        _positive(self.episodes, "episodes", "10 (null: every episode the env lists)")
         _positive(self.execute_chunk, "execute_chunk", "1 (null: the whole predicted chunk)")
         _positive(self.batch_envs, "batch_envs", "8 (1: one episode at a time)", nullable=False)
         _positive(self.max_retries, "max_retries", "2", allow_zero=True, nullable=False)

@@ -74,6 +74,12 @@ class CachedVLA:
         if isinstance(env_steps_per_query, bool) or not isinstance(env_steps_per_query, int) or env_steps_per_query < 1:
             raise InputError(f"env_steps_per_query must be an int >= 1 (the actions executed per query), "
                              f"got {env_steps_per_query!r}")
+        for name, flag in (("compile", compile), ("sync_timing", sync_timing)):
+            if not isinstance(flag, bool):
+                raise InputError(f"{name} must be True or False, got {flag!r}")
+        if compile_mode is not None and not isinstance(compile_mode, str):
+            raise InputError(f"compile_mode must be a torch.compile mode name (e.g. 'reduce-overhead') or None, "
+                             f"got {compile_mode!r}")
         self.env_steps_per_query = env_steps_per_query
         self.closed = False
         self.backbone = backbone

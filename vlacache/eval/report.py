@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 
 from ..runtime import LATENCY_PARTS
+from ..messages import warn
 from ..types import InputError
 
 
@@ -61,6 +62,10 @@ def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = 1.959964)
 def summarize(records: list[dict], policy_order: list[str]) -> tuple[list[str], list[dict]]:
     """One row per policy: success per suite and mean, FLOPs, latency split, control frequency, reuse ratio."""
     suites = sorted({suite_of(r["task"]) for r in records})
+    odd = sorted({repr(r["success"]) for r in records if r.get("success") not in (True, False, None)})
+    if odd:
+        warn(f"episode records carry success values that are not true / false / null ({', '.join(odd)}): they count "
+             "as failures; fix the records (or the env adapter that wrote them)")
     rows = []
     for policy in policy_order + sorted({r["policy"] for r in records} - set(policy_order)):
         mine = [r for r in records if r["policy"] == policy]
@@ -201,8 +206,12 @@ def combined_table(directories: list[Path]) -> str:
     from .fingerprint import load_manifest
     from .results import load_records, result_files
 
-    found = []
+    found, seen = [], set()
     for directory in map(Path, directories):
+        if directory.resolve() in seen:
+            warn(f"{directory} is given twice: its rows are shown once")
+            continue
+        seen.add(directory.resolve())
         files = result_files(directory)
         records = load_records(files) if files else []
         if not records:
