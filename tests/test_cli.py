@@ -140,6 +140,10 @@ def write_bad_recordings(folder):
     (("run", "tiny_replay", "--quiet", "env.path=empty"),
      "empty holds no recording (.npz) matching '*.npz'; record demonstrations"),
     (("bench", "tiny", "--out", "."), "cannot write the bench report . (Is a directory"),
+    (("record", "tiny_replay", "--out", "x.npz", "--steps", "0"), "--steps must be a positive number of env steps"),
+    (("record", "tiny_replay", "--out", "x.npz", "--steps", "-1"), "--steps must be a positive number of env steps"),
+    (("record", "tiny_replay", "--out", "x.npz", "--episode", "99"), "--episode 99 is out of range: the env lists 1"),
+    (("record", "tiny_replay", "--out", "x.txt"), "--out x.txt: a recording is an .npz file"),
     (("serve", "micro_oft_libero", "--max-batch-size", "2"), "the openpi server answers one client's query at a time"),
     (("serve", "micro_oft_libero", "--protocol", "vla-eval", "--max-batch-size", "0"),
      "--max-batch-size must be a positive integer, got 0"),
@@ -240,7 +244,7 @@ def test_threads_are_set_per_process_printed_in_the_header_and_restored(tmp_path
     out = vlacache_in_process(capsys, "run", "tiny_replay", "threads=1", "policies=[no_cache]", "max_steps=1", "--quiet",
                               f"output_dir={tmp_path / 'one'}")
     assert out.returncode == 0, out.stderr
-    assert "1 process, 1 torch thread per process (threads=1; set threads=N)" in out.stderr
+    assert "1 process, 1 torch thread per process (threads=1; set threads=N)" in out.stdout
     record = json.loads((tmp_path / "one" / "episodes.jsonl").read_text().splitlines()[0])
     assert record["torch_threads"] == 1 and torch.get_num_threads() == before  # a notebook keeps its own setting
     bench = vlacache_in_process(capsys, "bench", "tiny", "threads=1", "max_steps=1", "repeats=1", "--quiet",

@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from ..config import ConfigError
 from ..experiment import BenchConfig, build_backbone, build_env, build_policy
-from ..messages import note
 from ..runtime import LATENCY_PARTS, CachedVLA, StepResult
 from ..threads import torch_threads
 from ..types import Observation, ReusePlan
@@ -99,7 +98,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     repeat; per policy a row with per-step numbers and their summary. Runs with `config.threads` torch threads."""
     config.check()
     with torch_threads(config.threads) as threads:
-        note(f"bench {config.name}: {threads}")
+        print(f"vlacache bench {config.name}: {threads}", flush=True)
         return measure(config, progress)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..experiment import ExperimentConfig, build_backbone, build_env, build_policy
 from ..runtime import CachedVLA
+from ..types import InputError
 from .results import check_writable_file
 from .runner import env_steps_per_query, run_batch
 
@@ -21,8 +22,14 @@ def record_episode(config: ExperimentConfig, out: str | Path, max_steps: int | N
     at most this many env steps (default: the config's, else the env's limit)."""
     from vlacache.envs.replay import save_recording
 
+    if Path(out).suffix != ".npz":
+        raise InputError(f"--out {out}: a recording is an .npz file (numpy would write {out}.npz); "
+                         f"e.g. --out {Path(out).with_suffix('.npz')}")
+    if max_steps is not None and (isinstance(max_steps, bool) or max_steps < 1):
+        raise InputError(f"--steps must be a positive number of env steps (leave it out for the whole episode), "
+                         f"got {max_steps}")
     out = check_writable_file(out, "the recording", "pass a writable path, e.g. --out /tmp/episode.npz")
-    config = dataclasses.replace(config, max_steps=max_steps or config.max_steps, videos=False)
+    config = dataclasses.replace(config, max_steps=max_steps if max_steps is not None else config.max_steps, videos=False)
     config.check()
     env = build_env(config.env, config.perturbation)
     frames: dict[str, list[np.ndarray]] = {}
@@ -39,7 +46,8 @@ def record_episode(config: ExperimentConfig, out: str | Path, max_steps: int | N
     try:
         episodes = env.episodes()
         if not 0 <= episode_index < len(episodes):
-            raise ValueError(f"episode index {episode_index} out of range: the env lists {len(episodes)} episodes")
+            raise InputError(f"--episode {episode_index} is out of range: the env lists {len(episodes)} episodes "
+                             f"(0 to {len(episodes) - 1})")
         backbone = build_backbone(config.backbone)
         with CachedVLA(backbone, build_policy(config.policies[0]),
                        env_steps_per_query=env_steps_per_query(config, backbone)) as vla:

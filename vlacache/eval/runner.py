@@ -264,9 +264,10 @@ def run_experiment(config: ExperimentConfig, progress: bool = True, restart: boo
 
 
 def announce(config: ExperimentConfig, threads: str, processes: int) -> None:
-    """The run's header line on stderr: what runs where, and with how many threads."""
-    note(f"{config.name}: {len(config.policies)} policies, {processes} process{'es' if processes > 1 else ''}, "
-         f"{threads}; results in {config.output_dir}")
+    """The run's header line (stdout; stderr keeps progress and errors): what runs where, with how many threads."""
+    processes_text = f"{processes} process{'es' if processes > 1 else ''}"
+    print(f"vlacache run {config.name}: {len(config.policies)} policies, {processes_text}, {threads}; "
+          f"results in {config.output_dir}", flush=True)
 
 
 def pending(config: ExperimentConfig, work: list[tuple[Any, EpisodeSpec]], out: Path) -> list[tuple[Any, EpisodeSpec, int]]:
