@@ -144,6 +144,12 @@ def write_bad_recordings(folder):
     (("record", "tiny_replay", "--out", "x.npz", "--steps", "-1"), "--steps must be a positive number of env steps"),
     (("record", "tiny_replay", "--out", "x.npz", "--episode", "99"), "--episode 99 is out of range: the env lists 1"),
     (("record", "tiny_replay", "--out", "x.txt"), "--out x.txt: a recording is an .npz file"),
+    (("demos", "libero_spatial", "workers=0"), "workers must be >= 1, got 0"),
+    (("demos", "libero_spatial", "episodes_per_task=0"), "episodes_per_task must be >= 1, got 0"),
+    (("demos", "libero_spatial", "env.name=replay"), "demonstrations are recorded in the LIBERO env (name: libero)"),
+    (("demos", "libero_spatial", "noise.burst_prob=2"), "noise.burst_prob is a probability in [0, 1], got 2.0"),
+    (("demos", "libero_spatial", "noise.sigma=0.5", "output_dir=recorded"),
+     "recorded holds demos recorded with other settings (noise.sigma); record into another output_dir"),
     (("serve", "micro_oft_libero", "--max-batch-size", "2"), "the openpi server answers one client's query at a time"),
     (("serve", "micro_oft_libero", "--protocol", "vla-eval", "--max-batch-size", "0"),
      "--max-batch-size must be a positive integer, got 0"),
@@ -151,6 +157,8 @@ def write_bad_recordings(folder):
 def test_more_bad_inputs_in_process(tmp_path, capsys, args, message):
     """The same one-line exit 2 for further bad values (in-process: each console-script start costs seconds)."""
     write_bad_recordings(tmp_path)
+    (tmp_path / "recorded").mkdir()  # a demos folder recorded with the shipped settings
+    shutil.copy(Path(__file__).parents[1] / "results" / "demos" / "libero_spatial" / "settings.json", tmp_path / "recorded")
     out = vlacache_in_process(capsys, *args, *([f"output_dir={tmp_path}/out"] if args[0] == "run" else []), cwd=tmp_path)
     assert out.returncode == 2
     err = out.stderr

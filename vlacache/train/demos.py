@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from vlacache.config import resolve_component, typed
+from vlacache.config import ConfigError, resolve_component, typed
 from vlacache.env import EpisodeSpec
 from vlacache.types import InputError
 from vlacache.envs.replay import IMAGE_PREFIX, save_recording
@@ -74,12 +74,12 @@ class DemosConfig:
         spec = dict(self.env)
         spec.setdefault("placement", "sampled")
         if spec.get("name") != "libero":
-            raise ValueError(f"demonstrations are recorded in the LIBERO env (name: libero), got name: {spec.get('name')}")
+            raise ConfigError(f"demonstrations are recorded in the LIBERO env (name: libero), got name: {spec.get('name')}")
         if spec["placement"] != "sampled":
-            raise ValueError("demonstrations use placement: sampled; the shipped initial states are the evaluation episodes")
+            raise ConfigError("demonstrations use placement: sampled; the shipped initial states are the evaluation episodes")
         if "seeds" not in spec:
             if self.episodes_per_task < 1:
-                raise ValueError(f"episodes_per_task must be >= 1, got {self.episodes_per_task}")
+                raise ConfigError(f"episodes_per_task must be >= 1, got {self.episodes_per_task}")
             spec["seeds"] = list(range(self.first_seed, self.first_seed + self.episodes_per_task))
         return spec
 
@@ -89,7 +89,7 @@ class DemosConfig:
         typed(ExpertConfig, self.expert, "the expert config")
         typed(NoiseConfig, self.noise, "the noise config").check()
         if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
         return self
 
 
@@ -192,7 +192,7 @@ def _claim(out: Path, config: DemosConfig) -> None:
         changed = [f"{group}.{key}" for group in settings for key in settings[group]
                    if old.get(group, {}).get(key, defaults.get(group, {}).get(key)) != settings[group][key]]
         if changed:
-            raise ValueError(f"{out} holds demos recorded with other settings ({', '.join(changed)}); "
+            raise ConfigError(f"{out} holds demos recorded with other settings ({', '.join(changed)}); "
                              "record into another output_dir")
         return
     path.write_text(json.dumps(settings, indent=2) + "\n")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlacache.config import ConfigError
 from vlacache.envs.libero import Pose, PrivilegedState
 
 POS_UNIT = 0.05  # metres of position target per unit of action (LIBERO's OSC_POSE output limit)
@@ -91,9 +92,9 @@ class NoiseConfig:
         """Refuse, naming the key, probabilities outside [0, 1] and a missed grasp of no steps."""
         for key in ("burst_prob", "grasp_miss_prob"):
             if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"noise.{key} is a probability in [0, 1], got {getattr(self, key)}")
+                raise ConfigError(f"noise.{key} is a probability in [0, 1], got {getattr(self, key)}")
         if self.grasp_miss_steps < 1:
-            raise ValueError(f"noise.grasp_miss_steps must be >= 1, got {self.grasp_miss_steps}")
+            raise ConfigError(f"noise.grasp_miss_steps must be >= 1, got {self.grasp_miss_steps}")
         return self
 
 
