@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from importlib import resources
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,9 @@ def load_recording(path: str | Path) -> tuple[dict[str, np.ndarray], str, np.nda
         raise InputError(f"{path} is not a vlacache recording: it is not an .npz (zip) archive; {fix}")
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as error:  # a directory, not a numpy file, pickled objects, truncated
+    except zipfile.BadZipFile as error:  # a zip whose end (its directory) is missing: cut off while copied or written
+        raise InputError(f"{path} is truncated or corrupt ({error}); copy or record it again ({fix})") from None
+    except (OSError, ValueError, EOFError) as error:  # a directory, not a numpy file, pickled objects
         raise InputError(f"{path} is not a vlacache recording: it is not an .npz archive ({error}); {fix}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise InputError(f"{path} is not a vlacache recording: not an .npz archive; {fix}")
@@ -61,8 +65,8 @@ def load_recording(path: str | Path) -> tuple[dict[str, np.ndarray], str, np.nda
             cameras = {k[len(IMAGE_PREFIX):]: data[k] for k in names if k.startswith(IMAGE_PREFIX)}
             instruction = str(data["instruction"])
             proprio = data["proprio"] if "proprio" in names else None
-        except (OSError, ValueError, EOFError) as error:  # pickled object arrays, a corrupt member
-            raise InputError(f"{path} is not a readable vlacache recording ({error}); {fix}") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # pickled objects, a corrupt member
+            raise InputError(f"{path} is not a readable vlacache recording, truncated or corrupt ({error}); {fix}") from None
     for camera, frames in cameras.items():
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
             raise InputError(f"{path}: '{IMAGE_PREFIX}{camera}' must be uint8 frames [T>0, H, W, 3], got "

@@ -212,3 +212,25 @@ def test_config_refuses_evaluation_states():
         DemosConfig(env={"name": "libero"}, noise={"grasp_miss_steps": 0}).check()
     spec = DemosConfig(env={"name": "libero"}, episodes_per_task=3, first_seed=100000).env_spec()
     assert spec["seeds"] == [100000, 100001, 100002] and spec["placement"] == "sampled"
+
+
+def test_a_truncated_demonstration_or_recording_is_named(tmp_path, capsys):
+    """A demonstration cut off while copied fails naming the file (a BadZipFile traceback before), in training's
+    reader, in a replay folder of `vlacache bench`, and in `vlacache run` on one recording."""
+    from demo_fixture import write_demo_folder
+    from test_cli import vlacache_in_process
+
+    from vlacache.train.demos import load_demos
+
+    folder = write_demo_folder(tmp_path)
+    victim = sorted(folder.glob("*.npz"))[1]
+    victim.write_bytes(victim.read_bytes()[:3000])
+    demos = load_demos(folder)
+    demos.load(0)
+    with pytest.raises(InputError, match=f"demonstration {victim} is missing, truncated or corrupt"):
+        demos.load(1)
+    bench = vlacache_in_process(capsys, "bench", "tiny", f"env={{name: replay, path: {victim}}}", "--quiet",
+                                "--out", str(tmp_path / "b.json"))
+    assert bench.returncode == 2 and f"{victim} is truncated or corrupt" in bench.stderr
+    run = vlacache_in_process(capsys, "run", "tiny_replay", f"env.path={victim}", "--quiet", f"output_dir={tmp_path / 'o'}")
+    assert run.returncode == 2 and f"{victim} is truncated or corrupt" in run.stderr

@@ -30,6 +30,8 @@ import multiprocessing
 import os
 import time
 import warnings
+import zipfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,9 +330,14 @@ class DemoSet:
 
     def load(self, i: int, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
         """The i-th stored episode's arrays (only `keys`, e.g. ('actions',), to skip decompressing images)."""
-        with np.load(self.folder / self.episodes[i]["file"]) as data:
-            names = {k.removeprefix(IMAGE_PREFIX): k for k in data.files}
-            arrays = {k: data[names[k]] for k in (keys or names)}
+        path = self.folder / self.episodes[i]["file"]
+        try:
+            with np.load(path) as data:
+                names = {k.removeprefix(IMAGE_PREFIX): k for k in data.files}
+                arrays = {k: data[names[k]] for k in (keys or names)}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            raise InputError(f"demonstration {path} is missing, truncated or corrupt ({error}); record it again with "
+                             f"`vlacache demos` into {self.folder} (it resumes), or delete its line from {INDEX}") from None
         for key in ("instruction", "task"):
             if key in arrays:
                 arrays[key] = str(arrays[key])
