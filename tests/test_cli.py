@@ -261,3 +261,20 @@ def test_threads_are_set_per_process_printed_in_the_header_and_restored(tmp_path
     assert json.loads((tmp_path / "b.json").read_text())["machine"]["threads"] == 1 and torch.get_num_threads() == before
     refused = vlacache_in_process(capsys, "run", "tiny_replay", "threads=0", f"output_dir={tmp_path / 'zero'}")
     assert refused.returncode == 2 and "threads must be a positive integer" in refused.stderr
+
+
+def test_serve_refuses_a_busy_or_impossible_port_and_an_unwritable_log_before_loading(capsys):
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        busy = listener.getsockname()[1]
+        for protocol in ("openpi", "vla-eval"):
+            out = vlacache_in_process(capsys, "serve", "micro_oft_libero", "--protocol", protocol, "--port", busy)
+            assert out.returncode == 2 and f"cannot serve on 127.0.0.1:{busy}" in out.stderr, out.stderr
+            assert "pass another --port" in out.stderr and out.stderr.count("\n") == 1
+    far = vlacache_in_process(capsys, "serve", "micro_oft_libero", "--port", "70000")
+    assert far.returncode == 2 and "--port must be in 0..65535 (0: any free port), got 70000" in far.stderr
+    log = vlacache_in_process(capsys, "serve", "micro_oft_libero", "--port", "0", "log=/proc/vlacache/q.jsonl")
+    assert log.returncode == 2 and "cannot write the query log /proc/vlacache/q.jsonl" in log.stderr, log.stderr

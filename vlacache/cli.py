@@ -160,11 +160,12 @@ def _train(args) -> int:
 
 def _serve(args) -> int:
     from .config import ConfigError
-    from .integrations.service import PolicyService, load_serve_config
+    from .integrations.service import PolicyService, check_can_serve, load_serve_config
 
     if args.max_batch_size < 1:
         raise ConfigError(f"--max-batch-size must be a positive integer, got {args.max_batch_size}")
     config = load_serve_config(args.config, args.overrides)
+    check_can_serve(args.host, args.port, config)
     if args.protocol == "openpi":
         from .integrations import openpi
 

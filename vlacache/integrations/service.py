@@ -250,3 +250,24 @@ class PolicyService:
 
     def close(self) -> None:
         self.vla.detach()
+
+
+def check_can_serve(host: str, port: int, config: ServeConfig) -> None:
+    """Refuse, before a backbone is built, what would make a server fail later: a port out of range or already
+    listening, a query log that cannot be written."""
+    import socket
+
+    from vlacache.eval.results import check_writable_file
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535 (0: any free port), got {port!r}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is fine
+            probe.bind((host, port))
+    except OSError as error:
+        raise ConfigError(f"cannot serve on {host}:{port} ({error.strerror or error}): another server may be "
+                          "listening there; pass another --port (or --host)") from None
+    if config.log:
+        check_writable_file(config.log, "the query log", "pass log=<a writable file>")

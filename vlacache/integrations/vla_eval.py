@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from vlacache.integrations.service import PolicyService, load_serve_config
+from vlacache.integrations.service import PolicyService, check_can_serve, load_serve_config
 from vlacache.types import InputError
 
 try:
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-8s %(name)s: %(message)s")
     from vla_eval.model_servers.serve import serve
 
+    check_can_serve(args.host, args.port, load_serve_config(args.config, args.overrides))
     server = VlaCacheModelServer(args.config, args.overrides, max_batch_size=args.max_batch_size)
     print(f"vlacache: serving {server.service.config.name} to vla-eval on ws://{args.host}:{args.port}, "
           f"{server.service.threads}", flush=True)
