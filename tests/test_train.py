@@ -77,6 +77,30 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(demo_folder, t
     assert epochs == ["0", "1"]  # both runs' losses in one curve
 
 
+def test_a_run_with_other_settings_is_refused_and_restart_moves_it_aside(demo_folder, tmp_path, capsys):
+    from vlacache.config import ConfigError
+    from vlacache.eval.results import ResultsConflict
+
+    out = tmp_path / "fp"
+    train(config(demo_folder, out, max_steps=1), progress=False)
+    with pytest.raises(ResultsConflict, match=r"holds a training run made with other settings \(lr, shift_pixels\).*--restart"):
+        train(config(demo_folder, out, lr=1e-3, shift_pixels=2), progress=False)
+    train(config(demo_folder, out, max_steps=2, threads=1), progress=False)  # a longer budget resumes
+    cli = vlacache_in_process(capsys, "train", "micro_oft_libero_spatial", f"demos={demo_folder}", f"output_dir={out}",
+                              "epochs=1", "batch_size=4", "lr=1e-3", "threads=1", "--quiet")
+    assert cli.returncode == 2 and "holds a training run made with other settings (" in cli.stderr
+    restarted = vlacache_in_process(capsys, "train", "micro_oft_libero_spatial", f"demos={demo_folder}",
+                                    f"output_dir={out}", "max_steps=1", "batch_size=4", "threads=1", "--quiet", "--restart")
+    assert restarted.returncode == 0, restarted.stderr
+    aside = [p for p in out.iterdir() if p.name.startswith("restarted-")]
+    assert len(aside) == 1 and (aside[0] / "checkpoints" / "last.ckpt").is_file() and (out / "policy").is_dir()
+    with pytest.raises(ConfigError, match="holds out all 4 episodes, none is left to train on"):
+        train(config(demo_folder, tmp_path / "v", val_fraction=0.99), progress=False)
+    with pytest.raises(ConfigError, match="chunk=4, but the backbone predicts chunks of 8 actions; set chunk=8"):
+        train(config(demo_folder, tmp_path / "c", chunk=4), progress=False)
+    assert not (tmp_path / "c" / "checkpoints").exists()
+
+
 def test_train_cli(demo_folder, tmp_path, capsys):
     out = tmp_path / "cli"
     script = [sys.executable, "-m", "vlacache.cli"]

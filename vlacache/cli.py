@@ -145,14 +145,14 @@ def _train(args) -> int:
         from .train.reuse import ReuseTrainConfig, train_reuse
 
         config = load_config(ReuseTrainConfig, args.config, "train", args.overrides)
-        folder = train_reuse(config, progress=not args.quiet)
+        folder = train_reuse(config, progress=not args.quiet, restart=args.restart)
         print(f"wrote {folder} (a learned selector: name it in a policy as selector: {{name: learned, checkpoint: "
               f"{folder}}}) and {config.output_dir}/curves.csv / .png")
         return 0
     from .train.bc import TrainConfig, train
 
     config = load_config(TrainConfig, args.config, "train", args.overrides)
-    policy = train(config, progress=not args.quiet)
+    policy = train(config, progress=not args.quiet, restart=args.restart)
     print(f"wrote {policy} (the released layout: load it with backbone.checkpoint={policy}) and "
           f"{config.output_dir}/loss_curves.csv / .png")
     return 0
@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="train YAML path or shipped name (configs/train/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 demos=data/demos/libero_spatial")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--restart", action="store_true",
+                   help="start over in output_dir: its previous run moves to output_dir/restarted-<time>/ (never "
+                        "deleted) instead of being resumed")
     p.set_defaults(func=_train)
     p = sub.add_parser("serve", help="serve a backbone + cache policy to an evaluation stack (openpi protocol, vla-eval)")
     p.add_argument("config", nargs="?", default=None, help="serve YAML path or shipped name (configs/serve/)")

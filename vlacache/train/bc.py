@@ -232,17 +232,27 @@ def demonstrations(config: TrainConfig) -> tuple[list[dict[str, Any]], str, dict
     return episodes, key, stats_all[key] if len(sets) == 1 else statistics(episodes)
 
 
-def train(config: TrainConfig, progress: bool = True) -> Path:
-    """Train (or resume) and export; returns the folder of the saved policy."""
+def train(config: TrainConfig, progress: bool = True, restart: bool = False) -> Path:
+    """Train (or resume) and export; returns the folder of the saved policy. `restart`: move a previous run of
+    the output folder aside instead of resuming it."""
     from ..experiment import build_backbone
 
     config.check()
-    out = start_run(config.output_dir, config.threads, config.seed)
-    episodes, key, stats = demonstrations(config)
+    for folder in [config.demos, *config.extra_demos]:
+        load_demos(folder)  # an index to read (the arrays load later): a wrong folder fails before anything is written
+    out = start_run(config, restart)
     backbone = build_backbone(initial_backbone_spec(config))
+    chunk = getattr(backbone, "action_chunk", 1)
+    if chunk > 1 and config.chunk != chunk:
+        raise ConfigError(f"the train config: chunk={config.chunk}, but the backbone predicts chunks of {chunk} "
+                          f"actions; set chunk={chunk} (or the backbone's chunk to {config.chunk})")
+    episodes, key, stats = demonstrations(config)
     backbone.config.norm_stats = {key: stats}
     backbone.unnorm_key = key
     train_eps, val_eps = split_episodes(episodes, config.val_fraction, config.seed)
+    if not train_eps:
+        raise ConfigError(f"the train config: val_fraction={config.val_fraction} holds out all {len(episodes)} episodes, "
+                          "none is left to train on; lower val_fraction")
     prompt_length = lambda text: len(backbone.prompt_ids(text))  # noqa: E731
     train_set = DemoSamples(train_eps, config.chunk, config.shift_pixels)
     loaders = {
@@ -255,6 +265,8 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
         loaders["val_dataloaders"] = torch.utils.data.DataLoader(
             val_set, batch_sampler=PromptLengthBatches(val_set, prompt_length, config.batch_size, False, config.seed),
             collate_fn=collate)
+    if len(loaders["train_dataloaders"]) == 0:
+        raise ConfigError(f"the train config: the {len(train_eps)} training episodes give no batch; lower batch_size")
     module = BehaviourCloning(backbone, config)
     fit_resuming(module, out, config.epochs, progress, loaders,
                  accelerator="cpu" if backbone.device.type == "cpu" else "auto", max_steps=config.max_steps,

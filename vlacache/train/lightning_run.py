@@ -3,21 +3,74 @@ checkpoints every epoch and logs CSV, and a fit that resumes from the last check
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from ..eval.results import ResultsConflict
+from ..messages import note, warn
 
-def start_run(output_dir: str, threads: int | None, seed: int) -> Path:
-    """The run's folder (created), torch's threads and every seed set."""
-    out = Path(output_dir)
+
+RUN_FILE = "train_run.json"  # the settings a run's checkpoints were made with
+# settings that do not change what a checkpoint holds: where it goes, how fast, how long, how it is exported
+NOT_COUNTED = ("name", "output_dir", "threads", "epochs", "max_steps", "save_dtype")
+
+
+def start_run(config: Any, restart: bool = False) -> Path:
+    """The run's folder (created, and claimed: see `claim_folder`), torch's threads and every seed set."""
+    out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if threads:
-        torch.set_num_threads(threads)
-    L.seed_everything(seed, workers=True, verbose=False)
+    claim_folder(out, training_settings(config), restart)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    L.seed_everything(config.seed, workers=True, verbose=False)
     return out
+
+
+def training_settings(config: Any) -> dict[str, Any]:
+    """What decides the checkpoints of a run: every setting of the train config but NOT_COUNTED, and the content
+    of the demonstrations' index (a folder re-recorded in place is other data)."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_COUNTED}
+    folders = [config.demos, *getattr(config, "extra_demos", [])]
+    settings["demos_index_sha256"] = [_index_hash(Path(f)) for f in folders]
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _index_hash(folder: Path) -> str | None:
+    index = folder / "index.jsonl"
+    return hashlib.sha256(index.read_bytes()).hexdigest() if index.is_file() else None
+
+
+def claim_folder(out: Path, settings: dict[str, Any], restart: bool) -> None:
+    """Refuse to resume checkpoints made with other settings (naming them); `restart` moves the folder's
+    previous run into out/restarted-<time>/ instead (nothing is deleted)."""
+    path, last = out / RUN_FILE, out / "checkpoints" / "last.ckpt"
+    if restart:
+        previous = [p for p in out.iterdir() if not p.name.startswith("restarted-")]
+        if previous:
+            dest = out / f"restarted-{time.strftime('%Y%m%d-%H%M%S')}"
+            dest.mkdir()
+            for item in previous:
+                item.rename(dest / item.name)
+            note(f"moved the previous training run in {out} to {dest}")
+    elif last.is_file():
+        if not path.is_file():
+            warn(f"{out} holds checkpoints without a record of their settings (an older vlacache): resuming them "
+                 f"under these settings; add --restart to start over")
+        else:
+            old = json.loads(path.read_text())
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            if changed:
+                raise ResultsConflict(
+                    f"{out} holds a training run made with other settings ({', '.join(changed)}): resuming would mix "
+                    f"them; pass a new output_dir=... or add --restart (the old run moves to {out}/restarted-<time>/)")
+    path.write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def fit_resuming(module: L.LightningModule, out: Path, epochs: int, progress: bool, loaders: dict[str, Any],

@@ -229,7 +229,7 @@ class Windows(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def train_reuse(config: ReuseTrainConfig, progress: bool = True) -> Path:
+def train_reuse(config: ReuseTrainConfig, progress: bool = True, restart: bool = False) -> Path:
     """Train (or resume) the learned selector and export it; returns the exported folder."""
     from safetensors.torch import save_file
 
@@ -242,7 +242,8 @@ def train_reuse(config: ReuseTrainConfig, progress: bool = True) -> Path:
     from .lightning_run import fit_resuming, start_run
 
     config.check()
-    out = start_run(config.output_dir, config.threads, config.seed)
+    load_demos(config.demos)  # a wrong folder fails before anything is written
+    out = start_run(config, restart)
     policy_config = resolve_policy_config(config.policy)
     if policy_config.selector.get("name") != "learned":
         raise ConfigError(f"the reuse train config: policy '{policy_config.label}' has selector "
