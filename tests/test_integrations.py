@@ -286,6 +286,49 @@ def test_vla_eval_sessions_never_share_a_cache(tiny, frames, max_batch_size):
 
 
 
+def test_a_bad_observation_fails_its_own_session_not_the_batch_it_would_join(tiny, frames):
+    """max_batch_size 2, vla-eval clients (its own Connection) querying together, 5 times: the one whose images
+    are NaN gets an error, the healthy one its actions every time (it failed when the two formed one batch)."""
+    from vla_eval.api import serve_background
+    from vla_eval.connection import Connection
+
+    from vlacache.integrations.vla_eval import VlaCacheModelServer
+
+    service = tiny_service(tiny)
+    good_image = frames[0].images["primary"]
+    bad_image = np.full(good_image.shape, np.nan, np.float32)
+    outcome = {"good": [], "bad": [], "primer": []}
+
+    async def clients(url):
+        async def query(name, image):
+            async with Connection(url, timeout=120) as connection:
+                await connection.connect()
+                await connection.start_episode({"task": "t"})
+                try:
+                    action = await connection.act({"images": {"agentview": image}, "task_description": "pick up the bowl"})
+                    outcome[name].append(np.asarray(action["actions"]).shape)
+                except Exception as error:  # vla-eval's client raises on the server's ERROR reply
+                    outcome[name].append(str(error))
+
+        async def after_the_primer(name, image):
+            await anyio.sleep(0.02)  # while the primer's query runs: the two arrive together and form one batch
+            await query(name, image)
+
+        for _ in range(5):
+            async with anyio.create_task_group() as group:
+                group.start_soon(query, "primer", good_image)
+                group.start_soon(after_the_primer, "good", good_image)
+                group.start_soon(after_the_primer, "bad", bad_image)
+
+    try:
+        with serve_background(VlaCacheModelServer.for_service(service, max_batch_size=2)) as handle:
+            anyio.run(clients, handle.url)
+    finally:
+        service.close()
+    assert outcome["good"] == [(7,)] * 5, outcome["good"]
+    assert len(outcome["bad"]) == 5 and all("NaN or inf" in str(e) for e in outcome["bad"]), outcome["bad"]
+
+
 def test_vla_eval_batch_of_sessions_equals_separate_runs(tiny, frames):
     """What vla-eval's dispatcher calls with max_batch_size > 1: predict_batch over several sessions' queries."""
     from vla_eval.model_servers.base import SessionContext

@@ -21,12 +21,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from vlacache.threads import use_threads
 from vlacache.backbone import Backbone
 from vlacache.config import ConfigError
 from vlacache.experiment import FastPathConfig, build_backbone, build_policy, load_config
 from vlacache.images import resize_for_policy
-from vlacache.runtime import CachedVLA, EpisodeSnapshot, StepResult
+from vlacache.runtime import CachedVLA, EpisodeSnapshot, StepResult, check_fits_positions
+from vlacache.threads import use_threads
 from vlacache.types import InputError, Observation
 
 # What the client's env expects of an action, per benchmark (the model's gripper g is in [0, 1], 1 = open).
@@ -166,6 +166,11 @@ class PolicyService:
             self._episodes.pop(session, None)
             if self._current == session:
                 self._current = None
+
+    def check_observation(self, obs: Observation) -> None:
+        """Raise the InputError that `predict` would raise for this observation (images, cameras, instruction and
+        its length), without running the model: the backbone's preparation alone."""
+        check_fits_positions(self.backbone, self.backbone.prepare(obs).layout)
 
     def predict(self, session: str, obs: Observation) -> tuple[np.ndarray, StepResult]:
         """One control step of the session's episode: (client actions [chunk, 7], the step's result)."""

@@ -104,6 +104,13 @@ class VlaCacheModelServer(PredictModelServer):
         self.service.end_session(ctx.session_id)
         await super().on_episode_end(result, ctx)
 
+    async def on_observation(self, obs: Mapping[str, Any], ctx: SessionContext) -> None:
+        """With `max_batch_size` > 1, an observation is checked on its own before it may join a batch: a bad one
+        fails its own session only (vla-eval fails every query of a batch that raises)."""
+        if self.max_batch_size > 1:
+            self.service.check_observation(self._observation(obs))
+        await super().on_observation(obs, ctx)
+
     def predict(self, obs: Mapping[str, Any], ctx: SessionContext) -> dict[str, np.ndarray]:
         actions, _ = self.service.predict(ctx.session_id, self._observation(obs))
         return self._reply(actions)
