@@ -9,6 +9,7 @@ from micro_smoke import EXPECTATION, run_smoke
 from safetensors import safe_open
 
 from vlacache import InputError
+from vlacache.errors import CheckpointError
 from vlacache.backbone import resolve_checkpoint, shipped_policies
 from vlacache.backbones.openvla import OpenVLABackbone
 from vlacache.backbones.openvla_oft import OpenVLAOFTBackbone
@@ -59,3 +60,25 @@ def test_closed_loop_smoke_episode_matches_its_recorded_outcome(tmp_path):
         # the same machine class replays it step for step; a different CPU may round differently: one chunk of slack
         assert abs(record["env_steps"] - expected[label]["env_steps"]) <= 8, (label, record, expected[label])
     assert outcome["vla-cache"]["reuse_ratio"] > 0 and outcome["no-cache"]["reuse_ratio"] == 0
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONE_CLASS))
+def test_a_changed_byte_in_a_shipped_policy_is_caught_by_its_manifest(tmp_path, name):
+    """100 flipped bytes inside the tensor data of model.safetensors (values still finite, shapes intact) load
+    without a manifest; the shipped policies carry one (SHA256SUMS), which names the file."""
+    import shutil
+
+    from vlacache.manifest import MANIFEST_FILE, verify_manifest
+
+    source = resolve_checkpoint(name)
+    assert verify_manifest(source)  # the shipped files are the listed ones
+    copy = shutil.copytree(source, tmp_path / name)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    for i in range(len(data) - 1000, len(data) - 900):  # deep inside the last tensor, never the header
+        data[i] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"model.safetensors differs from its {MANIFEST_FILE} entry"):
+        BACKBONE_CLASS[name].from_pretrained(copy)
+    (copy / MANIFEST_FILE).unlink()
+    BACKBONE_CLASS[name].from_pretrained(copy)  # without the list: structurally fine, so it loads (as documented)

@@ -108,6 +108,9 @@ def test_train_cli(demo_folder, tmp_path, capsys):
                            "epochs=1", "batch_size=8", "threads=1", "--quiet"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"wrote {out / 'policy'}" in done.stdout
+    from vlacache.manifest import verify_manifest
+
+    assert verify_manifest(out / "policy")  # the export lists its files' hashes
     bad = vlacache_in_process(capsys, "train", "micro_oft_libero_spatial", f"demos={tmp_path / 'nothing'}", "--quiet")
     assert bad.returncode == 2 and "holds no index.jsonl" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 

@@ -8,3 +8,7 @@ from __future__ import annotations
 
 class VlacacheError(Exception):
     """Base of the errors a user can fix (bad input, config, checkpoint, missing assets, ...)."""
+
+
+class CheckpointError(VlacacheError, ValueError):
+    """A checkpoint directory or file is missing, malformed, or does not match the model."""

@@ -38,7 +38,9 @@ import torch
 from transformers import DynamicCache
 
 from vlacache.backbone import ActionOutput, LoadConfig, PrefillOutput, PreparedInputs
-from vlacache.backbones.common.checkpoint import CheckpointError, ensure_fits, load_state_dict_strict, read_json
+from vlacache.backbones.common.checkpoint import (
+    CheckpointError, ensure_fits, load_state_dict_strict, read_json, verify_manifest,
+)
 from vlacache.backbones.common.prismatic import PrismaticBackbone
 from vlacache.backbones.common.statistics import STATS_FILE, load_norm_stats, resolve_unnorm_key, unnormalize
 from vlacache.backbones.common.tokenizer import copy_tokenizer_files, load_tokenizer
@@ -138,6 +140,7 @@ class CogACTBackbone(PrismaticBackbone):
     ) -> "CogACTBackbone":
         """Load a released CogACT folder (or its checkpoints/<name>.pt) unchanged; see checkpoint.py."""
         root, weights = find_checkpoint(path)
+        verify_manifest(root)
         data = read_json(root / CONFIG_FILE)
         norm_stats = load_norm_stats(root, data.get("norm_stats") if isinstance(data, dict) else None, CONFIG_FILE)
         resolve_unnorm_key(norm_stats, options.get("unnorm_key"))  # a wrong key fails before any weights are read

@@ -16,7 +16,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from vlacache.errors import VlacacheError
+from vlacache.errors import CheckpointError
+from vlacache.manifest import MANIFEST_FILE, verify_manifest, write_manifest
 
 __all__ = [
     "CheckpointError",
@@ -35,6 +36,9 @@ __all__ = [
     "save_torch_checkpoint",
     "load_torch_file",
     "strip_prefix",
+    "MANIFEST_FILE",
+    "write_manifest",
+    "verify_manifest",
 ]
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -45,10 +49,6 @@ _LAYOUT_HINT = (
     "(tokenizer.json, tokenizer.model, tokenizer_config.json, special_tokens_map.json, added_tokens.json)."
 )
 _MAX_LISTED = 20
-
-
-class CheckpointError(VlacacheError, ValueError):
-    """A checkpoint directory or file is missing, malformed, or does not match the model."""
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

@@ -11,7 +11,8 @@ from transformers import DynamicCache
 
 from vlacache.backbone import ActionOutput, LoadConfig, PrefillOutput, PreparedInputs
 from vlacache.backbones.common.checkpoint import (
-    CheckpointError, ensure_fits, load_safetensors_dir, load_state_dict_strict, loaded_nbytes, weight_files,
+    CheckpointError, ensure_fits, load_safetensors_dir, load_state_dict_strict, loaded_nbytes, verify_manifest,
+    weight_files,
 )
 from vlacache.backbones.common.prismatic import PrismaticBackbone, read_openvla_config, save_openvla_layout
 from vlacache.backbones.common.statistics import normalize_q99, resolve_unnorm_key, unnormalize
@@ -72,6 +73,7 @@ class OpenVLABackbone(PrismaticBackbone):
     ) -> "OpenVLABackbone":
         """Load a released OpenVLA HF checkpoint directory unchanged (config.json, safetensors, tokenizer)."""
         path, device = Path(path), torch.device(device)
+        verify_manifest(path)
         config = read_openvla_config(path)
         if OFT_MARKER in config.raw or any(path.glob(OFT_HEAD_PATTERN)):
             raise CheckpointError(

@@ -39,6 +39,7 @@ from vlacache.backbones.common.checkpoint import (
     read_config,
     save_torch_checkpoint,
     strip_prefix,
+    verify_manifest,
 )
 from vlacache.backbones.common.config import OpenVLAConfig
 from vlacache.backbones.common.prismatic import PrismaticBackbone, batch_prompt_ids, cache_keyword, save_openvla_layout
@@ -178,6 +179,7 @@ class OpenVLAOFTBackbone(PrismaticBackbone):
         which replace the safetensors' vision weights, as OFT's loader does); `use_film=True` requires one.
         `center_crop=None`: the checkpoint's own choice (`checkpoint_center_crop`)."""
         path = Path(path)
+        verify_manifest(path)
         if center_crop is None:
             center_crop = checkpoint_center_crop(path)
         raw = read_config(path)

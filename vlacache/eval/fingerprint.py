@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..backbone import resolve_checkpoint
+from ..manifest import MANIFEST_FILE
 from ..config import ConfigError, resolve_component
 from ..experiment import ExperimentConfig, resolve_policy_config
 from ..registry import BACKBONES, ENVS, PERTURBATIONS, STRATEGIES
@@ -91,7 +92,8 @@ def checkpoint_identity(checkpoint: str | Path) -> dict[str, Any]:
     for folder, dirs, names in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
-            if name.startswith(".") or len(files) >= MAX_CHECKPOINT_FILES:
+            # the checkpoint's own list of hashes is derived from its other files: not counted again
+            if name.startswith(".") or name == MANIFEST_FILE or len(files) >= MAX_CHECKPOINT_FILES:
                 continue
             path = Path(folder) / name
             try:

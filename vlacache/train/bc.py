@@ -24,6 +24,7 @@ import torch
 
 from ..backbone import Backbone
 from ..config import ConfigError
+from ..manifest import write_manifest
 from ..types import Observation
 from .curves import write_curves
 from .demos import load_demos, statistics
@@ -287,6 +288,7 @@ def export(backbone: Backbone, folder: Path, dtype: str) -> None:
         module.to(target)
     try:
         backbone.save_pretrained(folder)
+        write_manifest(folder)
     finally:
         for name, module in modules.items():
             module.to(previous[name])
