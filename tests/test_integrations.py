@@ -521,3 +521,16 @@ def test_a_serve_config_sets_the_servers_torch_threads():
         torch.set_num_threads(before)
     with pytest.raises(ConfigError, match="threads must be a positive integer"):
         load_serve_config({"backbone": {"name": "openvla", "preset": "tiny"}, "threads": 0})
+
+
+def test_frames_of_another_size_than_the_policy_was_trained_on_get_one_warning(tiny, capsys):
+    config = load_serve_config({"backbone": {"name": "openvla", "preset": "tiny"}, "benchmark": "raw",
+                                "trained_image_size": 128})
+    service = PolicyService(config, backbone=tiny, default_cameras={"agentview": "primary"})
+    try:
+        for size in (128, 256, 256, 224):
+            service.observation({"agentview": np.zeros((size, size, 3), np.uint8)}, "pick up the bowl")
+    finally:
+        service.close()
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "{'primary': [256, 256]} px frames" in err and "BENCHMARKS.md" in err

@@ -25,6 +25,7 @@ from vlacache.backbone import Backbone
 from vlacache.config import ConfigError
 from vlacache.experiment import FastPathConfig, build_backbone, build_policy, load_config
 from vlacache.images import resize_for_policy
+from vlacache.messages import warn
 from vlacache.runtime import CachedVLA, EpisodeSnapshot, StepResult, check_fits_positions
 from vlacache.threads import use_threads
 from vlacache.types import InputError, Observation
@@ -44,7 +45,8 @@ class ServeConfig:
     size as the OpenVLA LIBERO evaluation does (JPEG round trip + Lanczos; vlacache.images) before the backbone;
     null: the backbone resizes. execute_chunk: how many actions of each predicted chunk the client executes before
     the next query (null: the whole chunk). log: a JSONL file getting one line per query (session, step, reuse,
-    latency); null: none.
+    latency); null: none. threads: torch threads of the server (null: torch's default). trained_image_size: the
+    frame size the policy was trained on (the micro-policies: 128); frames of another size get one warning.
     """
 
     name: str = "serve"
@@ -58,12 +60,13 @@ class ServeConfig:
     fast_path: FastPathConfig = field(default_factory=FastPathConfig)
     log: str | None = None
     threads: int | None = None  # torch threads of the server; null: torch's default
+    trained_image_size: int | None = None  # the frames the policy was trained on; other sizes get one warning
 
     def check(self) -> "ServeConfig":
         if self.benchmark not in ACTION_CONVENTIONS:
             raise ConfigError(f"benchmark must be one of {list(ACTION_CONVENTIONS)}, got {self.benchmark!r}; "
                               "e.g. benchmark=libero")
-        for key in ("model_resize", "execute_chunk", "threads"):
+        for key in ("model_resize", "execute_chunk", "threads", "trained_image_size"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{key} must be a positive integer or null, got {value!r}")
@@ -115,6 +118,7 @@ class PolicyService:
         self.vla = CachedVLA(self.backbone, build_policy(config.policy), **config.fast_path.options(),
                              env_steps_per_query=self.chunk)  # attaches hooks
         self._episodes: dict[str, EpisodeSnapshot | None] = {}
+        self._warned_size = False
         self._episode_ids: dict[str, int] = {}
         self._current: str | None = None
         self._lock = threading.Lock()
@@ -144,6 +148,7 @@ class PolicyService:
                 f"(cameras: {{CLIENT_NAME: {missing[0]}}})"
             )
         chosen = {c: np.asarray(mapped[c]) for c in self.backbone.cameras}
+        self._check_trained_size(chosen)
         if self.config.model_resize:
             chosen = {c: resize_for_policy(image, self.config.model_resize) for c, image in chosen.items()}
         if self.backbone.uses_proprio and proprio is None:
@@ -151,6 +156,18 @@ class PolicyService:
                              "state (vla-eval: send_state; openpi: observation/state; LeRobot: observation.state)")
         return Observation(images=chosen, instruction=instruction,
                            proprio=None if proprio is None else np.asarray(proprio, dtype=np.float32))
+
+    def _check_trained_size(self, images: Mapping[str, np.ndarray]) -> None:
+        """One warning per server when the client's frames are not the size the policy was trained on."""
+        size = self.config.trained_image_size
+        if size is None or self._warned_size:
+            return
+        other = {c: list(image.shape[-3:-1]) for c, image in images.items() if tuple(image.shape[-3:-1]) != (size, size)}
+        if other:
+            self._warned_size = True
+            warn(f"the client sends {other} px frames; {self.config.name}'s policy was trained on {size} x {size} frames "
+                 "rendered as `vlacache demos` renders them: the frames are resized, but success rates measured this "
+                 "way are not comparable with BENCHMARKS.md")
 
     def start_episode(self, session: str) -> None:
         """The session's next query starts a new episode (a full forward, nothing reused)."""
