@@ -369,3 +369,22 @@ def test_report_puts_several_runs_in_one_table(tmp_path, capsys):
     assert empty.returncode == 2 and "empty holds no episode records" in one_error_line(empty.stderr)
     missing = vlacache_in_process(capsys, "report", tmp_path / "nowhere")
     assert missing.returncode == 2 and "no such result directory" in one_error_line(missing.stderr)
+
+
+def test_a_results_file_that_stops_accepting_records_ends_the_run_in_one_line(tmp_path, capsys):
+    """Mid-run (the file replaced by a folder after a first record: root ignores permission bits, not this) the
+    next append fails naming the file and keeping what was written; at the start, the same file fails the run
+    before any episode."""
+    from vlacache.eval.results import ResultsUnwritable
+
+    store = ResultStore(tmp_path / "out" / "episodes.jsonl", fields=("policy",))
+    store.append({"policy": "a"})
+    kept = tmp_path / "kept.jsonl"
+    store.path.rename(kept)
+    store.path.mkdir()
+    with pytest.raises(ResultsUnwritable, match=r"cannot write results to .*episodes.jsonl \(Is a directory.*re-run the same"):
+        store.append({"policy": "b"})
+    assert kept.read_text().count("\n") == 1
+    out = vlacache_in_process(capsys, "run", "tiny_replay", "max_steps=1", "policies=[no_cache]", "--quiet",
+                              f"output_dir={tmp_path / 'out'}")
+    assert out.returncode == 2 and "cannot read the results file" in one_error_line(out.stderr)

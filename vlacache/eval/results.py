@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from ..errors import VlacacheError
 from ..messages import note, warn  # noqa: F401  (the eval room imports them from here)
 from ..types import InputError
 
@@ -72,6 +73,10 @@ def write_synced(path: Path, data: bytes, mode: str = "wb") -> None:
         os.fsync(handle.fileno())
 
 
+class ResultsUnwritable(VlacacheError, OSError):
+    """The results file stopped accepting records (disk full, folder removed or made read-only)."""
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves either the old or the new content, never a mix."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -87,7 +92,11 @@ def repair_jsonl(path: str | Path, fields: tuple[str, ...] = RECORD_FIELDS) -> P
     path = Path(path)
     if not path.exists():
         return None
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ResultsUnwritable(f"cannot read the results file {path} ({_reason(error)}); move it aside or pass a new "
+                                "output_dir=...") from None
     if not data:
         return None
     good, torn = [], []
@@ -118,11 +127,16 @@ class ResultStore:
         missing = [k for k in self.fields if k not in record]
         if missing:
             raise ValueError(f"a record for {self.path} lacks {missing}")
-        if not self._repaired:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            repair_jsonl(self.path, self.fields)
-            self._repaired = True
-        write_synced(self.path, (json.dumps(record, allow_nan=True) + "\n").encode(), "ab")
+        try:
+            if not self._repaired:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                repair_jsonl(self.path, self.fields)
+                self._repaired = True
+            write_synced(self.path, (json.dumps(record, allow_nan=True) + "\n").encode(), "ab")
+        except OSError as error:
+            raise ResultsUnwritable(
+                f"cannot write results to {self.path} ({_reason(error)}); the episodes recorded before are kept there "
+                "(this one is lost): make the folder writable again and re-run the same command, it resumes") from None
 
     def records(self) -> list[dict]:
         return load_records([self.path])
