@@ -64,12 +64,18 @@ say() { printf '\n== %s\n' "$*"; }
 fail() { printf 'check_lerobot: FAILED: %s\n' "$*" >&2; exit 1; }
 
 # --- 1. the venv ------------------------------------------------------------------------------------------------
+# A candidate counts only if it RUNS as 3.12: pyenv's `python3.12` shim exists even when no active version provides
+# it ("pyenv: python3.12: command not found"), so fall back to pyenv's versions folder.
 if [[ -z "$PYTHON312" ]]; then
-  for candidate in python3.12 /root/.pyenv/versions/3.12.*/bin/python; do
-    if command -v "$candidate" >/dev/null 2>&1; then PYTHON312="$(command -v "$candidate")"; break; fi
+  for candidate in python3.12 "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/3.12*/bin/python \
+                   /root/.pyenv/versions/3.12*/bin/python /usr/bin/python3.12 /usr/local/bin/python3.12; do
+    if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then
+      PYTHON312="$(command -v "$candidate")"; break
+    fi
   done
 fi
 [[ -n "$PYTHON312" ]] || fail "LeRobot needs Python 3.12: set PYTHON312=/path/to/python3.12"
+if [[ -n "${RESOLVE_ONLY:-}" ]]; then echo "python3.12: $PYTHON312"; exit 0; fi  # (tests: which interpreter)
 if [[ ! -x "$VENV/bin/python" ]]; then
   say "creating $VENV with $PYTHON312"
   "$PYTHON312" -m venv "$VENV"

@@ -534,3 +534,38 @@ def test_frames_of_another_size_than_the_policy_was_trained_on_get_one_warning(t
         service.close()
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "{'primary': [256, 256]} px frames" in err and "BENCHMARKS.md" in err
+
+
+def test_check_lerobot_never_picks_a_python312_that_does_not_run(tmp_path):
+    """A pyenv-style `python3.12` shim first on PATH that fails when run is skipped: the script runs each
+    candidate, then falls back to pyenv's versions folder (or says Python 3.12 is needed)."""
+    shim = tmp_path / "python3.12"
+    shim.write_text("#!/bin/sh\necho 'pyenv: python3.12: command not found' >&2\nexit 127\n")
+    shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "RESOLVE_ONLY": "1"}
+    env.pop("PYTHON312", None)
+    out = subprocess.run(["bash", str(REPO / "scripts" / "check_lerobot.sh")], capture_output=True, text=True, env=env,
+                         timeout=60)
+    if out.returncode == 0:
+        chosen = out.stdout.strip().removeprefix("python3.12: ")
+        assert chosen != str(shim)
+        version = subprocess.run([chosen, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
+        assert version.stdout.strip() == "(3, 12)"
+    else:
+        assert "LeRobot needs Python 3.12" in out.stderr
+
+
+def test_a_stacks_device_flag_places_the_backbone_unless_an_override_does():
+    from vlacache.integrations.service import with_device
+
+    assert with_device(["execute_chunk=4"], "cuda") == ["execute_chunk=4", "backbone.device=cuda"]
+    assert with_device(["backbone.device=cpu"], "cuda") == ["backbone.device=cpu"]
+    assert with_device([], None) == [] and with_device([], "") == []
+    config = load_serve_config("micro_oft_libero", with_device([], "cpu"))
+    assert resolve_backbone_device(config) == "cpu"
+
+
+def resolve_backbone_device(config):
+    from vlacache.experiment import resolve_backbone_spec
+
+    return dict(resolve_backbone_spec(config.backbone))["device"]

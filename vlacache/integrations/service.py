@@ -293,3 +293,11 @@ def check_can_serve(host: str, port: int, config: ServeConfig) -> None:
                           "listening there; pass another --port (or --host)") from None
     if config.log:
         check_writable_file(config.log, "the query log", "pass log=<a writable file>")
+
+
+def with_device(overrides: list[str], device: str | None) -> list[str]:
+    """Serve-config overrides that place the backbone on `device` (a stack's own device flag, e.g. LeRobot's
+    `--policy.device`), unless they already set `backbone.device`; an empty or None device adds nothing."""
+    if not device or any(o.split("=", 1)[0].strip() == "backbone.device" for o in overrides):
+        return overrides
+    return [*overrides, f"backbone.device={device}"]

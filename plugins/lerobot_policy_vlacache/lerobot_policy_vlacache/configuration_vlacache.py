@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.configs.types import FeatureType
 from lerobot.optim.optimizers import AdamWConfig
+from vlacache.integrations.service import with_device
 
 # LeRobot's LIBERO env (after its env processor) -> vlacache's backbone cameras.
 LIBERO_CAMERAS = {"observation.images.image": "primary", "observation.images.image2": "wrist"}
@@ -48,8 +49,10 @@ class VlaCacheConfig(PreTrainedConfig):
             raise ValueError(f"overrides are key=value strings, got {bad}; e.g. --policy.overrides='[execute_chunk=4]'")
 
     def serve_overrides(self) -> list[str]:
-        """The key=value overrides applied to the serve config (the explicit fields last)."""
-        extra = list(self.overrides)
+        """The key=value overrides applied to the serve config (the explicit fields last). LeRobot's
+        `--policy.device` places the backbone (the policy has no parameters of its own for `.to(device)` to move),
+        unless an override sets backbone.device itself."""
+        extra = with_device(list(self.overrides), self.device)
         if self.policy:
             extra.append(f"policy={self.policy}")
         if self.log:
