@@ -228,8 +228,13 @@ def test_vla_eval_orchestrator_runs_libero_episodes():
         server.service.close()
     (result,) = results
     assert result["num_errors"] == 0
-    assert result["server_info"]["observation_params"] == {"send_wrist_image": True, "send_state": True,
-                                                           "quat_no_antipodal": True}
+    params = dict(result["server_info"]["observation_params"])
+    served = params.pop("vlacache")  # the result file names what was served
+    assert params == {"send_wrist_image": True, "send_state": True, "quat_no_antipodal": True}
+    assert served["policy"] == "vla-cache" and served["name"] == "micro_oft_libero"
+    assert served["backbone"]["checkpoint"] == "micro_oft_libero_spatial" and "EntropyAdaptive" in served["policy_config"]
+    assert [e["queries"] for e in server.episodes] == [3, 3] and all(e["reuse_ratio"] > 0 for e in server.episodes)
+    assert all(e["flops_mean"] > 0 and e["latency_ms_mean"] > 0 for e in server.episodes)
     episodes = result["tasks"][0]["episodes"]
     assert len(episodes) == 2 and all(e["steps"] == 24 for e in episodes)
     records = list(server.service.records)

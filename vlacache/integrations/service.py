@@ -23,7 +23,8 @@ import numpy as np
 
 from vlacache.backbone import Backbone
 from vlacache.config import ConfigError
-from vlacache.experiment import FastPathConfig, build_backbone, build_policy, load_config
+from vlacache.config import to_plain
+from vlacache.experiment import FastPathConfig, build_backbone, build_policy, load_config, resolve_backbone_spec
 from vlacache.images import resize_for_policy
 from vlacache.messages import warn
 from vlacache.runtime import CachedVLA, EpisodeSnapshot, StepResult, check_fits_positions
@@ -264,11 +265,29 @@ class PolicyService:
         reuse = sum(reused_per_layer) / (layers * stats.num_visual) if layers and stats.num_visual else 0.0
         record = {"time": time.time(), "session": session, "episode": self._episode_ids[session], "step": step,
                   "reuse_ratio": reuse, "reused_per_layer": list(reused_per_layer), "batch": len(result.actions),
-                  "latency_ms": stats.latency_ms}
+                  "flops": stats.flops.get("total"), "latency_ms": stats.latency_ms}
         self.records.append(record)
         if self._log is not None:
             with self._log.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def served(self) -> dict[str, Any]:
+        """What is served, for a stack's metadata: the serve config's name, the cache policy (label and every
+        strategy's settings), the backbone (its resolved config) and the action convention."""
+        policy = self.vla.policy
+        return {"name": self.config.name, "policy": policy.label if policy is not None else "no-cache",
+                "policy_config": repr(policy), "backbone": to_plain(resolve_backbone_spec(self.config.backbone)),
+                "benchmark": self.config.benchmark, "action_chunk": self.chunk, "execute_chunk": self.config.execute_chunk}
+
+    def episode_summary(self, session: str) -> dict[str, Any]:
+        """The session's current episode over its queries so far: queries, mean reuse, mean FLOPs and latency."""
+        episode = self._episode_ids.get(session)
+        mine = [r for r in self.records if r["session"] == session and r["episode"] == episode]
+        mean = (lambda xs: float(np.mean(xs)) if xs else None)  # noqa: E731
+        return {"session": session, "episode": episode, "queries": len(mine),
+                "reuse_ratio": mean([r["reuse_ratio"] for r in mine]),
+                "flops_mean": mean([r["flops"] for r in mine if r["flops"] is not None]),
+                "latency_ms_mean": mean([r["latency_ms"]["total"] for r in mine if "total" in r["latency_ms"]])}
 
     def close(self) -> None:
         self.vla.detach()

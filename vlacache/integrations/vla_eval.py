@@ -33,6 +33,8 @@ import numpy as np
 from vlacache.integrations.service import PolicyService, check_can_serve, load_serve_config
 from vlacache.types import InputError
 
+logger = logging.getLogger(__name__)
+
 try:
     from vla_eval.model_servers.base import SessionContext
     from vla_eval.model_servers.predict import PredictModelServer
@@ -69,11 +71,14 @@ class VlaCacheModelServer(PredictModelServer):
         if "chunk_size" in kwargs:
             raise InputError("set the chunk in the serve config (execute_chunk=N), not chunk_size")
         self.service = service
+        self.episodes: list[dict[str, Any]] = []  # per finished episode: vla-eval's result + vlacache's statistics
         super().__init__(chunk_size=service.chunk, **kwargs)
 
     # -- what the server needs and gives ---------------------------------------------------------------------
     def get_observation_params(self) -> dict[str, Any]:
-        backbone, params = self.service.backbone, {}
+        """What the benchmark must send, and (key `vlacache`, which no benchmark takes: vla-eval logs that it is not
+        forwarded) what is served: vla-eval keeps these params in its result file's `server_info`."""
+        backbone, params = self.service.backbone, {"vlacache": self.service.served()}
         if "wrist" in backbone.cameras:
             params["send_wrist_image"] = True
         if backbone.uses_proprio:
@@ -101,6 +106,9 @@ class VlaCacheModelServer(PredictModelServer):
         await super().on_episode_start(config, ctx)
 
     async def on_episode_end(self, result: dict[str, Any], ctx: SessionContext) -> None:
+        summary = self.service.episode_summary(ctx.session_id)
+        logger.info("vlacache episode %s: %s", ctx.episode_id, summary)
+        self.episodes.append({"vla_eval_episode": ctx.episode_id, "result": result, **summary})
         self.service.end_session(ctx.session_id)
         await super().on_episode_end(result, ctx)
 
