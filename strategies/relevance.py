@@ -9,7 +9,7 @@ import torch
 
 from vlacache.config import ConfigError
 from vlacache.registry import register_strategy
-from vlacache.strategy import Candidates, PlanContext, RelevanceFilter, resolve_layers
+from vlacache.strategy import Candidates, PlanContext, RelevanceFilter, resolve_count, resolve_layers
 
 
 @register_strategy("relevance", "none")
@@ -26,7 +26,8 @@ class AttentionRelevanceFilter(RelevanceFilter):
     averaged over the chosen layers and all heads, and removes the relevant ones from the candidates.
 
     mode 'threshold' (paper): scores min-max normalised per camera, tokens with score >= tau are removed.
-    mode 'topk' (reference code): the top_k highest-scoring tokens per camera are removed.
+    mode 'topk' (reference code): the top_k highest-scoring tokens per camera are removed (a count, or "k/n": k of n
+    patches scaled to the camera's count).
     layers: decoder layers, null for all; an index (15, -1) or relative to the depth ('15/32': layer 15 of a
     32-layer decoder, scaled). query: 'text' rows or the 'last' row.
     """
@@ -35,7 +36,7 @@ class AttentionRelevanceFilter(RelevanceFilter):
     class Config:
         mode: str = "threshold"
         tau: float = 0.5
-        top_k: int = 120
+        top_k: Any = 120  # per camera: a count or "k/n" (k of n patches, scaled to the camera's)
         layers: list[Any] | None = None
         query: str = "text"
 
@@ -48,6 +49,7 @@ class AttentionRelevanceFilter(RelevanceFilter):
         self.query = self.config.query
         if self.config.layers is not None:
             resolve_layers(self.config.layers, 1 << 20, "relevance 'attention'")  # the syntax, at construction
+        resolve_count(self.config.top_k, 1 << 20, "relevance 'attention'")
 
     def required_layers(self, num_layers: int) -> tuple[int, ...]:
         layers = self.config.layers
@@ -70,7 +72,7 @@ class AttentionRelevanceFilter(RelevanceFilter):
                 relevant = (score - low) / (high - low).clamp_min(1e-12) >= self.config.tau
             else:
                 relevant = torch.zeros_like(cand.mask)
-                k = min(self.config.top_k, score.shape[1])
+                k = resolve_count(self.config.top_k, score.shape[1], "relevance 'attention'")
                 relevant.scatter_(1, score.topk(k, dim=1).indices, True)
             out[camera] = Candidates(cand.mask & ~relevant.to(cand.mask.device), cand.score)
         return out

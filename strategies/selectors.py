@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from vlacache.config import ConfigError
 from vlacache.patches import patch_cosine
 from vlacache.registry import register_strategy
-from vlacache.strategy import Candidates, PlanContext, TokenSelector
+from vlacache.strategy import Candidates, PlanContext, TokenSelector, resolve_count
 from vlacache.types import InputError
 
 
@@ -33,8 +34,15 @@ class PixelCosineSelector(TokenSelector):
     @dataclass
     class Config:
         tau: float = 0.996
-        top_k: int | None = 100
+        top_k: Any = 100  # per camera: a count, "k/n" (k of n patches, scaled to the camera's), or null
         cameras: list[str] | None = None
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        resolve_count(self.config.top_k, 1 << 20, self._owner())  # the syntax, at construction
+
+    def _owner(self) -> str:
+        return f"selector '{getattr(type(self), 'registry_name', type(self).__name__)}'"
 
     def select(self, ctx: PlanContext) -> dict[str, Candidates]:
         self._check_cameras(ctx)
@@ -58,7 +66,7 @@ class PixelCosineSelector(TokenSelector):
         """The static patches of one camera, limited to the configured cameras and to the top_k by score."""
         if self.config.cameras is not None and camera not in self.config.cameras:
             mask = torch.zeros_like(mask)
-        k = self.config.top_k
+        k = resolve_count(self.config.top_k, mask.shape[1], self._owner())
         if k is not None and k < mask.shape[1]:
             keep = torch.zeros_like(mask)
             top = score.masked_fill(~mask, float("-inf")).topk(k, dim=1).indices
@@ -81,7 +89,7 @@ class DriftAwareSelector(PixelCosineSelector):
     @dataclass
     class Config:
         tau: float = 0.996
-        top_k: int | None = 100
+        top_k: Any = 100  # per camera: a count, "k/n" (k of n patches, scaled to the camera's), or null
         cameras: list[str] | None = None
         anchor_tau: float = 0.99
         max_age: int | None = 4
@@ -124,7 +132,7 @@ class CrossViewSelector(PixelCosineSelector):
     @dataclass
     class Config:
         tau: float = 0.996
-        top_k: int | None = 100
+        top_k: Any = 100  # per camera: a count, "k/n" (k of n patches, scaled to the camera's), or null
         cameras: list[str] | None = None
         motion_camera: str = "wrist"
         max_motion: float = 0.5

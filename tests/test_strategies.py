@@ -253,3 +253,24 @@ def test_per_camera_scale_applies_to_any_policy():
         reused_per_camera({"left": 0.5})  # refused when attached, before any step
     with pytest.raises(ConfigError, match="must be a number in"):
         CachePolicy.from_config({**base, "cameras": {"wrist": 2}})
+
+
+def test_top_k_relative_to_the_cameras_patch_count():
+    """'130/256' (the reference code's static top-k for 256 patches per camera) keeps the same share of a
+    64-patch camera: 32; an absolute count is capped at the camera's patches; bad values are refused by name."""
+    import pytest as _pytest
+
+    from vlacache.config import ConfigError
+    from vlacache.registry import STRATEGIES
+    from vlacache.strategy import resolve_count
+
+    assert resolve_count("130/256", 256, "x") == 130 and resolve_count("130/256", 64, "x") == 32
+    assert resolve_count(100, 64, "x") == 64 and resolve_count(None, 64, "x") is None
+    cls = STRATEGIES["selector"].get("pixel-cosine")
+    selector = cls(cls.Config(tau=0.5, top_k="130/256"))
+    mask, score = torch.ones(1, 64, dtype=torch.bool), torch.arange(64, dtype=torch.float32)[None]
+    kept = selector._candidates("primary", mask, score).mask
+    assert int(kept.sum()) == 32 and bool(kept[0, 32:].all())  # the most similar 32
+    for bad in ("300/256", "a/b", -1, 2.5):
+        with _pytest.raises(ConfigError, match="selector 'pixel-cosine': .*count"):
+            cls(cls.Config(top_k=bad))

@@ -51,6 +51,24 @@ def resolve_layers(specs: Sequence[Any], num_layers: int, owner: str) -> tuple[i
     return tuple(sorted(out))
 
 
+def resolve_count(spec: Any, total: int, owner: str) -> int | None:
+    """A token count from a config value. An int is absolute (capped at `total`, the camera's tokens); "k/n" is k of
+    n tokens scaled to this camera's count, floor(k * total / n), so a setting written for 256 patches per camera
+    ("130/256": the reference code's static top-k) keeps its share on a 64-patch camera; None: no limit."""
+    if spec is None:
+        return None
+    match = _RELATIVE.fullmatch(spec) if isinstance(spec, str) else None
+    if match:
+        k, n = int(match.group(1)), int(match.group(2))
+        if n < 1 or k > n:
+            raise ConfigError(f"{owner}: relative count '{spec}' must be k of n tokens with 0 <= k <= n, n >= 1")
+        return k * total // n
+    if isinstance(spec, int) and not isinstance(spec, bool) and spec >= 0:
+        return min(spec, total)
+    raise ConfigError(f"{owner}: count {spec!r} is neither a non-negative number of tokens (e.g. 100) nor a share "
+                      "relative to a token count (e.g. '130/256': 130 of 256 patches, scaled)")
+
+
 @dataclass
 class NoParameters:
     """Config of a strategy that takes no parameters."""
