@@ -164,21 +164,20 @@ def _serve(args) -> int:
 
     if args.max_batch_size < 1:
         raise ConfigError(f"--max-batch-size must be a positive integer, got {args.max_batch_size}")
-    config = load_serve_config(args.config, args.overrides)
-    check_can_serve(args.host, args.port, config)
     if args.protocol == "openpi":
         from .integrations import openpi
 
         if args.max_batch_size != 1:
             raise ConfigError("--max-batch-size batches the queries of several vla-eval sessions; the openpi server "
                               "answers one client's query at a time: drop it, or use --protocol vla-eval")
-
+        config = load_serve_config(args.config, args.overrides)
+        check_can_serve(args.host, args.port, config)
         service = PolicyService(config, default_cameras=openpi.OPENPI_CAMERAS)
         openpi.serve(service, args.host, args.port)
     else:
         from .integrations import vla_eval
 
-        argv = ([args.config] if args.config else []) + args.overrides
+        argv = ([args.config] if args.config else []) + args.overrides  # main loads and checks the config, once
         return vla_eval.main(argv + ["--host", args.host, "--port", str(args.port), "--max-batch-size", str(args.max_batch_size)])
     return 0
 
