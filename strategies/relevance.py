@@ -27,9 +27,11 @@ class AttentionRelevanceFilter(RelevanceFilter):
 
     mode 'threshold' (paper): scores min-max normalised per camera, tokens with score >= tau are removed.
     mode 'topk' (reference code): the top_k highest-scoring tokens per camera are removed (a count, or "k/n": k of n
-    patches scaled to the camera's count).
+    patches scaled to the camera's count); equal scores in patch order.
     layers: decoder layers, null for all; an index (15, -1) or relative to the depth ('15/32': layer 15 of a
-    32-layer decoder, scaled). query: 'text' rows or the 'last' row.
+    32-layer decoder, scaled). query: the instruction's 'text' rows, the 'last' row, or the rows right
+    'after-vision' (the reference code's fixed window: the positions after the last visual token, which on OFT
+    start with the proprio token); query_rows: only the first that many of them (null: all).
     """
 
     @dataclass
@@ -39,14 +41,20 @@ class AttentionRelevanceFilter(RelevanceFilter):
         top_k: Any = 120  # per camera: a count or "k/n" (k of n patches, scaled to the camera's)
         layers: list[Any] | None = None
         query: str = "text"
+        query_rows: int | None = None
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
         if self.config.mode not in ("threshold", "topk"):
             raise ConfigError(f"relevance 'attention': mode must be 'threshold' or 'topk', got '{self.config.mode}'")
-        if self.config.query not in ("text", "last"):
-            raise ConfigError(f"relevance 'attention': query must be 'text' or 'last', got '{self.config.query}'")
-        self.query = self.config.query
+        if self.config.query not in ("text", "last", "after-vision"):
+            raise ConfigError(f"relevance 'attention': query must be 'text', 'last' or 'after-vision', got "
+                              f"'{self.config.query}'")
+        rows = self.config.query_rows
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise ConfigError(f"relevance 'attention': query_rows must be a positive number of rows or null (all), "
+                              f"got {rows!r}")
+        self.query, self.query_rows = self.config.query, rows
         if self.config.layers is not None:
             resolve_layers(self.config.layers, 1 << 20, "relevance 'attention'")  # the syntax, at construction
         resolve_count(self.config.top_k, 1 << 20, "relevance 'attention'")
@@ -73,6 +81,7 @@ class AttentionRelevanceFilter(RelevanceFilter):
             else:
                 relevant = torch.zeros_like(cand.mask)
                 k = resolve_count(self.config.top_k, score.shape[1], "relevance 'attention'")
-                relevant.scatter_(1, score.topk(k, dim=1).indices, True)
+                top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+                relevant.scatter_(1, top, True)
             out[camera] = Candidates(cand.mask & ~relevant.to(cand.mask.device), cand.score)
         return out

@@ -55,11 +55,14 @@ class EntropyAdaptiveScheduler(LayerScheduler):
 
 @register_strategy("scheduler", "entropy-minmax")
 class EntropyMinMaxScheduler(LayerScheduler):
-    """The public reference code's variant: score^l = 1 - minmax(E)^l; the fraction is updated only at
-    apply_layers (indices, or relative to the depth as '9/32'), moving towards the score by `damping` of the gap
-    when the score is higher; layers before the first apply layer compute everything."""
+    """The public reference code's schedule, transcribed (docs/REFERENCE_CODE.md). E^l: the entropy of layer l's
+    head-averaged attention over the rows it computed; s = 1 - (E - min E) / (max E - min E + 1e-10); along all
+    layers r_0 = s_0 and r_l = r_{l-1} + damping * (s_l - r_{l-1}) when s_l > r_{l-1}, else s_l. Tokens leave
+    only at apply_layers (indices, or relative to the depth as '9/32'): k = max(1, int(r_l * n)) of the reusable
+    list of n, never fewer than at an earlier apply layer; layers before the first apply layer compute all."""
 
     needs_entropy = True
+    entropy_rows = "computed"
 
     @dataclass
     class Config:
@@ -78,11 +81,18 @@ class EntropyMinMaxScheduler(LayerScheduler):
         if entropy is None:
             return [0.0] * ctx.num_layers
         apply = resolve_layers(self.config.apply_layers, ctx.num_layers, "scheduler 'entropy-minmax'")
-        spread = (entropy.max() - entropy.min()).clamp_min(1e-12)
-        score = 1.0 - (entropy - entropy.min()) / spread
+        score = (1.0 - (entropy - entropy.min()) / (entropy.max() - entropy.min() + 1e-10)).tolist()
+        damped = [score[0]]
+        for s in score[1:]:
+            damped.append(damped[-1] + self.config.damping * (s - damped[-1]) if s > damped[-1] else s)
+        damped = torch.tensor(damped, dtype=torch.float32).tolist()  # the reference hands r on in float32
         out, current = [], 0.0
         for layer in range(ctx.num_layers):
-            if layer in apply and float(score[layer]) > current:
-                current += self.config.damping * (float(score[layer]) - current)
+            if layer in apply:
+                current = max(current, damped[layer])
             out.append(current)
         return out
+
+    def counts(self, fractions, n: int) -> list[int]:
+        first = min(resolve_layers(self.config.apply_layers, len(fractions), "scheduler 'entropy-minmax'"))
+        return [0 if layer < first or n == 0 else max(1, int(f * n)) for layer, f in enumerate(fractions)]

@@ -75,6 +75,30 @@ class PixelCosineSelector(TokenSelector):
         return Candidates(mask=mask, score=score)
 
 
+@register_strategy("selector", "reference-cosine")
+class ReferenceCosineSelector(PixelCosineSelector):
+    """pixel-cosine with the public reference code's numerics (docs/REFERENCE_CODE.md): dot / (|a| |b| + 1e-8), so
+    an all-black patch is never static, and the top_k cut taken in descending score with equal scores in raster
+    order (identical patches often tie at exactly 1)."""
+
+    def select(self, ctx: PlanContext) -> dict[str, Candidates]:
+        self._check_cameras(ctx)
+        out = {}
+        for camera, span in ctx.layout.vision.items():
+            similarity = patch_cosine(ctx.current[camera], ctx.previous[camera], span.rows, span.cols, eps=1e-8)
+            static = similarity >= self.config.tau
+            if self.config.cameras is not None and camera not in self.config.cameras:
+                static = torch.zeros_like(static)
+            k = resolve_count(self.config.top_k, static.shape[1], self._owner())
+            if k is not None:
+                ranked = torch.sort(similarity.masked_fill(~static, float("-inf")), dim=1, descending=True, stable=True)
+                keep = torch.zeros_like(static)
+                keep.scatter_(1, ranked.indices[:, :k], True)
+                static = static & keep
+            out[camera] = Candidates(mask=static, score=similarity)
+        return out
+
+
 @register_strategy("selector", "drift-aware")
 class DriftAwareSelector(PixelCosineSelector):
     """Pixel-cosine reuse that also compares each patch with the frame its cached K/V were computed from (its

@@ -126,6 +126,13 @@ def test_entropy_minmax_reference_variant():
     sched = build_strategy("scheduler", {"name": "entropy-minmax", "apply_layers": [1, 3], "damping": 0.5})
     fractions = sched.fractions(ctx({"primary": scene()}, None, stats_with(torch.zeros(1, 22), (4.0, 2.0, 3.0, 2.0))))
     assert fractions == pytest.approx([0.0, 0.5, 0.5, 0.75])
+    # damped along every layer, read at the apply layers: s = [1, 0, .5, .75] gives r = [1, 0, .25, .5]
+    fractions = sched.fractions(ctx({"primary": scene()}, None, stats_with(torch.zeros(1, 22), (2.0, 4.0, 3.0, 2.5))))
+    assert fractions == pytest.approx([0.0, 0.0, 0.0, 0.5])
+    # counts: none before the first apply layer, then max(1, int(r * n)) (r = 0 still removes one token)
+    assert sched.counts(fractions, 10) == [0, 1, 1, 5]
+    assert sched.counts(fractions, 0) == [0, 0, 0, 0]
+    assert build_strategy("scheduler", "constant").counts([0.0, 0.26, 0.5], 10) == [0, 2, 5]
 
 
 def test_gates():

@@ -8,8 +8,10 @@ from einops import rearrange
 from .types import InputError
 
 
-def patch_cosine(current: torch.Tensor, previous: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Cosine similarity [B, rows*cols] of the raw pixels of each patch of two uint8 images [B, H, W, 3]."""
+def patch_cosine(current: torch.Tensor, previous: torch.Tensor, rows: int, cols: int, eps: float | None = None) -> torch.Tensor:
+    """Cosine similarity [B, rows*cols] of the raw pixels of each patch of two uint8 images [B, H, W, 3] (float32).
+    eps None: two all-black patches count as identical (1); a number: dot / (|a| |b| + eps), the public reference
+    code's form, under which a black patch scores 0."""
     if current.shape != previous.shape:
         raise InputError(f"current and previous query images differ in shape: {tuple(current.shape)} vs {tuple(previous.shape)}")
     if current.shape[1] % rows or current.shape[2] % cols:
@@ -17,6 +19,8 @@ def patch_cosine(current: torch.Tensor, previous: torch.Tensor, rows: int, cols:
     a = rearrange(current.float(), "b (r p) (c q) ch -> b (r c) (p q ch)", r=rows, c=cols)
     b = rearrange(previous.float(), "b (r p) (c q) ch -> b (r c) (p q ch)", r=rows, c=cols)
     na, nb = a.norm(dim=-1), b.norm(dim=-1)
+    if eps is not None:
+        return (a * b).sum(-1) / (na * nb + eps)
     cosine = (a * b).sum(-1) / (na * nb).clamp_min(1e-12)
     both_black = (na == 0) & (nb == 0)
     return torch.where(both_black, torch.ones_like(cosine), cosine)

@@ -15,7 +15,9 @@ from .registry import STRATEGIES
 from .strategy import Candidates, LayerScheduler, PlanContext, RelevanceFilter, StepGate, TokenPruner, TokenSelector
 from .types import InputError, ReusePlan
 
-REUSE_ORDERS = ("similarity", "index")
+# similarity: each camera's candidates most similar first; index: each camera's lowest patch index first; position:
+# ONE list over all cameras in sequence order, its counts taken of the whole list (the public reference code's)
+REUSE_ORDERS = ("similarity", "index", "position")
 
 
 @dataclass
@@ -58,6 +60,9 @@ class CachePolicy:
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale <= 1.0:
                 raise ConfigError(f"cameras: the scale of camera '{camera}' must be a number in [0, 1] (0: never reuse "
                                   f"it, 1: as the scheduler says), got {scale!r}; e.g. cameras: {{wrist: 0.5}}")
+        if reuse_order == "position" and any(scale != 1.0 for scale in (cameras or {}).values()):
+            raise ConfigError("reuse_order 'position' takes its counts of one list over all cameras, so per-camera "
+                              "scales cannot apply; use reuse_order 'similarity' or 'index' with `cameras:` scales")
         self.selector, self.relevance, self.scheduler, self.gate = selector, relevance, scheduler, gate
         self.reuse_order = reuse_order
         self.label = label
@@ -114,7 +119,9 @@ class CachePolicy:
             layers |= set(range(num_layers))
         if not layers:
             return None
-        return StatsRequest(layers=tuple(sorted(layers)), query=self.relevance.query)
+        return StatsRequest(layers=tuple(sorted(layers)), query=self.relevance.query,
+                            query_rows=self.relevance.query_rows,
+                            entropy=self.scheduler.entropy_rows if self.scheduler.needs_entropy else "query")
 
     def plan(self, ctx: PlanContext) -> ReusePlan:
         """The step's plan: what is reused (from the previous step) and the prune rules (applied in the forward)."""
@@ -142,8 +149,14 @@ class CachePolicy:
             raise InputError(f"policy '{self.label}': cameras {unknown} are not inputs of this backbone, whose cameras "
                              f"are {sorted(ctx.layout.vision)}; name some of those in the policy's cameras")
         ordered = {camera: self._order(c) + ctx.layout.vision[camera].start for camera, c in candidates.items()}
-        per_camera = {camera: [f * self.cameras.get(camera, 1.0) for f in fractions] for camera in ordered}
-        plan = ReusePlan.from_order(*self._layer_order(ordered, per_camera, ctx.num_layers, ctx.batch_size))
+        if self.reuse_order == "position":
+            joint = torch.sort(torch.cat(list(ordered.values()), dim=1), dim=1).values if ordered else \
+                torch.empty(ctx.batch_size, 0, dtype=torch.long)
+            plan = ReusePlan.from_order(joint, self.scheduler.counts(fractions, joint.shape[1]))
+        else:
+            counts = {camera: self.scheduler.counts([f * self.cameras.get(camera, 1.0) for f in fractions], order.shape[1])
+                      if self.cameras.get(camera, 1.0) > 0 else [0] * ctx.num_layers for camera, order in ordered.items()}
+            plan = ReusePlan.from_order(*self._layer_order(ordered, counts, ctx.num_layers, ctx.batch_size))
         plan.info.update(
             static={c: s.mask for c, s in static.items()},
             candidates={c: s.mask for c, s in candidates.items()},
@@ -153,16 +166,16 @@ class CachePolicy:
         return plan
 
     @staticmethod
-    def _layer_order(ordered: dict[str, torch.Tensor], fractions: dict[str, list[float]], num_layers: int, batch_size: int):
-        """Layer l reuses the first floor(f_l * n) positions of each camera's order (f: that camera's fractions).
-        Returns one order over all cameras with the counts per layer: tokens that join at a shallower layer first;
-        within one layer, the cameras interleaved by their rank relative to their candidate count."""
+    def _layer_order(ordered: dict[str, torch.Tensor], per_camera: dict[str, list[int]], num_layers: int, batch_size: int):
+        """Layer l reuses the first per_camera[camera][l] positions of each camera's order. Returns one order over all
+        cameras with the counts per layer: tokens that join at a shallower layer first; within one layer, the
+        cameras interleaved by their rank relative to their candidate count."""
         parts, counts, taken = [], [], {camera: 0 for camera in ordered}
         for layer in range(num_layers):
             new, rank = [], []
             for camera, order in ordered.items():
                 n = order.shape[1]
-                upto = math.floor(fractions[camera][layer] * n + 1e-9)
+                upto = min(max(per_camera[camera][layer], taken[camera]), n)
                 new.append(order[:, taken[camera]:upto])
                 rank.append(torch.arange(taken[camera], upto, dtype=torch.float64) / max(n, 1))
                 taken[camera] = upto

@@ -14,6 +14,7 @@ A new strategy is one class with a `Config` dataclass for its parameters and one
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
@@ -154,9 +155,11 @@ class TokenSelector(Strategy):
 
 
 class RelevanceFilter(Strategy):
-    """Removes task-relevant tokens from the candidates, using last step's attention statistics."""
+    """Removes task-relevant tokens from the candidates, using last step's attention statistics (from the query
+    rows `query`, the first `query_rows` of them: `StatsRequest`)."""
 
     query: str = "text"
+    query_rows: int | None = None
 
     def required_layers(self, num_layers: int) -> tuple[int, ...]:
         """Decoder layers whose attention statistics this filter reads (empty: none)."""
@@ -167,12 +170,17 @@ class RelevanceFilter(Strategy):
 
 
 class LayerScheduler(Strategy):
-    """Chooses the fraction of the reusable set reused at each decoder layer."""
+    """Chooses the fraction of the reusable set reused at each decoder layer, and how a fraction becomes a count."""
 
     needs_entropy: bool = False
+    entropy_rows: str = "query"  # the entropy it reads (`AttentionStats.entropy_rows`)
 
     def fractions(self, ctx: PlanContext) -> list[float]:
         raise NotImplementedError
+
+    def counts(self, fractions: Sequence[float], n: int) -> list[int]:
+        """Tokens reused per layer of a reusable list of n, from the (non-decreasing) fractions: floor(f * n)."""
+        return [math.floor(f * n + 1e-9) for f in fractions]
 
 
 class StepGate(Strategy):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -267,20 +268,20 @@ class AttentionStats:
     """Attention statistics of one step, recomputed for a few query rows (the probe), used by the next step.
 
     to_keys[layer]: [B, L] attention over key positions, averaged over heads and query rows.
-    entropy[layer]: [B] attention entropy (nats), averaged over heads and query rows.
+    entropy[layer]: [B] attention entropy (nats). entropy_rows 'query': each head's entropy over the query rows,
+    averaged; 'computed': the entropy of the head-averaged attention of every row the layer computed, averaged
+    over those rows (the public reference code's statistic, `StatsRequest.entropy`).
     """
 
     to_keys: dict[int, torch.Tensor]
     entropy: dict[int, torch.Tensor]
     query: str = "text"
+    entropy_rows: str = "query"
 
     def row(self, index: int) -> "AttentionStats":
         """The statistics of one batch row (as a batch of 1)."""
-        return AttentionStats(
-            {layer: t[index : index + 1] for layer, t in self.to_keys.items()},
-            {layer: e[index : index + 1] for layer, e in self.entropy.items()},
-            self.query,
-        )
+        return dataclasses.replace(self, to_keys={layer: t[index : index + 1] for layer, t in self.to_keys.items()},
+                                   entropy={layer: e[index : index + 1] for layer, e in self.entropy.items()})
 
 
 @dataclass

@@ -3,6 +3,7 @@ batch row (each row is its own episode), and the view of it a row's plan is made
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -51,9 +52,9 @@ class EpisodeState:
             previous_images=None if self.previous_images is None else {n: pick(i) for n, i in self.previous_images.items()},
             prompt_kv={layer: (pick(k), pick(v)) for layer, (k, v) in self.prompt_kv.items()},
             final_hidden=None if self.final_hidden is None else pick(self.final_hidden),
-            stats=None if stats is None else AttentionStats({layer: pick(t) for layer, t in stats.to_keys.items()},
-                                                            {layer: pick(e) for layer, e in stats.entropy.items()},
-                                                            stats.query),
+            stats=None if stats is None else dataclasses.replace(
+                stats, to_keys={layer: pick(t) for layer, t in stats.to_keys.items()},
+                entropy={layer: pick(e) for layer, e in stats.entropy.items()}),
             staleness=None if self.staleness is None else self.staleness.rows(index),
             signals={name: pick(t) for name, t in self.signals.items()},
         )
@@ -88,9 +89,9 @@ class EpisodeState:
             prompt_kv={layer: (cat(lambda s, i=layer: s.prompt_kv[i][0]), cat(lambda s, i=layer: s.prompt_kv[i][1]))
                        for layer in template.prompt_kv},
             final_hidden=cat(lambda s: s.final_hidden),
-            stats=None if stats is None else AttentionStats(
-                {layer: cat(lambda s, i=layer: s.stats.to_keys[i]) for layer in stats.to_keys},
-                {layer: cat(lambda s, i=layer: s.stats.entropy[i]) for layer in stats.entropy}, stats.query),
+            stats=None if stats is None else dataclasses.replace(
+                stats, to_keys={layer: cat(lambda s, i=layer: s.stats.to_keys[i]) for layer in stats.to_keys},
+                entropy={layer: cat(lambda s, i=layer: s.stats.entropy[i]) for layer in stats.entropy}),
             staleness=None if staleness is None else Staleness(
                 {c: cat(lambda s, c=c: s.staleness.anchors[c]) for c in staleness.anchors},
                 {c: cat(lambda s, c=c: s.staleness.ages[c]) for c in staleness.ages}),

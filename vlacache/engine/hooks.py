@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .probe import apply_rotary, attention_scores, query_heads, summarize_layers
+from .probe import apply_rotary, attention_scores, computed_rows_entropy, query_heads, summarize_layers
 from .pruning import PruneState, exclude_keys, rows_of_mask
 from .reuse_cache import ReuseCache
 from .episode import EpisodeState
@@ -28,12 +28,44 @@ from ..types import AttentionStats, ReusePlan, TokenLayout
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
+STATS_QUERIES = ("text", "last", "after-vision")
+STATS_ENTROPIES = ("query", "computed")
+
+
 @dataclass(frozen=True)
 class StatsRequest:
-    """Which attention statistics the probe records: layers (None = all) and query rows ('text' or 'last')."""
+    """Which attention statistics the probe records: layers (None = all); query rows: 'text' (the instruction),
+    'last' (the last position) or 'after-vision' (the positions right after the last visual token), the first
+    `query_rows` of them when given; entropy: 'query' (per head over the query rows, averaged) or 'computed'
+    (of the head-averaged attention over every row each layer computes: `AttentionStats`)."""
 
     layers: tuple[int, ...] | None = None
     query: str = "text"
+    query_rows: int | None = None
+    entropy: str = "query"
+
+    def __post_init__(self) -> None:
+        if self.query not in STATS_QUERIES:
+            raise ValueError(f"StatsRequest: query must be one of {STATS_QUERIES}, got {self.query!r}")
+        if self.entropy not in STATS_ENTROPIES:
+            raise ValueError(f"StatsRequest: entropy must be one of {STATS_ENTROPIES}, got {self.entropy!r}")
+        if self.query_rows is not None and (isinstance(self.query_rows, bool) or not isinstance(self.query_rows, int)
+                                            or self.query_rows < 1):
+            raise ValueError(f"StatsRequest: query_rows must be a positive number of rows or None, got {self.query_rows!r}")
+
+    def positions(self, layout: TokenLayout) -> torch.Tensor:
+        """The query rows' positions [n] in a step of this layout."""
+        if self.query == "last":
+            return torch.tensor([layout.length - 1])
+        if self.query == "text":
+            positions = layout.text.positions()
+        else:
+            start = max(span.stop for span in layout.vision.values())
+            positions = torch.arange(start, layout.length)
+        positions = positions if self.query_rows is None else positions[: self.query_rows]
+        if positions.numel() == 0:
+            raise ValueError(f"StatsRequest: no '{self.query}' query rows in a step of {layout.length} positions")
+        return positions
 
 
 @dataclass
@@ -65,6 +97,8 @@ class _ActiveStep:
     masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
     to_keys: dict[int, torch.Tensor] = field(default_factory=dict)
     entropy: dict[int, torch.Tensor] = field(default_factory=dict)
+    request: StatsRequest | None = None
+    computed_rows: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     final_hidden: torch.Tensor | None = None
     prune: PruneState | None = None
     spliced: list[torch.Tensor] | None = None
@@ -268,9 +302,7 @@ class CacheEngine:
             if bad:
                 raise ValueError(f"attention statistics requested for layers {bad}, "
                                  f"but the decoder has layers 0..{self.num_layers - 1}")
-            span = layout.text if request.query == "text" else None
-            positions = span.positions() if span is not None else torch.tensor([layout.length - 1])
-            query_positions = positions.expand(batch_size, -1).contiguous().to(device)
+            query_positions = request.positions(layout).expand(batch_size, -1).contiguous().to(device)
         self._step = _ActiveStep(
             cache=cache,
             layout=layout,
@@ -280,6 +312,7 @@ class CacheEngine:
             select=select,
             query_positions=query_positions,
             probe_layers=probe_layers,
+            request=request,
             final_splice=final_splice,  # the deepest layer's mask (masks are nested)
             prune=PruneState.build(plan.prune, layout, plan.reused, plan.spliced, batch_size, device),
             spliced=plan.spliced,
@@ -301,7 +334,8 @@ class CacheEngine:
         }
         self.episode.final_hidden = step.final_hidden
         self.episode.stats = (
-            AttentionStats(step.to_keys, step.entropy, query="text") if step.probe_layers else None
+            AttentionStats(step.to_keys, step.entropy, query=step.request.query, entropy_rows=step.request.entropy)
+            if step.probe_layers else None
         )
         staleness = None
         if images is not None:
@@ -515,6 +549,8 @@ class CacheEngine:
             step.memo[key] = local[:, :, None].expand(-1, -1, output.shape[-1])
         attn = self.layers[index].self_attn
         step.q_rows[index] = query_heads(attn, output.gather(1, step.memo[key]), self._head_dim(attn))
+        if step.request.entropy == "computed":  # every row this layer computes, at its positions (None: all)
+            step.computed_rows[index] = (query_heads(attn, output, self._head_dim(attn)), rows)
         return None
 
     def _head_dim(self, attn: nn.Module) -> int:
@@ -549,6 +585,16 @@ class CacheEngine:
         for n, layer in enumerate(layers):
             step.to_keys[layer], step.entropy[layer] = to_keys[n], entropy[n]
         step.q_rows.clear()
+        for layer, (heads, rows) in step.computed_rows.items():  # one layer at a time: row counts differ
+            if rows is None:
+                rows = torch.arange(length, device=heads.device).expand(heads.shape[0], length)
+            rotated = apply_rotary(self.layers[layer].self_attn, heads, self._rows_of(cos, rows, 1),
+                                   self._rows_of(sin, rows, 1))
+            mask_rows = self._mask_rows(self.layers[layer], step.masks[layer], rows, length, dtype)
+            if layer in dropped:
+                mask_rows = exclude_keys(mask_rows, dropped[layer])
+            step.entropy[layer] = computed_rows_entropy(rotated, step.cache.prefill_kv[layer][0], mask_rows, scaling)
+        step.computed_rows.clear()
 
     def _after_decoder(self, decoder: nn.Module, args: tuple, output: Any):
         step = self._step

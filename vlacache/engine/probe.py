@@ -76,3 +76,12 @@ def attention_scores(queries: torch.Tensor, keys: Sequence[torch.Tensor], mask_r
     if mask_rows.dtype == torch.bool:
         return scores.masked_fill_(~mask_rows, floor)
     return scores.add_(mask_rows.float()).clamp_min_(floor)
+
+
+def computed_rows_entropy(queries: torch.Tensor, keys: torch.Tensor, mask_rows: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Entropy [B] of one layer's head-averaged attention, averaged over the query rows it computed (the public
+    reference code's schedule statistic): each row of the head mean re-normalised (+1e-10), entropy in nats with
+    log(p + 1e-10). queries: [B, H, n, d] after RoPE; keys: [B, H_kv, L, d]; mask_rows: [B, 1, n, L]."""
+    probs = torch.softmax(attention_scores(queries[None], [keys], mask_rows, scaling)[0], dim=-1).mean(dim=1)
+    probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-10)
+    return -(probs * (probs + 1e-10).log()).sum(dim=-1).mean(dim=-1)
