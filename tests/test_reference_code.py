@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_llama
 from reference import reference_forward
 
-from vlacache import CacheEngine, ReusePlan
+from vlacache import CacheEngine
 from vlacache.backbones.common.prismatic import cache_keyword
 from vlacache.config import load_yaml, resolve_config_path
 from vlacache.policy import CachePolicy
