@@ -10,7 +10,7 @@ import torch
 
 from vlacache.config import ConfigError
 from vlacache.registry import register_strategy
-from vlacache.strategy import PlanContext, TokenPruner, resolve_layers
+from vlacache.strategy import PlanContext, TokenPruner, resolve_count, resolve_layers
 from vlacache.types import PruneRule
 
 QUERIES = ("last", "text")
@@ -99,13 +99,12 @@ class RatedByText:
         return lowest(scores, eligible, math.floor(self.ratio * attention.shape[-1] + 1e-9))
 
 
-@register_strategy("pruner", "sparsevlm")
-class SparseVLMPruner(TokenPruner):
-    """SparseVLM, text-guided and training-free: at each of `layers`, instruction tokens that attend to the image
-    more than average rate the visual tokens (their mean attention in the layer before), and the lowest-rated
-    `ratios[i]` of all visual tokens are dropped from that layer on (progressive: 2/32, 6/32, 15/32 of the depth
-    by default). Not implemented: SparseVLM's recycling of the dropped tokens into a few aggregate tokens, and its
-    rank-based count per layer (the counts here are the configured ratios)."""
+@register_strategy("pruner", "text-raters")
+class TextRatersPruner(TokenPruner):
+    """The project's first, simplified reading of SparseVLM (kept so result folders made with it re-run): at each
+    of `layers`, instruction tokens that attend to the image more than average (in the layer before) rate the
+    visual tokens, and the lowest-rated `ratios[i]` of all visual tokens are dropped from that layer on. The
+    official method is `sparsevlm`."""
 
     @dataclass
     class Config:
@@ -113,18 +112,84 @@ class SparseVLMPruner(TokenPruner):
         ratios: list = field(default_factory=lambda: [0.25, 0.25, 0.17])
 
     def _layers(self, num_layers: int) -> tuple[int, ...]:
-        return prune_layers(self.config.layers, num_layers, "sparsevlm")
+        return prune_layers(self.config.layers, num_layers, "text-raters")
 
     def check(self, num_layers: int) -> None:
         self._layers(num_layers)
         if len(self.config.ratios) != len(self.config.layers) or any(not 0.0 <= r <= 1.0 for r in self.config.ratios) \
                 or sum(self.config.ratios) > 1.0:
-            raise ConfigError(f"pruner 'sparsevlm': ratios {self.config.ratios} must give one fraction in [0, 1] per "
+            raise ConfigError(f"pruner 'text-raters': ratios {self.config.ratios} must give one fraction in [0, 1] per "
                               "layer, summing to at most 1")
 
     def rules(self, ctx: PlanContext) -> list[PruneRule]:
         return [PruneRule(layer, RatedByText(ratio), "text")
                 for layer, ratio in zip(self._layers(ctx.num_layers), self.config.ratios)]
+
+
+def embedding_raters(query_embeds: torch.Tensor, visual_embeds: torch.Tensor) -> torch.Tensor:
+    """SparseVLM's raters [B, n] bool, chosen from the decoder's input embeddings: each visual token's dot products
+    with the n post-image tokens, softmax over those tokens, averaged over the visual tokens; the tokens above
+    that average's mean rate."""
+    relevance = torch.softmax(visual_embeds @ query_embeds.transpose(1, 2), dim=2).mean(dim=1)  # [B, n]
+    return relevance > relevance.mean(dim=1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class KeepRatedByHeads:
+    """SparseVLM v2.0's stage: the `heads` heads whose raters give the image the most (RoPE-corrected) attention,
+    their mean, the raters' mean attention per visual token; the `keep` best of the remaining visual tokens stay
+    (at most all but one), the other eligible ones are dropped."""
+
+    keep: Any
+    heads: Any
+
+    def __call__(self, attention: torch.Tensor, eligible: torch.Tensor, query_embeds: torch.Tensor,
+                 visual_embeds: torch.Tensor) -> torch.Tensor:
+        raters = embedding_raters(query_embeds, visual_embeds).float()  # [B, n]
+        rated = attention.float() * raters[:, None, :, None]  # [B, H, n, V]
+        mass = rated.sum(dim=(2, 3))  # [B, H]: each head's rater-to-image attention
+        heads = resolve_count(self.heads, attention.shape[1], "pruner 'sparsevlm'") or attention.shape[1]
+        chosen = mass.topk(heads, dim=1).indices
+        picked = rated.gather(1, chosen[:, :, None, None].expand(-1, -1, *rated.shape[2:])).mean(dim=1)
+        scores = picked.sum(dim=1) / raters.sum(dim=1, keepdim=True).clamp_min(1.0)  # [B, V]
+        remaining = int(eligible.sum(dim=1).min())
+        keep = min(resolve_count(self.keep, attention.shape[-1], "pruner 'sparsevlm'"), max(remaining - 1, 0))
+        return lowest(scores, eligible, remaining - keep)
+
+
+@register_strategy("pruner", "sparsevlm")
+class SparseVLMPruner(TokenPruner):
+    """SparseVLM (v2.0 of the official code, training-free): raters are the post-image tokens whose input
+    embeddings relate to the image more than average (chosen once per forward); at each stage the layer's own
+    attention, divided by its RoPE-only scores, is read from the `heads` heads where the raters attend most to
+    the image, and the visual tokens the raters attend to most are kept: `keep[i]` of them after stage i, the
+    rest dropped from the next layer on. `layers`: the first layer without the dropped tokens (the official
+    prunes after layers 2, 6 and 15, so '3/32', '7/32', '16/32'); `keep`: counts or shares of the visual tokens
+    ('300/576': the official 192-token budget's 300 of LLaVA's 576, scaled); `heads`: a count or share
+    ('14/32'). Position ids stay the original ones, as in v2.0. Not implemented: v1/v1.5's recycling of the
+    best dropped tokens into cluster tokens inserted into the sequence."""
+
+    @dataclass
+    class Config:
+        layers: list = field(default_factory=lambda: ["3/32", "7/32", "16/32"])
+        keep: list = field(default_factory=lambda: ["300/576", "200/576", "118/576"])
+        heads: Any = "14/32"
+
+    def _layers(self, num_layers: int) -> tuple[int, ...]:
+        return prune_layers(self.config.layers, num_layers, "sparsevlm")
+
+    def check(self, num_layers: int) -> None:
+        self._layers(num_layers)
+        if len(self.config.keep) != len(self.config.layers):
+            raise ConfigError(f"pruner 'sparsevlm': keep {self.config.keep} must give one count per layer of "
+                              f"{self.config.layers}")
+        for value in [*self.config.keep, self.config.heads]:
+            resolve_count(value, 1 << 20, "pruner 'sparsevlm'")
+
+    def rules(self, ctx: PlanContext) -> list[PruneRule]:
+        return [PruneRule(layer, KeepRatedByHeads(keep, self.config.heads), "after-vision", per_head=True,
+                          rope_corrected=True, embeds=True)
+                for layer, keep in zip(self._layers(ctx.num_layers), self.config.keep)]
 
 
 @dataclass(frozen=True)

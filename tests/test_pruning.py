@@ -89,6 +89,8 @@ def test_decode_passes_do_not_see_dropped_keys():
 
 
 def test_fastv_drops_the_tokens_the_last_position_attends_to_least():
+    """FastV's official selection (its inplace mode): at layer K the visual tokens the last position attends to
+    least in layer K-1, averaged over heads; the lowest R of them, on attention from the independent forward."""
     lm = tiny_llama("eager")
     e1, _ = two_steps(batch=2)
     policy = CachePolicy.from_config({"label": "fastv", "pruner": {"name": "fastv", "layer": 2, "ratio": 0.5}})
@@ -165,11 +167,11 @@ def expected_raters_drop(attention_layer, eligible, count):
     return torch.zeros(eligible.shape[0], L, dtype=torch.bool).scatter_(1, VISUAL[lowest], True)
 
 
-def test_sparsevlm_prunes_progressively_by_the_text_raters():
+def test_text_raters_prune_progressively():
     lm = tiny_llama("eager")
     e1, _ = two_steps(batch=2)
     policy = CachePolicy.from_config({"label": "sparsevlm",
-                                      "pruner": {"name": "sparsevlm", "layers": [1, 2], "ratios": [0.2, 0.2]}})
+                                      "pruner": {"name": "text-raters", "layers": [1, 2], "ratios": [0.2, 0.2]}})
     from vlacache.strategy import PlanContext
 
     plan = policy.plan(PlanContext(step=0, batch_size=2, num_layers=4, layout=LAYOUT, current={}, previous=None, stats=None))
@@ -186,7 +188,7 @@ def test_sparsevlm_prunes_progressively_by_the_text_raters():
     assert torch.equal(engine.episode.signals["void"], first | second)
 
 
-def test_sparsevlm_layers_must_fit_the_decoder(tiny):
+def test_pruner_layers_must_fit_the_decoder(tiny):
     from vlacache import ConfigError
 
     with pytest.raises(ConfigError, match="absolute layers"):

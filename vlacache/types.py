@@ -86,6 +86,17 @@ class TokenLayout:
     def num_visual(self) -> int:
         return sum(len(s) for s in self.vision.values())
 
+    def query_positions(self, query: str) -> torch.Tensor:
+        """Positions [n] of a kind of query rows: 'text' (the instruction), 'last' (the last position) or
+        'after-vision' (every position after the last visual token)."""
+        if query == "text":
+            return self.text.positions()
+        if query == "last":
+            return torch.tensor([self.length - 1])
+        if query == "after-vision":
+            return torch.arange(max(span.stop for span in self.vision.values()), self.length)
+        raise ValueError(f"query rows must be 'text', 'last' or 'after-vision', got {query!r}")
+
     def patch_grid(self, camera: str, positions: torch.Tensor) -> torch.Tensor:
         """Boolean [B, rows, cols] map of which patches of `camera` are among `positions` [B, n]."""
         span = self.vision[camera]
@@ -102,13 +113,20 @@ class PruneRule:
     """Drop visual tokens from decoder layer `layer` on: they are not computed there or deeper, and no query
     attends to their keys (FastV's "mask out the discarded tokens"). Decided inside the forward, from the
     attention the tokens receive at layer `layer - 1` of the same forward: `choose(attention, eligible)` gets the
-    attention [B, n, V] of the `query` rows ('last' = the last prompt position, 'text' = the instruction's tokens;
-    mean over heads) to the V visual tokens in layout order and eligible [B, V] (not reused, not dropped yet), and
-    returns the visual indices [B, k] to drop, the same k in every row."""
+    attention [B, n, V] of the `query` rows ('last' = the last prompt position, 'text' = the instruction's tokens,
+    'after-vision' = every position after the last visual token; mean over heads) to the V visual tokens in layout
+    order and eligible [B, V] (not reused, not dropped yet), and returns the visual indices [B, k] to drop, the
+    same k in every row. per_head: the attention comes per head, [B, H, n, V]; rope_corrected: divided
+    elementwise by the RoPE-only scores of the same rows and keys (queries and keys all ones, rotated at their
+    positions, scaled: SparseVLM v2.0's "gravity" correction); embeds: `choose` also gets the decoder's input
+    embeddings of the query rows [B, n, D] and of the visual tokens [B, V, D]."""
 
     layer: int
-    choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    choose: Callable[..., torch.Tensor]
     query: str = "last"
+    per_head: bool = False
+    rope_corrected: bool = False
+    embeds: bool = False
 
 
 @dataclass

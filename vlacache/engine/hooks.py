@@ -55,13 +55,7 @@ class StatsRequest:
 
     def positions(self, layout: TokenLayout) -> torch.Tensor:
         """The query rows' positions [n] in a step of this layout."""
-        if self.query == "last":
-            return torch.tensor([layout.length - 1])
-        if self.query == "text":
-            positions = layout.text.positions()
-        else:
-            start = max(span.stop for span in layout.vision.values())
-            positions = torch.arange(start, layout.length)
+        positions = layout.query_positions(self.query)
         positions = positions if self.query_rows is None else positions[: self.query_rows]
         if positions.numel() == 0:
             raise ValueError(f"StatsRequest: no '{self.query}' query rows in a step of {layout.length} positions")
@@ -434,6 +428,8 @@ class CacheEngine:
             return self._decode_without_dropped(step, index, args, kwargs)
         prune = step.prune
         if prune is not None:
+            if index == 0 and prune.wants_embeds:  # the decoder's input, before any row is cut
+                prune.embeds = args[0] if args else kwargs["hidden_states"]
             if index in prune.queries:  # a rule's scoring layer: the full-length rotary table and mask
                 prune.rope = prune.rope or kwargs["position_embeddings"]
                 prune.masks[index] = kwargs.get("attention_mask")
@@ -488,12 +484,14 @@ class CacheEngine:
             mask_rows = exclude_keys(mask_rows, prune.dropped_at[scoring])
         keys = step.cache.prefill_kv[scoring][0]
         scaling = getattr(attn, "scaling", rotated.shape[-1] ** -0.5)
-        rows = torch.softmax(attention_scores(rotated[None], [keys], mask_rows, scaling)[0], dim=-1).mean(dim=1)  # [B, n, L]
-        dropped = prune.choose(rule, rows)
+        probs = torch.softmax(attention_scores(rotated[None], [keys], mask_rows, scaling)[0], dim=-1)  # [B, H, n, L]
+        if rule.rope_corrected:
+            probs = probs / self._rope_only_scores(attn, queries, length, rotated.shape[-1], scaling)
+        dropped = prune.choose(rule, probs if rule.per_head else probs.mean(dim=1))
         prune.dropped = dropped
         previous = step.kept[scoring]
         if previous is None:
-            previous = torch.arange(length, device=dropped.device).expand(batch, length)
+            previous = torch.arange(length, device=dropped.device).expand(batch, length).contiguous()
         for index in range(layer, self.num_layers):
             prune.dropped_at[index] = dropped
             rows = rows_of_mask(prune.absent(index, dropped))
@@ -506,6 +504,19 @@ class CacheEngine:
             base_k, base_v = step.cache.splice.get(index, (None, None, None, None))[:2]
             step.cache.splice[index] = (base_k, base_v, rows, pad)
             previous = rows
+
+    def _rope_only_scores(self, attn: nn.Module, queries: torch.Tensor, length: int, head_dim: int,
+                          scaling: float) -> torch.Tensor:
+        """[B, 1, n, L]: scaled dot products of all-ones queries at positions `queries` [B, n] and all-ones keys at
+        every position, each rotated by the layer's RoPE: what position alone contributes to a score."""
+        cos, sin = self._step.prune.rope
+        batch = queries.shape[0]
+        every = torch.arange(length, device=queries.device).expand(batch, length)
+        ones_q = torch.ones(batch, 1, queries.shape[1], head_dim, device=queries.device)
+        ones_k = torch.ones(batch, 1, length, head_dim, device=queries.device)
+        q = apply_rotary(attn, ones_q, self._rows_of(cos, queries, 1).float(), self._rows_of(sin, queries, 1).float())
+        k = apply_rotary(attn, ones_k, self._rows_of(cos, every, 1).float(), self._rows_of(sin, every, 1).float())
+        return (q @ k.transpose(-1, -2)) * scaling
 
     def _decode_without_dropped(self, step: _ActiveStep, index: int, args: tuple, kwargs: dict):
         """A decode pass's queries at a layer from which tokens were dropped: their keys are excluded."""

@@ -33,6 +33,11 @@ class PruneState:
     q_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer K-1 -> [B, H, n, d] recorded queries
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    embeds: torch.Tensor | None = None  # [B, L, D] the decoder's input, kept when a rule reads it
+
+    @property
+    def wants_embeds(self) -> bool:
+        return any(rule.embeds for rule in self.rules.values())
 
     @classmethod
     def build(cls, rules, layout: TokenLayout, reused: list[torch.Tensor], spliced: list[torch.Tensor] | None,
@@ -53,18 +58,24 @@ class PruneState:
             busy |= spliced[-1].to(device)
         queries = {}
         for rule in rules:
-            positions = layout.text.positions() if rule.query == "text" else torch.tensor([length - 1])
+            positions = layout.query_positions(rule.query)
             queries[rule.layer - 1] = positions.expand(batch, -1).contiguous().to(device)
         visual = torch.cat([span.positions() for span in layout.vision.values()]).to(device)
         return cls({r.layer: r for r in rules}, queries, visual, masks, busy)
 
     def choose(self, rule: PruneRule, attention: torch.Tensor) -> torch.Tensor:
-        """Apply a rule to its query rows' attention over keys [B, n, L] at its scoring layer (mean over heads);
-        returns the new dropped mask."""
-        scores = attention[:, :, self.visual]
+        """Apply a rule to its query rows' attention over keys [B, n, L] at its scoring layer (mean over heads; or
+        [B, H, n, L] for a per-head rule); returns the new dropped mask."""
+        scores = attention[..., self.visual]
         taken = self.busy if self.dropped is None else self.busy | self.dropped
         eligible = ~taken[:, self.visual]
-        chosen = rule.choose(scores, eligible)
+        if rule.embeds:
+            queries = self.queries[rule.layer - 1]
+            embeds = self.embeds.float()
+            chosen = rule.choose(scores, eligible, embeds.gather(1, queries[:, :, None].expand(-1, -1, embeds.shape[-1])),
+                                 embeds[:, self.visual])
+        else:
+            chosen = rule.choose(scores, eligible)
         if chosen.dim() != 2 or chosen.shape[0] != scores.shape[0]:
             raise ValueError(f"prune rule at layer {rule.layer} must return visual indices [B, n], got {tuple(chosen.shape)}")
         chosen = chosen.to(self.visual.device)
