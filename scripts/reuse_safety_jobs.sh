@@ -29,8 +29,8 @@ deep() {
     vlacache run "$name"
     python scripts/static_feature_drift.py --backbone "$name" --out "results/bench/${name}_static_drift.json"
   else
-    echo "reuse_safety_jobs: $name is trained; add configs/backbone/$name.yaml and configs/experiment/$name.yaml" \
-         "(the cadence-8 rows of micro_oft_libero_spatial_cadence1.yaml on this policy), then run this again" >&2
+    echo "reuse_safety_jobs: $name is trained, but configs/experiment/$name.yaml is missing" \
+         "(restore it from git), then run this again" >&2
   fi
 }
 
