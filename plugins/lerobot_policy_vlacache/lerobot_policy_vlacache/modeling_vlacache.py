@@ -64,6 +64,21 @@ def to_uint8_image(image: Any, flip: bool = False) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def loaded_message(served: dict[str, Any], pretrained_path: Any) -> str:
+    """One line saying where the served model's weights come from (LeRobot warns "built from scratch (random
+    weights)" whenever --policy.path is missing, which with --policy.type=vlacache is not what happens)."""
+    backbone = served.get("backbone") or {}
+    weights = backbone.get("checkpoint") or (f"preset '{backbone['preset']}' (random weights)" if backbone.get("preset")
+                                             else "the serve config's backbone")
+    line = (f"vlacache: weights from {weights} ({backbone.get('name', 'backbone')}, serve config "
+            f"'{served.get('name')}', cache policy '{served.get('policy')}')")
+    if pretrained_path is None:
+        line += ("; LeRobot's 'built from scratch (random weights)' line refers to --policy.type without "
+                 "--policy.path: write a policy folder with `python -m lerobot_policy_vlacache.export DIR` and "
+                 "pass --policy.path=DIR to run without it")
+    return line
+
+
 class VlaCachePolicy(PreTrainedPolicy):
     """A vlacache backbone + cache policy (a serve config) answering LeRobot's `select_action`, one vlacache
     session per env of the batch. Inference only: `forward` (training) raises."""
@@ -89,6 +104,18 @@ class VlaCachePolicy(PreTrainedPolicy):
         logger.info("vlacache: serving %s (backbone cameras %s, proprio %s), %d action(s) per query",
                     service.config.name, list(service.backbone.cameras), service.backbone.uses_proprio,
                     self.n_action_steps)
+        logger.info(loaded_message(service.served(), config.pretrained_path))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_name_or_path: Any, *, config: VlaCacheConfig | None = None,
+                        **kwargs: Any) -> "VlaCachePolicy":
+        """From a vlacache policy folder (`python -m lerobot_policy_vlacache.export DIR`, then `lerobot-eval
+        --policy.path=DIR`): its config.json names the serve config, whose backbone checkpoint holds the weights,
+        so the folder has no weights file of its own."""
+        if config is None:
+            config = VlaCacheConfig.from_pretrained(pretrained_name_or_path)
+        config.pretrained_path = pretrained_name_or_path
+        return cls(config)
 
     # -- LeRobot's policy API ---------------------------------------------------------------------------------
     def get_optim_params(self) -> dict:

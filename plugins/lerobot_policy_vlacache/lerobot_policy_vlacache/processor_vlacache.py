@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from lerobot.processor import PolicyAction, PolicyProcessorPipeline
+from lerobot.processor import (DeviceProcessorStep, PolicyAction, PolicyProcessorPipeline,
+                               RenameObservationsProcessorStep)
 from lerobot.processor.factory import make_policy_processor_pipelines
 from lerobot_policy_vlacache.configuration_vlacache import VlaCacheConfig
 
@@ -17,5 +18,8 @@ def make_vlacache_pre_post_processors(
     config: VlaCacheConfig,
     dataset_stats: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> tuple[PolicyProcessorPipeline[dict[str, Any], dict[str, Any]], PolicyProcessorPipeline[PolicyAction, PolicyAction]]:
-    """Identity pipelines (LeRobot's standard names and converters); dataset_stats are not used."""
-    return make_policy_processor_pipelines(input_steps=[], output_steps=[])
+    """Pass-through pipelines (LeRobot's standard names and converters): an empty rename and the device step, the
+    two steps lerobot-eval configures by name when it loads them from a policy folder; dataset_stats unused."""
+    return make_policy_processor_pipelines(
+        input_steps=[RenameObservationsProcessorStep(rename_map={}), DeviceProcessorStep(device=config.device or "cpu")],
+        output_steps=[DeviceProcessorStep(device="cpu")])
