@@ -1,5 +1,5 @@
 """Built-in backbones; importing this package registers them."""
 
-from . import cogact, openvla, openvla_oft
+from . import cogact, openvla, openvla_oft, pi0
 
-__all__ = ["cogact", "openvla", "openvla_oft"]
+__all__ = ["cogact", "openvla", "openvla_oft", "pi0"]

@@ -1,0 +1,134 @@
+"""π0 / π0.5 on transformers' own classes: exact against `sample_actions`, and VLA-Cache on the prefix against an
+independent reference (the stock prefix pass with last query's K/V written over the reused positions)."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+import vlacache
+from vlacache import ReusePlan
+from vlacache.backbones.common.prismatic import cache_keyword
+from vlacache.backbones.pi0 import PI0Backbone, PI05Backbone, build_preset
+from vlacache.errors import CheckpointError
+
+FAMILIES = [PI0Backbone, PI05Backbone]
+
+
+def observation(seed=0, change=None):
+    rng = np.random.default_rng(seed)
+    images = {name: rng.integers(0, 255, (56, 56, 3), dtype=np.uint8) for name in ("primary", "wrist")}
+    if change is not None:  # a moved patch grid cell of the primary camera
+        images["primary"][change[0]:change[0] + 14, change[1]:change[1] + 14] = 0
+    return vlacache.Observation(images=images, instruction="pick up the black bowl",
+                                proprio=np.linspace(-0.5, 0.5, 8).astype(np.float32))
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=["pi0", "pi05"])
+def backbone(request):
+    return build_preset(request.param, "tiny", noise="fixed")
+
+
+def stock_actions(backbone, obs):
+    """The model's own `sample_actions` on the backbone's prepared inputs and its noise."""
+    m = backbone.prepare(obs).model_inputs
+    state = {} if backbone.state_in_prompt else {"state": m["state"]}
+    return backbone.model.sample_actions(input_ids=m["input_ids"], pixel_values=m["pixel_values"],
+                                         pixel_attention_mask=m["pixel_attention_mask"],
+                                         attention_mask=m["attention_mask"], noise=backbone.initial_noise(1),
+                                         **state)[..., : backbone.action_dim].numpy()
+
+
+def test_zero_reuse_is_bit_identical_to_sample_actions(backbone):
+    obs = observation()
+    expected = stock_actions(backbone, obs)
+    with vlacache.attach(backbone, "no_cache") as vla:
+        assert np.array_equal(vla.predict(obs).actions, expected)
+    with vlacache.attach(backbone, "vla_cache") as vla:  # hooks and probe on; the first query reuses nothing
+        first = vla.predict(obs)
+    assert first.stats.reuse_ratio == 0.0 and np.array_equal(first.actions, expected)
+
+
+def test_identical_frame_fully_reused_matches(backbone):
+    obs = observation()
+    expected = stock_actions(backbone, obs)
+    with vlacache.attach(backbone, "static_reuse") as vla:
+        vla.predict(obs)
+        second = vla.predict(obs)
+    assert second.stats.reuse_ratio == 1.0
+    np.testing.assert_allclose(second.actions, expected, atol=1e-5, rtol=0)
+
+
+class OverwriteCache(DynamicCache):
+    """The reference: every row computed in full, then last query's K/V written over the reused positions."""
+
+    def __init__(self, reused=None, previous=None, **kwargs):
+        super().__init__(**kwargs)
+        self.reused, self.previous, self.prefix = reused, previous, {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.reused is not None and layer_idx not in self.prefix:
+            rows = self.reused[layer_idx][0]
+            key_states, value_states = key_states.clone(), value_states.clone()
+            key_states[:, :, rows] = self.previous[layer_idx][0][:, :, rows]
+            value_states[:, :, rows] = self.previous[layer_idx][1][:, :, rows]
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self.prefix.setdefault(layer_idx, (keys, values))
+        return keys, values
+
+
+def reference_actions(backbone, obs, cache):
+    """The stock prefix pass and expert loop (as `sample_actions` runs them) on a given cache."""
+    inputs = backbone.prepare(obs)
+    m = inputs.model_inputs
+    vlm = backbone.model.model.vlm
+    with torch.no_grad():
+        embeds = backbone.model.model.embed_prefix(m["input_ids"], m["pixel_values"], m["pixel_attention_mask"])
+        vlm(inputs_embeds=embeds, attention_mask=m["attention_mask"], position_ids=m["attention_mask"].cumsum(-1) - 1,
+            token_type_ids=torch.zeros(embeds.shape[:2], dtype=torch.long), use_cache=True,
+            **{cache_keyword(vlm.forward): cache})
+        actions = backbone.denoise(cache, inputs, cache.get_seq_length(), backbone.initial_noise(1))
+    return actions[..., : backbone.action_dim].numpy()
+
+
+def test_partial_reuse_matches_the_overwrite_reference(backbone):
+    first, moved = observation(), observation(change=(14, 28))
+    layout = backbone.prepare(first).layout
+    primary, wrist = layout.vision["primary"], layout.vision["wrist"]
+    # nested per layer, both cameras, never the moved patch (primary index 6)
+    sets = [[], [0, 1, 2], [0, 1, 2, 3, 9, 17], [0, 1, 2, 3, 9, 10, 17, 20]]
+    reused = [torch.tensor([sorted(primary.start + i if i < 16 else wrist.start + i - 16 for i in s)], dtype=torch.long)
+              for s in sets]
+    with vlacache.attach(backbone, "vla_cache") as vla:
+        vla.predict(first)
+        cached = vla.predict(moved, plan=ReusePlan([r.clone() for r in reused]))
+    assert cached.stats.reuse_ratio > 0
+    full = OverwriteCache()
+    reference_actions(backbone, first, full)
+    expected = reference_actions(backbone, moved, OverwriteCache(reused, full.prefix))
+    np.testing.assert_allclose(cached.actions, expected, atol=1e-5, rtol=0)
+    # sensitive: without the overwrite the actions differ clearly
+    assert np.abs(reference_actions(backbone, moved, OverwriteCache()) - expected).max() > 1e-4
+
+
+def test_checkpoint_round_trip_and_wrong_family(backbone, tmp_path):
+    backbone.save_pretrained(tmp_path)
+    cls = type(backbone)
+    loaded = cls.from_pretrained(tmp_path, noise="fixed")
+    saved, read = backbone.model.state_dict(), loaded.model.state_dict()
+    assert saved.keys() == read.keys() and all(torch.equal(saved[k], read[k]) for k in saved)
+    obs = observation()
+    with vlacache.attach(loaded, "no_cache") as vla:
+        assert np.array_equal(vla.predict(obs).actions, stock_actions(backbone, obs))
+    other = PI05Backbone if cls is PI0Backbone else PI0Backbone
+    with pytest.raises(CheckpointError, match=f"backbone name '{cls.registry_name}'"):
+        other.from_pretrained(tmp_path)
+
+
+def test_episode_noise_is_fresh_per_query_and_replays_after_reset():
+    backbone = build_preset(PI0Backbone, "tiny")  # noise: episode
+    obs = observation()
+    with vlacache.attach(backbone, "no_cache") as vla:
+        a, b = vla.predict(obs).actions, vla.predict(obs).actions
+        vla.reset()
+        assert not np.array_equal(a, b) and np.array_equal(vla.predict(obs).actions, a)
