@@ -132,3 +132,31 @@ def test_episode_noise_is_fresh_per_query_and_replays_after_reset():
         a, b = vla.predict(obs).actions, vla.predict(obs).actions
         vla.reset()
         assert not np.array_equal(a, b) and np.array_equal(vla.predict(obs).actions, a)
+
+
+@pytest.mark.parametrize("cls", FAMILIES, ids=["pi0", "pi05"])
+def test_vlacache_train_runs_the_flow_matching_loss_and_exports_a_loadable_policy(cls, demo_folder, tmp_path):
+    from vlacache.train.bc import TrainConfig, train
+    from vlacache.train.demos import load_demos
+
+    out = tmp_path / cls.registry_name
+    policy = train(TrainConfig(backbone={"name": cls.registry_name, "preset": "micro", "device": "cpu"},
+                               demos=str(demo_folder), chunk=8, epochs=1, batch_size=4, warmup_steps=2,
+                               val_fraction=0.25, output_dir=str(out), threads=1), progress=False)
+    loaded = cls.from_pretrained(policy)
+    assert loaded.unnorm_key == "libero_spatial" and (policy / "SHA256SUMS").is_file()
+    rows = (out / "loss_curves.csv").read_text().splitlines()
+    assert len(rows) == 2 and all(float(v) > 0 for v in rows[1].split(",")[1:])
+    initial = build_preset(cls, "micro")
+    assert not torch.equal(initial.model.action_out_proj.weight, loaded.model.action_out_proj.weight.float())
+    demo = load_demos(demo_folder)[0]
+    obs = vlacache.Observation({"primary": demo["primary"][0], "wrist": demo["wrist"][0]}, demo["instruction"],
+                               demo["proprio"][0])
+    with vlacache.attach(loaded, "vla_cache") as vla:
+        actions = vla.predict(obs).actions
+    stats = loaded.statistics["action"]
+    low, high = np.array(stats["q01"]), np.array(stats["q99"])
+    assert actions.shape == (1, 8, 7) and np.isfinite(actions).all()
+    # un-normalised into the demonstrations' range (BOUNDS_Q99 maps [-1, 1] onto [q01, q99] where masked)
+    masked = np.array(stats["mask"], dtype=bool)
+    assert (actions[0][:, masked] >= low[masked] - 3 * (high - low)[masked]).all()

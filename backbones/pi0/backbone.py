@@ -12,6 +12,11 @@ the prefix:
   over the prefix cache (its own layers append their K/V to the prefix's, layer by layer) and is cropped back to
   the prefix, exactly as `sample_actions` does. The expert never sees the engine.
 
+Normalisation (a documented choice, the one vlacache's other families and its demonstrations use): a checkpoint
+with a `dataset_statistics.json` (what `vlacache train` exports) normalises the state and un-normalises the
+actions with BOUNDS_Q99 (q01 / q99 per dimension to [-1, 1]); π0.5's own quantile normalisation is the same map.
+Without statistics (the random-weight presets) states go in and actions come out as they are.
+
 Noise: "episode" draws each query's initial noise from a CPU generator seeded with `seed` at episode start (as
 LeRobot's policies draw fresh noise per call); "fixed" re-seeds at every query.
 """
@@ -30,6 +35,8 @@ from transformers import DynamicCache
 
 from vlacache.backbone import Backbone, LoadConfig, PrefillOutput, ActionOutput, PreparedInputs, validate_observation
 from vlacache.backbones.common.prismatic import cache_keyword, resize_images
+from vlacache.backbones.common.statistics import (STATS_FILE, load_norm_stats, normalize_q99, resolve_unnorm_key,
+                                                  unnormalize)
 from vlacache.flops import DecoderDims
 from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
@@ -38,11 +45,19 @@ NOISE_MODES = ("episode", "fixed")
 STATE_BINS = 256
 
 
+@dataclass
+class ActionStatistics:
+    """The dataset statistics a backbone normalises with (`vlacache train` sets `norm_stats`)."""
+
+    norm_stats: dict
+
+
 class PI0FamilyBackbone(Backbone):
     """What π0 and π0.5 share: the PaliGemma prefix the engine hooks, the expert's flow-matching loop, noise."""
 
     cameras = ("primary", "wrist")
     state_in_prompt: ClassVar[bool] = False
+    prompt_tokens: ClassVar[int] = 48  # the prompt is padded to this many tokens (the transformers processor's)
 
     @dataclass
     class Config(LoadConfig):
@@ -50,7 +65,8 @@ class PI0FamilyBackbone(Backbone):
         action_dim: int = 7
 
     def __init__(self, model: nn.Module, tokenizer, action_dim: int = 7, seed: int = 0, noise: str = "episode",
-                 cameras: tuple[str, ...] = ("primary", "wrist")) -> None:
+                 cameras: tuple[str, ...] = ("primary", "wrist"), norm_stats: dict | None = None,
+                 unnorm_key: str | None = None) -> None:
         if noise not in NOISE_MODES:
             raise InputError(f"noise '{noise}' is not one of {list(NOISE_MODES)}")
         config = model.config
@@ -66,6 +82,8 @@ class PI0FamilyBackbone(Backbone):
         self.image_size, self.patch_size = vision.image_size, vision.patch_size
         self.grid = self.image_size // self.patch_size
         self.image_token = config.vlm_config.image_token_id
+        self.config = ActionStatistics(dict(norm_stats or {}))
+        self.unnorm_key = resolve_unnorm_key(self.config.norm_stats, unnorm_key) if self.config.norm_stats else None
 
     # -- what the engine and the runtime see --------------------------------------------------------------
     @property
@@ -99,7 +117,7 @@ class PI0FamilyBackbone(Backbone):
         return [self.model.model.vlm.vision_tower]
 
     # -- the four stages ----------------------------------------------------------------------------------
-    def prompt_ids(self, instruction: str, state: np.ndarray | None) -> list[int]:
+    def prompt_ids(self, instruction: str, state: np.ndarray | None = None) -> list[int]:
         """BOS and the instruction as the transformers processor writes π0's prompt."""
         return [self.tokenizer.bos_token_id, *self.tokenizer(instruction.strip() + "\n", add_special_tokens=False).input_ids]
 
@@ -109,21 +127,27 @@ class PI0FamilyBackbone(Backbone):
         query = {name: resize_images(images[name], self.image_size) for name in self.cameras}
         states = self.states(obs.proprio, batch)
         ids = [self.prompt_ids(text, None if states is None else states[row]) for row, text in enumerate(instructions)]
-        if len({len(i) for i in ids}) != 1:
-            raise InputError(f"the prompts of one batch tokenize to different lengths ({sorted({len(i) for i in ids})}); "
-                             "batch observations whose instructions (and, for π0.5, states) tokenize alike")
+        longest = max(len(i) for i in ids)
+        if longest > self.prompt_tokens:
+            raise InputError(f"the prompt is {longest} tokens, more than the {self.prompt_tokens} this model's prompts "
+                             "are padded to; shorten the instruction")
+        # padded to a fixed length, as the processor does: the layout (and the cache's episode) stays the same
+        # when a π0.5 state changes the prompt's length
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         per_image = self.grid * self.grid
         vision = {name: VisionSpan(i * per_image, (i + 1) * per_image, rows=self.grid, cols=self.grid,
                                    patch_size=self.patch_size) for i, name in enumerate(self.cameras)}
         start = len(self.cameras) * per_image
-        length = start + len(ids[0])
-        input_ids = torch.tensor([[self.image_token] * start + row for row in ids], dtype=torch.long)
+        length = start + self.prompt_tokens
+        input_ids = torch.tensor([[self.image_token] * start + row + [pad] * (self.prompt_tokens - len(row))
+                                  for row in ids], dtype=torch.long)
+        attention = torch.tensor([[1] * (start + len(row)) + [0] * (self.prompt_tokens - len(row)) for row in ids])
         pixels = torch.stack([query[name] for name in self.cameras], dim=1).permute(0, 1, 4, 2, 3).float()
         model_inputs = {
             "input_ids": input_ids.to(self.device),
             "pixel_values": ((pixels / 255.0 - 0.5) / 0.5).to(self.device, self.dtype),
             "pixel_attention_mask": torch.ones(batch, len(self.cameras), dtype=torch.bool, device=self.device),
-            "attention_mask": torch.ones(batch, length, dtype=torch.long, device=self.device),
+            "attention_mask": attention.to(self.device),
         }
         if not self.state_in_prompt:
             state = np.zeros((batch, self.model.config.max_state_dim), dtype=np.float32)
@@ -132,18 +156,31 @@ class PI0FamilyBackbone(Backbone):
             model_inputs["state"] = torch.from_numpy(state).to(self.device, self.dtype)
         return PreparedInputs(
             batch_size=batch, instructions=instructions, query_images=query,
-            layout=TokenLayout(length=length, vision=vision, text=Span(start, length)),
+            layout=TokenLayout(length=length, vision=vision, text=Span(start, start + longest),
+                               extra={"padding": Span(start + longest, length)}),
             model_inputs=model_inputs, source_sizes={name: tuple(image.shape[1:3]) for name, image in images.items()})
 
     def states(self, proprio: Any, batch: int) -> np.ndarray | None:
         """The robot state [B, d] (float32) as the model reads it, or None when the observation has none."""
         if proprio is None:
             return None
-        state = np.asarray(proprio, dtype=np.float32).reshape(batch, -1)
+        if isinstance(proprio, torch.Tensor):
+            proprio = proprio.detach().cpu().numpy()
+        state = np.asarray(proprio, dtype=np.float64).reshape(batch, -1)
         limit = getattr(self.model.config, "max_state_dim", self.model.config.max_action_dim)
         if state.shape[1] > limit:
             raise InputError(f"the state has {state.shape[1]} values, more than the model's {limit}")
-        return state
+        if not np.all(np.isfinite(state)):
+            raise InputError("proprio contains NaN or inf")
+        stats = self.statistics
+        if stats is not None and "proprio" in stats:
+            state = normalize_q99(state, stats["proprio"])
+        return state.astype(np.float32)
+
+    @property
+    def statistics(self) -> dict | None:
+        """The statistics of `unnorm_key` (None: the model's own normalised values in and out)."""
+        return self.config.norm_stats[self.unnorm_key] if self.unnorm_key is not None else None
 
     def embed(self, inputs: PreparedInputs) -> torch.Tensor:
         m = inputs.model_inputs
@@ -161,7 +198,30 @@ class PI0FamilyBackbone(Backbone):
 
     def decode(self, prefill: PrefillOutput, inputs: PreparedInputs, cache: DynamicCache) -> ActionOutput:
         normalized = self.denoise(cache, inputs, prefill.extra["prefix_length"], self.initial_noise(inputs.batch_size))
-        return ActionOutput(actions=normalized[..., : self.action_dim].float().cpu().numpy())
+        actions = normalized[..., : self.action_dim].float().cpu().numpy()
+        stats = self.statistics
+        return ActionOutput(actions=actions if stats is None else unnormalize(actions, stats).astype(np.float32))
+
+    # -- training (`vlacache train`) ------------------------------------------------------------------------
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def bc_loss(self, obs: Observation, actions: np.ndarray) -> torch.Tensor:
+        """The model's own flow-matching loss (MSE of the predicted velocity, random time and noise) on the
+        demonstrated chunk, normalised with the statistics `vlacache train` set (BOUNDS_Q99), zero-padded to
+        max_action_dim."""
+        if self.statistics is None:
+            raise InputError("training needs action statistics: `vlacache train` sets them from the demonstrations")
+        inputs = self.prepare(obs)
+        m = inputs.model_inputs
+        chunk, config = self.action_chunk, self.model.config
+        target = np.zeros((inputs.batch_size, chunk, config.max_action_dim), dtype=np.float32)
+        target[..., : self.action_dim] = normalize_q99(actions[:, :chunk, : self.action_dim], self.statistics["action"], "action")
+        extra = {} if self.state_in_prompt else {"state": m["state"]}
+        out = self.model(input_ids=m["input_ids"], pixel_values=m["pixel_values"],
+                         pixel_attention_mask=m["pixel_attention_mask"], attention_mask=m["attention_mask"],
+                         actions=torch.from_numpy(target).to(self.device, self.dtype), **extra)
+        return out.loss
 
     def denoise(self, cache: DynamicCache, inputs: PreparedInputs, prefix_length: int, noise: torch.Tensor) -> torch.Tensor:
         """Euler steps from t = 1 to 0 over the prefix cache, as `sample_actions` takes them: [B, chunk, max_dim]."""
@@ -212,7 +272,7 @@ class PI0FamilyBackbone(Backbone):
     @classmethod
     def from_config(cls, config: "PI0FamilyBackbone.Config") -> "PI0FamilyBackbone":
         device, dtype = config.placement()
-        options = dict(seed=config.seed, noise=config.noise, action_dim=config.action_dim)
+        options = dict(seed=config.seed, noise=config.noise, action_dim=config.action_dim, unnorm_key=config.unnorm_key)
         if config.preset is not None:
             from .tiny import build_preset
 
@@ -228,6 +288,7 @@ class PI0FamilyBackbone(Backbone):
         import transformers
         from vlacache.backbones.common.tokenizer import load_tokenizer
         from vlacache.errors import CheckpointError
+        from vlacache.manifest import verify_manifest
 
         path = Path(path)
         config_file = path / "config.json"
@@ -236,6 +297,7 @@ class PI0FamilyBackbone(Backbone):
                                   "config.json, model.safetensors and the tokenizer")
         import json
 
+        verify_manifest(path)  # a SHA256SUMS (shipped and trained policies have one): every listed file checked
         model_type = json.loads(config_file.read_text()).get("model_type")
         if model_type != cls.registry_name:
             family = {"pi0": "pi0", "pi05": "pi05"}.get(model_type, "another backbone")
@@ -243,15 +305,22 @@ class PI0FamilyBackbone(Backbone):
                                   f"backbone name '{family}'")
         model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype,
                                                                       attn_implementation=attn_implementation)
+        if (path / STATS_FILE).is_file():
+            options["norm_stats"] = load_norm_stats(path, None)
         with torch.no_grad():  # own, aligned memory: tensors read from a file can sit at offsets that send the
             for tensor in [*model.parameters(), *model.buffers()]:  # CPU kernels down other (rounding) paths
                 tensor.data = tensor.data.clone()
         return cls(model.to(device), load_tokenizer(path), **options)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """config.json + model.safetensors (transformers' format) and the tokenizer, loadable by `from_pretrained`."""
+        """config.json + model.safetensors (transformers' format), the tokenizer and, when set, the dataset
+        statistics (dataset_statistics.json), loadable by `from_pretrained`."""
+        import json
+
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        if self.config.norm_stats:
+            (Path(path) / STATS_FILE).write_text(json.dumps(self.config.norm_stats, indent=2))
 
 
 @register_backbone("pi0")
@@ -269,8 +338,9 @@ class PI05Backbone(PI0FamilyBackbone):
 
     model_class = "PI05ForConditionalGeneration"
     state_in_prompt = True
+    prompt_tokens = 200
 
-    def prompt_ids(self, instruction: str, state: np.ndarray | None) -> list[int]:
+    def prompt_ids(self, instruction: str, state: np.ndarray | None = None) -> list[int]:
         """BOS and "Task: ..., State: ...;\\nAction: " with the state (assumed in [-1, 1]) in 256 bins, as the
         transformers π0.5 processor writes it."""
         task = instruction.strip().replace("_", " ").replace("\n", " ")

@@ -8,9 +8,10 @@ import torch
 from vlacache.backbones.common.tokenizer import load_tokenizer, tiny_tokenizer_dir
 from vlacache.types import InputError
 
-# name -> (decoder hidden, layers, heads, expert hidden, vision hidden, vision layers, image size, chunk)
+# name -> (decoder hidden, layers, heads, expert hidden, vision hidden, vision layers, image size, patch, chunk)
 PRESETS = {
-    "tiny": (64, 4, 4, 32, 32, 2, 56, 10),
+    "tiny": (64, 4, 4, 32, 32, 2, 56, 14, 10),  # tests: 16 tokens per camera
+    "micro": (128, 4, 4, 64, 64, 2, 128, 16, 8),  # trainable on a CPU: 128 px cameras, 64 tokens each, ~1M parameters
 }
 
 
@@ -20,7 +21,7 @@ def preset_config(cls, name: str, vocab: int):
 
     if name not in PRESETS:
         raise InputError(f"unknown {cls.registry_name} preset '{name}'; presets: {', '.join(PRESETS)}")
-    hidden, layers, heads, expert, vision, vision_layers, image, chunk = PRESETS[name]
+    hidden, layers, heads, expert, vision, vision_layers, image, patch, chunk = PRESETS[name]
     head_dim = hidden // heads
     config_class = getattr(transformers, "PI05Config" if cls.state_in_prompt else "PI0Config")
     fields = dict(
@@ -30,7 +31,7 @@ def preset_config(cls, name: str, vocab: int):
                                          head_dim=head_dim, vocab_size=vocab),
                         vision_config=dict(model_type="siglip_vision_model", hidden_size=vision,
                                            intermediate_size=2 * vision, num_hidden_layers=vision_layers,
-                                           num_attention_heads=2, patch_size=14, image_size=image, vision_use_head=False)),
+                                           num_attention_heads=2, patch_size=patch, image_size=image, vision_use_head=False)),
         # the expert writes into the prefix cache by layer: same layers, kv heads and head_dim as the decoder
         dit_config=dict(model_type="gemma", hidden_size=expert, num_hidden_layers=layers, intermediate_size=2 * expert,
                         num_attention_heads=heads, num_key_value_heads=1, head_dim=head_dim),
