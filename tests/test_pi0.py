@@ -1,6 +1,8 @@
 """π0 / π0.5 on transformers' own classes: exact against `sample_actions`, and VLA-Cache on the prefix against an
 independent reference (the stock prefix pass with last query's K/V written over the reused positions)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -123,6 +125,12 @@ def test_checkpoint_round_trip_and_wrong_family(backbone, tmp_path):
     other = PI05Backbone if cls is PI0Backbone else PI0Backbone
     with pytest.raises(CheckpointError, match=f"backbone name '{cls.registry_name}'"):
         other.from_pretrained(tmp_path)
+    # a checkpoint that does not say it works unnormalised needs its statistics
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config.pop("vlacache_unnormalized") is True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="no dataset_statistics.json"):
+        cls.from_pretrained(tmp_path)
 
 
 def test_episode_noise_is_fresh_per_query_and_replays_after_reset():

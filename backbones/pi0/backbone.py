@@ -42,6 +42,7 @@ from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
 
 NOISE_MODES = ("episode", "fixed")
+UNNORMALIZED_FIELD = "vlacache_unnormalized"  # config.json: true when the model works on raw states and actions
 STATE_BINS = 256
 
 
@@ -298,7 +299,8 @@ class PI0FamilyBackbone(Backbone):
         import json
 
         verify_manifest(path)  # a SHA256SUMS (shipped and trained policies have one): every listed file checked
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        fields = json.loads(config_file.read_text())
+        model_type = fields.get("model_type")
         if model_type != cls.registry_name:
             family = {"pi0": "pi0", "pi05": "pi05"}.get(model_type, "another backbone")
             raise CheckpointError(f"{path} is a '{model_type}' checkpoint, not '{cls.registry_name}'; load it with "
@@ -307,6 +309,10 @@ class PI0FamilyBackbone(Backbone):
                                                                       attn_implementation=attn_implementation)
         if (path / STATS_FILE).is_file():
             options["norm_stats"] = load_norm_stats(path, None)
+        elif fields.get(UNNORMALIZED_FIELD) is not True:
+            raise CheckpointError(f"{path} has no {STATS_FILE}: π0 predicts normalised states and actions, so without "
+                                  "the statistics it was trained with its actions would reach the robot unscaled; put "
+                                  f"them there ({{dataset: {{action: {{q01, q99, mask}}, proprio: ...}}}})")
         with torch.no_grad():  # own, aligned memory: tensors read from a file can sit at offsets that send the
             for tensor in [*model.parameters(), *model.buffers()]:  # CPU kernels down other (rounding) paths
                 tensor.data = tensor.data.clone()
@@ -317,6 +323,8 @@ class PI0FamilyBackbone(Backbone):
         statistics (dataset_statistics.json), loadable by `from_pretrained`."""
         import json
 
+        # a backbone without statistics (a random preset) says so, so that loading it back is not refused
+        setattr(self.model.config, UNNORMALIZED_FIELD, not self.config.norm_stats)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         if self.config.norm_stats:
