@@ -168,3 +168,21 @@ def test_vlacache_train_runs_the_flow_matching_loss_and_exports_a_loadable_polic
     # un-normalised into the demonstrations' range (BOUNDS_Q99 maps [-1, 1] onto [q01, q99] where masked)
     masked = np.array(stats["mask"], dtype=bool)
     assert (actions[0][:, masked] >= low[masked] - 3 * (high - low)[masked]).all()
+
+
+def test_frames_are_resized_keeping_their_aspect_on_black_as_openpi_sends_them():
+    from PIL import Image
+
+    backbone = build_preset(PI0Backbone, "tiny")  # 56 px SigLIP input
+    rng = np.random.default_rng(3)
+    wide = rng.integers(1, 255, (40, 80, 3), dtype=np.uint8)
+    obs = vlacache.Observation({"primary": wide, "wrist": wide[:, :40].copy()}, "pick up the bowl",
+                               np.zeros(8, np.float32))
+    query = backbone.prepare(obs).query_images
+    primary = query["primary"][0].numpy()
+    expected = np.asarray(Image.fromarray(wide).resize((56, 28), Image.BILINEAR))  # 80 x 40 scaled by 80/56
+    assert np.array_equal(primary[14:42], expected)
+    assert not primary[:14].any() and not primary[42:].any()  # 14 black rows above and below
+    assert tuple(query["wrist"][0].shape) == (56, 56, 3)  # a square frame is scaled, not padded
+    square = np.asarray(Image.fromarray(wide[:, :40].copy()).resize((56, 56), Image.BILINEAR))
+    assert np.array_equal(query["wrist"][0].numpy(), square)

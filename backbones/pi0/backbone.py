@@ -2,7 +2,8 @@
 
 A query runs like the classes' `sample_actions`, split into the runtime's stages so the cache engine can act on
 the prefix:
-- prepare: each camera resized to the SigLIP input (bicubic), scaled to [-1, 1]; the prompt is
+- prepare: each camera resized to the SigLIP input keeping its aspect ratio (bilinear, centred on black), as
+  openpi's LIBERO client does before it sends a frame, scaled to [-1, 1]; the prompt is
   `<image>` x 256 per camera, then BOS and the instruction (π0: "{instruction}\\n"; π0.5: "Task: {instruction},
   State: {256-bin state};\\nAction: "), as the transformers processors build it;
 - embed: SigLIP + projector for the image tokens, the scaled text embeddings (`embed_prefix`);
@@ -30,11 +31,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from transformers import DynamicCache
 
 from vlacache.backbone import Backbone, LoadConfig, PrefillOutput, ActionOutput, PreparedInputs, validate_observation
-from vlacache.backbones.common.prismatic import cache_keyword, resize_images
+from vlacache.backbones.common.prismatic import cache_keyword
 from vlacache.backbones.common.statistics import (STATS_FILE, load_norm_stats, normalize_q99, resolve_unnorm_key,
                                                   unnormalize)
 from vlacache.flops import DecoderDims
@@ -125,7 +127,7 @@ class PI0FamilyBackbone(Backbone):
     def prepare(self, obs: Observation) -> PreparedInputs:
         images, instructions = validate_observation(obs, self.cameras)
         batch = len(instructions)
-        query = {name: resize_images(images[name], self.image_size) for name in self.cameras}
+        query = {name: resize_with_pad(images[name], self.image_size) for name in self.cameras}
         states = self.states(obs.proprio, batch)
         ids = [self.prompt_ids(text, None if states is None else states[row]) for row, text in enumerate(instructions)]
         longest = max(len(i) for i in ids)
@@ -355,6 +357,22 @@ class PI05Backbone(PI0FamilyBackbone):
         bins = "" if state is None else " ".join(str(int(b)) for b in discretize_state(state))
         text = f"Task: {task}, State: {bins};\nAction: "
         return [self.tokenizer.bos_token_id, *self.tokenizer(text, add_special_tokens=False).input_ids]
+
+
+def resize_with_pad(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [B, H, W, 3] to [B, size, size, 3]: scaled by one factor so the longer side fits (PIL bilinear), then
+    centred on a black square (the offsets rounded down); a frame already of that size is left as it is."""
+    height, width = images.shape[1:3]
+    if height == size and width == size:
+        return images
+    ratio = max(width / size, height / size)
+    new_width, new_height = int(width / ratio), int(height / ratio)
+    top, left = max(0, (size - new_height) // 2), max(0, (size - new_width) // 2)
+    out = torch.zeros(images.shape[0], size, size, 3, dtype=torch.uint8)
+    for row, image in enumerate(images):
+        resized = Image.fromarray(image.numpy()).resize((new_width, new_height), Image.BILINEAR)
+        out[row, top:top + new_height, left:left + new_width] = torch.from_numpy(np.asarray(resized))
+    return out
 
 
 def discretize_state(state: np.ndarray) -> np.ndarray:
