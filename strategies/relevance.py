@@ -9,7 +9,8 @@ import torch
 
 from vlacache.config import ConfigError
 from vlacache.registry import register_strategy
-from vlacache.strategy import Candidates, PlanContext, RelevanceFilter, resolve_count, resolve_layers
+from vlacache.strategy import Candidates, PlanContext, RelevanceFilter, resolve_count, resolve_layers, top_indices
+from vlacache.types import QUERY_ROWS
 
 
 @register_strategy("relevance", "none")
@@ -47,8 +48,8 @@ class AttentionRelevanceFilter(RelevanceFilter):
         super().__init__(config)
         if self.config.mode not in ("threshold", "topk"):
             raise ConfigError(f"relevance 'attention': mode must be 'threshold' or 'topk', got '{self.config.mode}'")
-        if self.config.query not in ("text", "last", "after-vision"):
-            raise ConfigError(f"relevance 'attention': query must be 'text', 'last' or 'after-vision', got "
+        if self.config.query not in QUERY_ROWS:
+            raise ConfigError(f"relevance 'attention': query must be one of {list(QUERY_ROWS)}, got "
                               f"'{self.config.query}'")
         rows = self.config.query_rows
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
@@ -81,7 +82,6 @@ class AttentionRelevanceFilter(RelevanceFilter):
             else:
                 relevant = torch.zeros_like(cand.mask)
                 k = resolve_count(self.config.top_k, score.shape[1], "relevance 'attention'")
-                top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
-                relevant.scatter_(1, top, True)
+                relevant.scatter_(1, top_indices(score, k, stable=True), True)
             out[camera] = Candidates(cand.mask & ~relevant.to(cand.mask.device), cand.score)
         return out

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from vlacache.config import ConfigError
 from vlacache.patches import patch_cosine
 from vlacache.registry import register_strategy
-from vlacache.strategy import Candidates, PlanContext, TokenSelector, resolve_count
+from vlacache.strategy import Candidates, PlanContext, TokenSelector, resolve_count, top_indices
 from vlacache.types import InputError
 
 
@@ -37,6 +37,9 @@ class PixelCosineSelector(TokenSelector):
         top_k: Any = 100  # per camera: a count, "k/n" (k of n patches, scaled to the camera's), or null
         cameras: list[str] | None = None
 
+    eps: ClassVar[float | None] = None  # `patch_cosine`'s denominator term (None: two black patches are identical)
+    stable_ties: ClassVar[bool] = False  # the top_k cut takes equal scores in raster order
+
     def __init__(self, config=None) -> None:
         super().__init__(config)
         resolve_count(self.config.top_k, 1 << 20, self._owner())  # the syntax, at construction
@@ -48,7 +51,7 @@ class PixelCosineSelector(TokenSelector):
         self._check_cameras(ctx)
         out = {}
         for camera, span in ctx.layout.vision.items():
-            similarity = patch_cosine(ctx.current[camera], ctx.previous[camera], span.rows, span.cols)
+            similarity = patch_cosine(ctx.current[camera], ctx.previous[camera], span.rows, span.cols, eps=self.eps)
             out[camera] = self._candidates(camera, similarity >= self.config.tau, similarity)
         return out
 
@@ -69,8 +72,7 @@ class PixelCosineSelector(TokenSelector):
         k = resolve_count(self.config.top_k, mask.shape[1], self._owner())
         if k is not None and k < mask.shape[1]:
             keep = torch.zeros_like(mask)
-            top = score.masked_fill(~mask, float("-inf")).topk(k, dim=1).indices
-            keep.scatter_(1, top, True)
+            keep.scatter_(1, top_indices(score.masked_fill(~mask, float("-inf")), k, self.stable_ties), True)
             mask = mask & keep
         return Candidates(mask=mask, score=score)
 
@@ -81,22 +83,8 @@ class ReferenceCosineSelector(PixelCosineSelector):
     an all-black patch is never static, and the top_k cut taken in descending score with equal scores in raster
     order (identical patches often tie at exactly 1)."""
 
-    def select(self, ctx: PlanContext) -> dict[str, Candidates]:
-        self._check_cameras(ctx)
-        out = {}
-        for camera, span in ctx.layout.vision.items():
-            similarity = patch_cosine(ctx.current[camera], ctx.previous[camera], span.rows, span.cols, eps=1e-8)
-            static = similarity >= self.config.tau
-            if self.config.cameras is not None and camera not in self.config.cameras:
-                static = torch.zeros_like(static)
-            k = resolve_count(self.config.top_k, static.shape[1], self._owner())
-            if k is not None:
-                ranked = torch.sort(similarity.masked_fill(~static, float("-inf")), dim=1, descending=True, stable=True)
-                keep = torch.zeros_like(static)
-                keep.scatter_(1, ranked.indices[:, :k], True)
-                static = static & keep
-            out[camera] = Candidates(mask=static, score=similarity)
-        return out
+    eps = 1e-8
+    stable_ties = True
 
 
 @register_strategy("selector", "drift-aware")

@@ -70,6 +70,14 @@ def resolve_count(spec: Any, total: int, owner: str) -> int | None:
                       "relative to a token count (e.g. '130/256': 130 of 256 patches, scaled)")
 
 
+def top_indices(scores: torch.Tensor, k: int, stable: bool = False) -> torch.Tensor:
+    """Indices [B, k] of the k highest scores of each row; stable: equal scores in index order (torch.topk leaves
+    their order unspecified, which decides a cut that falls on a tie)."""
+    if stable:
+        return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.topk(k, dim=1).indices
+
+
 @dataclass
 class NoParameters:
     """Config of a strategy that takes no parameters."""

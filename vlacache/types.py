@@ -73,6 +73,9 @@ class VisionSpan(Span):
     patch_size: int = 0
 
 
+QUERY_ROWS = ("text", "last", "after-vision")  # the kinds of query rows attention statistics are read from
+
+
 @dataclass(frozen=True)
 class TokenLayout:
     """Where everything sits in the decoder's input sequence. Built by the backbone; nothing is hard-coded."""

@@ -25,6 +25,7 @@ LeRobot's policies draw fresh noise per call); "fixed" re-seeds at every query.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,7 +40,7 @@ from vlacache.backbone import Backbone, LoadConfig, PrefillOutput, ActionOutput,
 from vlacache.backbones.common.prismatic import cache_keyword
 from vlacache.backbones.common.statistics import (STATS_FILE, load_norm_stats, normalize_q99, resolve_unnorm_key,
                                                   unnormalize)
-from vlacache.flops import DecoderDims
+from vlacache.flops import DecoderDims, layer_flops
 from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
 
@@ -112,9 +113,8 @@ class PI0FamilyBackbone(Backbone):
         """The expert's denoising steps: each a pass of its tokens over the prefix and themselves."""
         dims = DecoderDims.from_config(self.model.config.dit_config)
         tokens = self.action_chunk + (0 if self.state_in_prompt else 1)
-        per_token = 2 * dims.layers * (dims.hidden * (dims.heads + 2 * dims.kv_heads) * dims.head_dim
-                                       + dims.heads * dims.head_dim * dims.hidden + 3 * dims.hidden * dims.intermediate)
-        return float(self.model.config.num_inference_steps * tokens * per_token)
+        # projections and MLP; the attention to the prefix is left out (its length is not known here)
+        return self.model.config.num_inference_steps * dims.layers * layer_flops(dims, tokens, keys=0)
 
     def vision_towers(self) -> list[nn.Module]:
         return [self.model.model.vlm.vision_tower]
@@ -298,8 +298,6 @@ class PI0FamilyBackbone(Backbone):
         if not config_file.is_file():
             raise CheckpointError(f"{path} has no config.json; a {cls.registry_name} checkpoint folder holds "
                                   "config.json, model.safetensors and the tokenizer")
-        import json
-
         verify_manifest(path)  # a SHA256SUMS (shipped and trained policies have one): every listed file checked
         fields = json.loads(config_file.read_text())
         model_type = fields.get("model_type")
@@ -323,8 +321,6 @@ class PI0FamilyBackbone(Backbone):
     def save_pretrained(self, path: str | Path) -> None:
         """config.json + model.safetensors (transformers' format), the tokenizer and, when set, the dataset
         statistics (dataset_statistics.json), loadable by `from_pretrained`."""
-        import json
-
         # a backbone without statistics (a random preset) says so, so that loading it back is not refused
         setattr(self.model.config, UNNORMALIZED_FIELD, not self.config.norm_stats)
         self.model.save_pretrained(path)

@@ -23,12 +23,11 @@ from .reuse_cache import ReuseCache
 from .episode import EpisodeState
 from .staleness import advance as advance_staleness
 from ..strategy import PlanContext
-from ..types import AttentionStats, ReusePlan, TokenLayout
+from ..types import QUERY_ROWS, AttentionStats, ReusePlan, TokenLayout
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
-STATS_QUERIES = ("text", "last", "after-vision")
 STATS_ENTROPIES = ("query", "computed")
 
 
@@ -45,8 +44,8 @@ class StatsRequest:
     entropy: str = "query"
 
     def __post_init__(self) -> None:
-        if self.query not in STATS_QUERIES:
-            raise ValueError(f"StatsRequest: query must be one of {STATS_QUERIES}, got {self.query!r}")
+        if self.query not in QUERY_ROWS:
+            raise ValueError(f"StatsRequest: query must be one of {QUERY_ROWS}, got {self.query!r}")
         if self.entropy not in STATS_ENTROPIES:
             raise ValueError(f"StatsRequest: entropy must be one of {STATS_ENTROPIES}, got {self.entropy!r}")
         if self.query_rows is not None and (isinstance(self.query_rows, bool) or not isinstance(self.query_rows, int)
