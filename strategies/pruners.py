@@ -136,9 +136,10 @@ def embedding_raters(query_embeds: torch.Tensor, visual_embeds: torch.Tensor) ->
 
 @dataclass(frozen=True)
 class KeepRatedByHeads:
-    """SparseVLM v2.0's stage: the `heads` heads whose raters give the image the most (RoPE-corrected) attention,
-    their mean, the raters' mean attention per visual token; the `keep` best of the remaining visual tokens stay
-    (at most all but one), the other eligible ones are dropped."""
+    """SparseVLM's stage: the `heads` heads whose raters give the image the most attention (None: every head, the
+    plain mean of v1.5), their mean, the raters' mean attention per visual token; the `keep` best of the remaining
+    visual tokens stay (at most all but one), the other eligible ones are dropped, best-rated first (the order in
+    which a recycling stage takes them)."""
 
     keep: Any
     heads: Any
@@ -147,49 +148,121 @@ class KeepRatedByHeads:
                  visual_embeds: torch.Tensor) -> torch.Tensor:
         raters = embedding_raters(query_embeds, visual_embeds).float()  # [B, n]
         rated = attention.float() * raters[:, None, :, None]  # [B, H, n, V]
-        mass = rated.sum(dim=(2, 3))  # [B, H]: each head's rater-to-image attention
         heads = resolve_count(self.heads, attention.shape[1], "pruner 'sparsevlm'") or attention.shape[1]
-        chosen = mass.topk(heads, dim=1).indices
-        picked = rated.gather(1, chosen[:, :, None, None].expand(-1, -1, *rated.shape[2:])).mean(dim=1)
+        if heads == attention.shape[1]:
+            picked = rated.mean(dim=1)
+        else:
+            chosen = rated.sum(dim=(2, 3)).topk(heads, dim=1).indices  # by each head's rater-to-image attention
+            picked = rated.gather(1, chosen[:, :, None, None].expand(-1, -1, *rated.shape[2:])).mean(dim=1)
         scores = picked.sum(dim=1) / raters.sum(dim=1, keepdim=True).clamp_min(1.0)  # [B, V]
         remaining = int(eligible.sum(dim=1).min())
         keep = min(resolve_count(self.keep, attention.shape[-1], "pruner 'sparsevlm'"), max(remaining - 1, 0))
-        return lowest(scores, eligible, remaining - keep)
+        return lowest(scores, eligible, remaining - keep).flip(1)
+
+
+@dataclass(frozen=True)
+class ClusterRecycler:
+    """SparseVLM v1/v1.5's recycling: of a stage's dropped tokens (hidden states [B, k, D], best-rated first) the
+    best m = int(share * k) + 1 are grouped into int(m / per_cluster) + 1 clusters by density-peak clustering
+    (DPC-kNN, `density_peak_clusters`); the cluster means go back into the sequence."""
+
+    share: float = 0.3
+    per_cluster: int = 10
+
+    def __call__(self, dropped: torch.Tensor) -> torch.Tensor:
+        taken = dropped[:, : min(dropped.shape[1], int(dropped.shape[1] * self.share) + 1)]
+        return density_peak_clusters(taken, int(taken.shape[1] / self.per_cluster) + 1)
+
+
+NOISE_SEED = 0  # the tie-breaking noise of `density_peak_clusters`: the same draws in every batch row and step
+
+
+def density_peak_clusters(tokens: torch.Tensor, clusters: int) -> torch.Tensor:
+    """SparseVLM's `cluster_and_merge` (DPC-kNN), in float32 per batch row, [B, m, D] -> [B, clusters, D]: a
+    token's density is exp(-mean squared distance to its `clusters` nearest tokens, itself included), distances
+    scaled by 1/sqrt(D), plus uniform noise below 1e-6 against ties (a fixed seed here, where the official code
+    draws from the global generator); its peak distance is the distance to the nearest denser token (the largest
+    distance for the densest); the `clusters` tokens with the largest density x peak distance are the centres,
+    every token joins its nearest centre, and each cluster becomes the mean of its tokens (weights 1/(n + 1e-6))."""
+    x = tokens.float()
+    batch, count, width = x.shape
+    distance = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / width ** 0.5  # [B, m, m]
+    nearest = distance.topk(clusters, dim=-1, largest=False).values
+    noise = torch.stack([torch.rand(count, generator=torch.Generator().manual_seed(NOISE_SEED)) for _ in range(batch)])
+    density = (-(nearest ** 2).mean(dim=-1)).exp() + noise.to(x.device) * 1e-6  # [B, m]
+    denser = density[:, None, :] > density[:, :, None]  # [b, i, j]: j is denser than i
+    farthest = distance.flatten(1).max(dim=-1).values[:, None, None]
+    peak = torch.where(denser, distance, farthest).min(dim=-1).values
+    centres = (peak * density).topk(clusters, dim=-1).indices  # [B, C]
+    assigned = distance.gather(1, centres[:, :, None].expand(-1, -1, count)).argmin(dim=1)  # [B, m]
+    assigned.scatter_(1, centres, torch.arange(clusters, device=x.device).expand(batch, -1).contiguous())
+    sizes = torch.zeros(batch, clusters, device=x.device).scatter_add_(1, assigned, torch.ones_like(density)) + 1e-6
+    weights = 1.0 / sizes.gather(1, assigned)  # [B, m]
+    merged = torch.zeros(batch, clusters, width, device=x.device)
+    merged.scatter_add_(1, assigned[:, :, None].expand(-1, -1, width), x * weights[:, :, None])
+    return merged.to(tokens.dtype)
 
 
 @register_strategy("pruner", "sparsevlm")
 class SparseVLMPruner(TokenPruner):
     """SparseVLM (v2.0 of the official code, training-free): raters are the post-image tokens whose input
     embeddings relate to the image more than average (chosen once per forward); at each stage the layer's own
-    attention, divided by its RoPE-only scores, is read from the `heads` heads where the raters attend most to
-    the image, and the visual tokens the raters attend to most are kept: `keep[i]` of them after stage i, the
-    rest dropped from the next layer on. `layers`: the first layer without the dropped tokens (the official
-    prunes after layers 2, 6 and 15, so '3/32', '7/32', '16/32'); `keep`: counts or shares of the visual tokens
-    ('300/576': the official 192-token budget's 300 of LLaVA's 576, scaled); `heads`: a count or share
-    ('14/32'). Position ids stay the original ones, as in v2.0. Not implemented: v1/v1.5's recycling of the
-    best dropped tokens into cluster tokens inserted into the sequence."""
+    attention, divided by its RoPE-only scores (`rope_corrected`), is read from the `heads` heads where the raters
+    attend most to the image (null: all heads), and the visual tokens the raters attend to most are kept:
+    `keep[i]` of them after stage i, the rest dropped from the next layer on. `layers`: the first layer without the
+    dropped tokens (the official prunes after layers 2, 6 and 15, so '3/32', '7/32', '16/32'); `keep`: counts or
+    shares of the visual tokens ('300/576': the official 192-token budget's 300 of LLaVA's 576, scaled); `heads`:
+    a count or share ('14/32'). Position ids stay the original ones, as in v2.0. `recycle` (v1/v1.5): the best
+    30% of each stage's dropped tokens are clustered (`ClusterRecycler`) and the cluster means inserted after the
+    kept visual tokens, every position renumbered contiguously in the new order; causal decoders without reuse
+    only. `sparsevlm-v1.5` is that version's whole setting."""
 
     @dataclass
     class Config:
         layers: list = field(default_factory=lambda: ["3/32", "7/32", "16/32"])
         keep: list = field(default_factory=lambda: ["300/576", "200/576", "118/576"])
         heads: Any = "14/32"
+        rope_corrected: bool = True
+        recycle: bool = False
+
+    @property
+    def recycles(self) -> bool:
+        return bool(self.config.recycle)
 
     def _layers(self, num_layers: int) -> tuple[int, ...]:
-        return prune_layers(self.config.layers, num_layers, "sparsevlm")
+        return prune_layers(self.config.layers, num_layers, self.registry_name)
 
     def check(self, num_layers: int) -> None:
         self._layers(num_layers)
         if len(self.config.keep) != len(self.config.layers):
-            raise ConfigError(f"pruner 'sparsevlm': keep {self.config.keep} must give one count per layer of "
+            raise ConfigError(f"pruner '{self.registry_name}': keep {self.config.keep} must give one count per layer of "
                               f"{self.config.layers}")
         for value in [*self.config.keep, self.config.heads]:
-            resolve_count(value, 1 << 20, "pruner 'sparsevlm'")
+            resolve_count(value, 1 << 20, f"pruner '{self.registry_name}'")
+        for setting in ("rope_corrected", "recycle"):
+            if not isinstance(getattr(self.config, setting), bool):
+                raise ConfigError(f"pruner '{self.registry_name}': {setting} must be true or false, got "
+                                  f"{getattr(self.config, setting)!r}")
 
     def rules(self, ctx: PlanContext) -> list[PruneRule]:
+        recycle = ClusterRecycler() if self.config.recycle else None
         return [PruneRule(layer, KeepRatedByHeads(keep, self.config.heads), "after-vision", per_head=True,
-                          rope_corrected=True, embeds=True)
+                          rope_corrected=self.config.rope_corrected, embeds=True, recycle=recycle)
                 for layer, keep in zip(self._layers(ctx.num_layers), self.config.keep)]
+
+
+@register_strategy("pruner", "sparsevlm-v1.5")
+class SparseVLMv15Pruner(SparseVLMPruner):
+    """SparseVLM as v1.5 of its official code runs it: the raters' attention averaged over all heads, no RoPE
+    correction, 300 / 200 / 110 of 576 visual tokens kept after layers 2, 6 and 15, the best 30% of each stage's
+    dropped tokens recycled as cluster tokens, positions renumbered contiguously."""
+
+    @dataclass
+    class Config(SparseVLMPruner.Config):
+        keep: list = field(default_factory=lambda: ["300/576", "200/576", "110/576"])
+        heads: Any = None
+        rope_corrected: bool = False
+        recycle: bool = True
 
 
 @dataclass(frozen=True)

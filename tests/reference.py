@@ -45,15 +45,24 @@ def _attend(q, k, v, q_pos, k_pos, causal, record=None, excluded=None):
     return (probs @ v.float()).to(q.dtype)
 
 
-def reference_forward(lm, embeds, positions, past=None, reused=None, previous_kv=None, causal=True, attentions=None,
-                      dropped=None):
-    """Run the causal LM `lm` (LlamaForCausalLM weights) on `embeds` [B, n, D] at `positions` [n].
+def reference_forward(lm, embeds, positions, **options):
+    """Run the causal LM `lm` (LlamaForCausalLM weights) on `embeds` [B, n, D] at `positions` [n] through every
+    layer (`reference_layers`, its options), the final norm and the head. Returns logits [B, n, V], per-layer
+    (k, v), hidden."""
+    x, kvs = reference_layers(lm, embeds, positions, **options)
+    x = _rms(x, lm.model.norm.weight, lm.config.rms_norm_eps)
+    return x @ lm.lm_head.weight.T, kvs, x
+
+
+def reference_layers(lm, embeds, positions, layers=None, past=None, reused=None, previous_kv=None, causal=True,
+                     attentions=None, dropped=None):
+    """Run decoder layers `layers` (indices, ascending; default all) of `lm` on `embeds` [B, n, D] at `positions` [n].
 
     past: per-layer (k, v) of earlier positions to attend to (decode). reused: per-layer LongTensor [B, m]
     positions whose k/v are overwritten by previous_kv[l]. attentions: a list that receives each layer's
     attention probabilities [B, H, n, n_keys]. dropped: per layer None or a bool [B, P] of the first P key
-    positions no query may attend to at that layer (tokens dropped from the sequence). Returns logits [B, n, V],
-    per-layer (k, v), hidden.
+    positions no query may attend to at that layer (tokens dropped from the sequence). Returns the hidden states
+    after the last of `layers` (before the final norm) and the run layers' (k, v).
     """
     cfg = lm.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -62,7 +71,8 @@ def reference_forward(lm, embeds, positions, past=None, reused=None, previous_kv
     x = embeds
     batch, n, _ = x.shape
     kvs = []
-    for index, layer in enumerate(lm.model.layers):
+    for index in layers if layers is not None else range(len(lm.model.layers)):
+        layer = lm.model.layers[index]
         attn = layer.self_attn
         h = _rms(x, layer.input_layernorm.weight, cfg.rms_norm_eps)
         q = (h @ attn.q_proj.weight.T).view(batch, n, heads, d).transpose(1, 2)
@@ -92,5 +102,4 @@ def reference_forward(lm, embeds, positions, past=None, reused=None, previous_kv
         h = _rms(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
         mlp = layer.mlp
         x = x + (torch.nn.functional.silu(h @ mlp.gate_proj.weight.T) * (h @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
-    x = _rms(x, lm.model.norm.weight, cfg.rms_norm_eps)
-    return x @ lm.lm_head.weight.T, kvs, x
+    return x, kvs

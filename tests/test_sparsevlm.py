@@ -102,3 +102,137 @@ def test_a_stage_keeps_at_most_all_but_one_remaining_token():
     embeds = torch.randn(1, 3, 8), torch.randn(1, 10, 8)
     assert choose(attention, eligible, *embeds).shape == (1, 1)  # the official min(keep, remaining - 1)
     assert KeepRatedByHeads(keep=4, heads=1)(attention, eligible, *embeds).shape == (1, 6)
+
+
+# -- v1.5: recycling ------------------------------------------------------------------------------------------
+
+def official_cluster_and_merge(x, cluster_num, noise):
+    """SparseVLM v1.5's `cluster_and_merge` (llava/model/language_model/utils.py), written out step by step; its
+    global-generator noise comes in as `noise` [B, N]."""
+    batch, count, width = x.shape
+    dist_matrix = (x[:, :, None, :] - x[:, None, :, :]).norm(dim=-1, p=2) / width ** 0.5
+    dist_nearest, _ = torch.topk(dist_matrix, k=cluster_num, dim=-1, largest=False)
+    density = (-(dist_nearest ** 2).mean(dim=-1)).exp() + noise * 1e-6
+    mask = (density[:, None, :] > density[:, :, None]).type(x.dtype)
+    dist_max = dist_matrix.flatten(1).max(dim=-1)[0][:, None, None]
+    dist, _ = (dist_matrix * mask + dist_max * (1 - mask)).min(dim=-1)
+    _, index_down = torch.topk(dist * density, k=cluster_num, dim=-1)
+    idx_cluster = torch.stack([dist_matrix[b, index_down[b]] for b in range(batch)]).argmin(dim=1)
+    for b in range(batch):
+        idx_cluster[b, index_down[b]] = torch.arange(cluster_num)
+    idx = idx_cluster + torch.arange(batch)[:, None] * cluster_num
+    all_weight = torch.zeros(batch * cluster_num, 1).index_add_(0, idx.reshape(-1), torch.ones(batch * count, 1)) + 1e-6
+    norm_weight = 1.0 / all_weight[idx]
+    merged = torch.zeros(batch * cluster_num, width).index_add_(0, idx.reshape(-1), (x * norm_weight).reshape(-1, width))
+    return merged.reshape(batch, cluster_num, width)
+
+
+def official_noise(count):
+    from vlacache.strategies.pruners import NOISE_SEED
+
+    return torch.rand(1, count, generator=torch.Generator().manual_seed(NOISE_SEED))
+
+
+def test_density_peak_clusters_equal_the_official_cluster_and_merge():
+    from vlacache.strategies.pruners import density_peak_clusters
+
+    tokens = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(3))
+    tokens[:, 20:] += 3.0  # two groups, so centres and assignments are not arbitrary
+    ours = density_peak_clusters(tokens, 5)
+    for row in range(2):
+        official = official_cluster_and_merge(tokens[row:row + 1], 5, official_noise(40))
+        torch.testing.assert_close(ours[row], official[0], atol=1e-5, rtol=1e-5)
+
+
+def official_v15_forward(lm, embeds, keeps, prompt_length):
+    """SparseVLM v1.5's decoder loop (llava/model/language_model/modelling_sparse_llama.py) on one row [n, D], the
+    prompt followed by n - prompt_length tokens decoded after it: after each pruning layer the raters' attention
+    (mean over heads) keeps the best `keep` visual tokens, the best 30% of the dropped ones are clustered (from
+    that layer's output) and inserted after the kept ones, and the shorter sequence runs on at positions
+    0, 1, 2, ... Returns the final hidden states of the tokens after the image, the visual count per stage and how
+    many of the image's own tokens are left at the end."""
+    from reference import _rms, reference_layers
+
+    raters = [r - 49 for r in official_raters(embeds[:prompt_length])]
+    x, v_start, v_num = embeds[None], 1, 48
+    own = list(range(48))  # which image token each visual position holds (None: a cluster)
+    counts = []
+    for index in range(len(lm.model.layers)):
+        maps = []
+        with torch.no_grad():
+            x, _ = reference_layers(lm, x, torch.arange(x.shape[1]), layers=[index], attentions=maps)
+        if index not in STAGES:
+            continue
+        t_start = v_start + v_num
+        relation = maps[0][0].mean(dim=0)[[t_start + r for r in raters]][:, v_start:t_start].mean(dim=0)
+        keep = torch.zeros(v_num, dtype=torch.bool)
+        keep[relation.topk(min(keeps[STAGES.index(index)], v_num - 1)).indices] = True
+        dropped = torch.nonzero(~keep).flatten()
+        m = int(dropped.shape[0] * 0.3) + 1
+        best = relation[dropped].topk(m).indices
+        clusters = official_cluster_and_merge(x[:, v_start + dropped[best]], int(m / 10) + 1, official_noise(m))
+        kept = v_start + torch.nonzero(keep).flatten()
+        own = [own[i - v_start] for i in kept.tolist()] + [None] * clusters.shape[1]
+        x = torch.cat([x[:, :v_start], x[:, kept], clusters, x[:, t_start:]], dim=1)
+        v_num = kept.shape[0] + clusters.shape[1]
+        counts.append(v_num)
+    left = sum(token is not None for token in own)
+    return _rms(x, lm.model.norm.weight, lm.config.rms_norm_eps)[0, v_start + v_num:], counts, left
+
+
+@pytest.mark.parametrize("keep", [None, [8, 4, 2]], ids=["shipped", "harsh"])
+def test_sparsevlm_v15_equals_the_official_shrinking_forward_prefill_and_decode(keep):
+    """The engine keeps every slot and renumbers positions; the official code cuts the sequence. Same numbers, for
+    the prompt and for two tokens decoded after it (each at its layer's usable cache length)."""
+    lm = tiny_llama(layers=LAYERS, seed=4)
+    embeds = torch.randn(2, L + 2, 64, generator=torch.Generator().manual_seed(9))
+    policy = CachePolicy.from_config("sparsevlm_v15")
+    if keep is not None:
+        policy.pruner.config.keep = keep
+    policy.check(LAYERS)
+    ctx = PlanContext(step=0, batch_size=2, num_layers=LAYERS, layout=LAYOUT, current={}, previous=None, stats=None)
+    plan = policy.plan(ctx)
+    decoded = []
+    with torch.no_grad(), CacheEngine(lm.model) as engine:
+        cache = engine.begin_step(plan, LAYOUT, 2)
+        keyword = cache_keyword(lm.model.forward)
+        out = lm.model(inputs_embeds=embeds[:, :L], position_ids=torch.arange(L)[None], use_cache=True,
+                       **{keyword: cache})
+        prompt = out.last_hidden_state[:, 49:]
+        with pytest.raises(ValueError, match="compile"):
+            engine.keys_dropped(L + 1)
+        for t in range(2):
+            step = lm.model(inputs_embeds=embeds[:, L + t:L + t + 1], position_ids=torch.tensor([[L + t]]),
+                            use_cache=True, **{keyword: cache})
+            decoded.append(step.last_hidden_state)
+        record = engine.end_step()
+    keeps = [300 * 48 // 576, 200 * 48 // 576, 110 * 48 // 576] if keep is None else keep
+    for row in range(2):
+        official, counts, left = official_v15_forward(lm, embeds[row], keeps, L)
+        torch.testing.assert_close(prompt[row], official[:L - 49], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.cat(decoded, 1)[row], official[L - 49:], atol=1e-4, rtol=1e-4)
+        assert [record.dropped_per_layer[s + 1] for s in STAGES] == [48 - c for c in counts]
+        # void next step: every slot whose own token is gone, including the slots that hold clusters
+        assert int(engine.episode.signals["void"][row, 1:49].sum()) == 48 - left
+    if keep is not None:
+        assert counts[0] == 8 + 2  # 40 dropped: the best 13 make 2 clusters
+
+
+def test_recycling_is_refused_beside_reuse_and_on_a_bidirectional_prompt():
+    import numpy as np
+
+    import vlacache
+    from vlacache import ConfigError
+    from vlacache.backbones.pi0 import PI0Backbone, build_preset
+
+    with pytest.raises(ConfigError, match="selector 'none'"):
+        CachePolicy.from_config({"selector": {"name": "pixel-cosine"}, "pruner": {"name": "sparsevlm-v1.5"}}).check(LAYERS)
+    backbone = build_preset(PI0Backbone, "tiny", noise="fixed")
+    policy = {"label": "v15", "pruner": {"name": "sparsevlm-v1.5", "layers": [1, 2, 3], "keep": [8, 4, 2]}}
+    vla = vlacache.attach(backbone, CachePolicy.from_config(policy))
+    rng = np.random.default_rng(0)
+    obs = vlacache.Observation(images={n: rng.integers(0, 255, (56, 56, 3), dtype=np.uint8) for n in ("primary", "wrist")},
+                               instruction="pick up the bowl", proprio=np.zeros(8, dtype=np.float32))
+    with pytest.raises(ValueError, match="not causal"):
+        vla.predict(obs)
+    vla.detach()

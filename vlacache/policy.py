@@ -93,6 +93,11 @@ class CachePolicy:
         """Fail at attach time if a component's settings cannot run on a decoder of this depth."""
         for component in (self.selector, self.relevance, self.scheduler, self.gate, self.pruner):
             component.check(num_layers)
+        if self.pruner.recycles and (not getattr(self.selector, "selects_nothing", False)
+                                     or self.stats_request(num_layers) is not None):
+            raise ConfigError(f"policy '{self.label}': the pruner recycles tokens and renumbers every position "
+                              "(SparseVLM v1.5), so nothing can be reused beside it; use selector 'none' and "
+                              "relevance 'none' with it, or pruner 'sparsevlm' without recycle")
 
     def check_cameras(self, cameras: Sequence[str]) -> None:
         """Fail at attach time if a component's settings, or the per-camera scales, name a camera the backbone

@@ -215,6 +215,7 @@ class TokenPruner(Strategy):
     inside the forward from that forward's own attention (`PruneRule`)."""
 
     prunes: bool = True
+    recycles: bool = False  # inserts tokens and renumbers positions (`PruneRule.recycle`): no reuse beside it
 
     def rules(self, ctx: PlanContext) -> list[PruneRule]:
         raise NotImplementedError

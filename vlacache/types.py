@@ -122,7 +122,11 @@ class PruneRule:
     same k in every row. per_head: the attention comes per head, [B, H, n, V]; rope_corrected: divided
     elementwise by the RoPE-only scores of the same rows and keys (queries and keys all ones, rotated at their
     positions, scaled: SparseVLM v2.0's "gravity" correction); embeds: `choose` also gets the decoder's input
-    embeddings of the query rows [B, n, D] and of the visual tokens [B, V, D]."""
+    embeddings of the query rows [B, n, D] and of the visual tokens [B, V, D]. recycle (SparseVLM v1/v1.5): gets
+    the hidden states [B, k, D] entering layer `layer` of the tokens `choose` dropped, in the order it returned
+    them (best-rated first), and returns tokens [B, C, D] (C <= k) that take their place: from `layer` on they
+    follow the kept visual tokens, and every position is renumbered contiguously in that order (causal decoders
+    without reuse only; decode passes see the renumbered cache)."""
 
     layer: int
     choose: Callable[..., torch.Tensor]
@@ -130,6 +134,7 @@ class PruneRule:
     per_head: bool = False
     rope_corrected: bool = False
     embeds: bool = False
+    recycle: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .probe import apply_rotary, attention_scores, computed_rows_entropy, query_heads, summarize_layers
-from .pruning import PruneState, exclude_keys, rows_of_mask
+from .pruning import PruneState, causal_by_position, exclude_keys, rows_of_mask
 from .reuse_cache import ReuseCache
 from .episode import EpisodeState
 from .staleness import advance as advance_staleness
@@ -242,6 +242,9 @@ class CacheEngine:
         step = self._step
         if step is None or step.prune is None or not step.prune.dropped_at:
             return None
+        if step.prune.positions_at:
+            raise ValueError("this step's pruner recycles tokens and renumbers positions (SparseVLM v1.5), which "
+                             "the compiled decode passes cannot follow; run it without compile=True")
         some = next(iter(step.prune.dropped_at.values()))
         out = torch.zeros(self.num_layers, some.shape[0], num_keys, dtype=torch.bool, device=some.device)
         for layer, dropped in step.prune.dropped_at.items():
@@ -273,6 +276,9 @@ class CacheEngine:
             if stale is not None and stale.shape == void.shape and bool((stale & void.cpu()).any()):
                 raise ValueError("the plan reuses tokens dropped at the previous step (their K/V are void); "
                                  "exclude PlanContext.void from the candidates")
+        if any(rule.recycle is not None for rule in plan.prune) and (not plan.is_empty or request is not None):
+            raise ValueError("a recycling prune rule (SparseVLM v1.5) renumbers every position, so nothing can be "
+                             "reused beside it and no attention statistics recorded; use selector 'none' with it")
         cache = self.new_cache()
         cache.length = layout.length
         device = next(self.decoder.parameters()).device
@@ -433,7 +439,7 @@ class CacheEngine:
                 prune.rope = prune.rope or kwargs["position_embeddings"]
                 prune.masks[index] = kwargs.get("attention_mask")
             if index in prune.rules:
-                self._apply_rule(step, index)
+                self._apply_rule(step, index, args[0] if args else kwargs["hidden_states"])
         if index in step.probe_layers:  # the full-length rotary table and mask, before this hook cuts them
             step.rope = step.rope or kwargs["position_embeddings"]
             step.masks[index] = kwargs.get("attention_mask")
@@ -444,18 +450,29 @@ class CacheEngine:
         if step.select[index] is not None:
             select = step.select[index]
             hidden = hidden.gather(1, select[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        if prune is not None and index in prune.inserts:  # recycled tokens enter their slots
+            slots, tokens = prune.inserts[index]
+            local = torch.searchsorted(rows, slots)[:, :, None].expand(-1, -1, hidden.shape[-1])
+            hidden = hidden.scatter(1, local, tokens.to(hidden.dtype))
         count = step.absent[index]
+        positions = prune.positions_at.get(index) if prune is not None else None
+        renumbered = None if positions is None else id(positions)
         cos, sin = kwargs["position_embeddings"]
-        memo_key = ("rope", count)
+        memo_key = ("rope", count, renumbered)
         if memo_key not in step.memo:
-            step.memo[memo_key] = (self._rows_of(cos, rows, 1), self._rows_of(sin, rows, 1))
+            at = rows if positions is None else positions.gather(1, rows)
+            step.memo[memo_key] = (self._rows_of(cos, at, 1), self._rows_of(sin, at, 1))
         kwargs["position_embeddings"] = step.memo[memo_key]
         mask = kwargs.get("attention_mask")
         dropped = prune.dropped_at.get(index) if prune is not None else None
-        mask_key = ("mask", count, id(mask), None if dropped is None else id(dropped))
+        mask_key = ("mask", count, id(mask), None if dropped is None else id(dropped), renumbered)
         if mask_key not in step.memo:
-            rows_mask = self._mask_rows(layer, mask, rows, step.layout.length, hidden.dtype)
-            step.memo[mask_key] = rows_mask if dropped is None else exclude_keys(rows_mask, dropped)
+            if positions is not None:
+                rows_mask = causal_by_position(positions, rows, dropped, hidden.dtype if self._additive_mask else None)
+            else:
+                rows_mask = self._mask_rows(layer, mask, rows, step.layout.length, hidden.dtype)
+                rows_mask = rows_mask if dropped is None else exclude_keys(rows_mask, dropped)
+            step.memo[mask_key] = rows_mask
         kwargs["attention_mask"] = step.memo[mask_key]
         for name in ("position_ids", "cache_position"):
             value = kwargs.get(name)
@@ -469,32 +486,54 @@ class CacheEngine:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _apply_rule(self, step: _ActiveStep, layer: int) -> None:
-        """Score the visual tokens by layer-1's attention in this forward, let the rule drop some, and take them
-        out of every layer from `layer` on (rows, masks, the cache's splice)."""
+    def _apply_rule(self, step: _ActiveStep, layer: int, hidden: torch.Tensor) -> None:
+        """Score the visual tokens by layer-1's attention in this forward, let the rule drop some (and recycle
+        them, from `hidden`, the states entering `layer`), and take them out of every layer from `layer` on (rows,
+        masks, positions, the cache's splice)."""
         prune, length, batch = step.prune, step.layout.length, step.batch_size
         rule, scoring = prune.rules[layer], layer - 1
         queries = prune.queries[scoring]
         attn = self.layers[scoring].self_attn
+        if rule.recycle is not None and prune.order is None:
+            self._require_causal(scoring, length)
+        positions = prune.positions_at.get(scoring)
+        at = queries if positions is None else positions.gather(1, queries)
         cos, sin = prune.rope
-        rotated = apply_rotary(attn, prune.q_rows.pop(scoring), self._rows_of(cos, queries, 1), self._rows_of(sin, queries, 1))
-        mask_rows = self._mask_rows(self.layers[scoring], prune.masks.get(scoring), queries, length, rotated.dtype)
-        if scoring in prune.dropped_at:
-            mask_rows = exclude_keys(mask_rows, prune.dropped_at[scoring])
+        rotated = apply_rotary(attn, prune.q_rows.pop(scoring), self._rows_of(cos, at, 1), self._rows_of(sin, at, 1))
+        if positions is not None:
+            mask_rows = causal_by_position(positions, queries, prune.dropped_at[scoring],
+                                           rotated.dtype if self._additive_mask else None)
+        else:
+            mask_rows = self._mask_rows(self.layers[scoring], prune.masks.get(scoring), queries, length, rotated.dtype)
+            if scoring in prune.dropped_at:
+                mask_rows = exclude_keys(mask_rows, prune.dropped_at[scoring])
         keys = step.cache.prefill_kv[scoring][0]
         scaling = getattr(attn, "scaling", rotated.shape[-1] ** -0.5)
         probs = torch.softmax(attention_scores(rotated[None], [keys], mask_rows, scaling)[0], dim=-1)  # [B, H, n, L]
         if rule.rope_corrected:
-            probs = probs / self._rope_only_scores(attn, queries, length, rotated.shape[-1], scaling)
-        dropped = prune.choose(rule, probs if rule.per_head else probs.mean(dim=1))
-        prune.dropped = dropped
+            every = torch.arange(length, device=queries.device).expand(batch, length)
+            probs = probs / self._rope_only_scores(attn, at, every if positions is None else positions.clamp(max=length - 1),
+                                                   rotated.shape[-1], scaling)
+        dropped, chosen = prune.choose(rule, probs if rule.per_head else probs.mean(dim=1))
         previous = step.kept[scoring]
         if previous is None:
             previous = torch.arange(length, device=dropped.device).expand(batch, length).contiguous()
+        inserted = None
+        if rule.recycle is not None:
+            inserted = prune.recycle(rule, layer, dropped, chosen, hidden, previous)
+        else:
+            prune.dropped = dropped
+        gone = prune.gone
+        positions = None
+        if inserted is not None or prune.order is not None:  # once renumbered, every later rule renumbers (v1.5)
+            positions = prune.renumber(inserted, max(span.stop for span in step.layout.vision.values()))
         for index in range(layer, self.num_layers):
-            prune.dropped_at[index] = dropped
-            rows = rows_of_mask(prune.absent(index, dropped))
-            step.select[index] = None if rows.shape == previous.shape else torch.searchsorted(previous, rows)
+            prune.dropped_at[index] = gone
+            if positions is not None:
+                prune.positions_at[index] = positions
+            rows = rows_of_mask(prune.absent(index, gone))
+            same = rows.shape == previous.shape and not (index == layer and inserted is not None)
+            step.select[index] = None if same else torch.searchsorted(previous, rows).clamp_(max=previous.shape[1] - 1)
             step.kept[index] = rows
             step.absent[index] = length - rows.shape[1]
             pad = None
@@ -504,18 +543,31 @@ class CacheEngine:
             step.cache.splice[index] = (base_k, base_v, rows, pad)
             previous = rows
 
-    def _rope_only_scores(self, attn: nn.Module, queries: torch.Tensor, length: int, head_dim: int,
+    def _rope_only_scores(self, attn: nn.Module, queries: torch.Tensor, keys: torch.Tensor, head_dim: int,
                           scaling: float) -> torch.Tensor:
         """[B, 1, n, L]: scaled dot products of all-ones queries at positions `queries` [B, n] and all-ones keys at
-        every position, each rotated by the layer's RoPE: what position alone contributes to a score."""
+        positions `keys` [B, L], each rotated by the layer's RoPE: what position alone contributes to a score."""
         cos, sin = self._step.prune.rope
         batch = queries.shape[0]
-        every = torch.arange(length, device=queries.device).expand(batch, length)
         ones_q = torch.ones(batch, 1, queries.shape[1], head_dim, device=queries.device)
-        ones_k = torch.ones(batch, 1, length, head_dim, device=queries.device)
+        ones_k = torch.ones(batch, 1, keys.shape[1], head_dim, device=queries.device)
         q = apply_rotary(attn, ones_q, self._rows_of(cos, queries, 1).float(), self._rows_of(sin, queries, 1).float())
-        k = apply_rotary(attn, ones_k, self._rows_of(cos, every, 1).float(), self._rows_of(sin, every, 1).float())
+        k = apply_rotary(attn, ones_k, self._rows_of(cos, keys, 1).float(), self._rows_of(sin, keys, 1).float())
         return (q @ k.transpose(-1, -2)) * scaling
+
+    def _require_causal(self, index: int, length: int) -> None:
+        """Recycling renumbers positions and builds a causal mask by position: refuse any other mask."""
+        mask, attn = self._step.prune.masks.get(index), self.layers[index].self_attn
+        if mask is None:
+            causal = getattr(attn, "is_causal", True)
+        else:
+            allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+            lower = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+            causal = bool((allowed[..., :length, :length] == lower).all())
+        if not causal:
+            raise ValueError("a recycling pruner (SparseVLM v1.5) renumbers positions and needs a causal decoder mask "
+                             "without padding; this backbone's prompt mask is not causal (e.g. a bidirectional prefix). "
+                             "Use pruner 'sparsevlm' (v2.0, no recycling) with it")
 
     def _decode_without_dropped(self, step: _ActiveStep, index: int, args: tuple, kwargs: dict):
         """A decode pass's queries at a layer from which tokens were dropped: their keys are excluded."""
@@ -523,19 +575,25 @@ class CacheEngine:
         if prune is None or index not in prune.dropped_at:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
+        past = step.cache.get_seq_length(index)
+        positions = kwargs.get("cache_position")
+        positions = (torch.arange(past, past + hidden.shape[1], device=hidden.device) if positions is None
+                     else positions.to(hidden.device))
         mask = kwargs.get("attention_mask")
         if mask is None:  # sdpa's causal fast path: an explicit causal mask over cache + new positions
-            queries = hidden.shape[1]
-            past = step.cache.get_seq_length(index)
-            positions = kwargs.get("cache_position")
-            positions = (torch.arange(past, past + queries, device=hidden.device) if positions is None
-                         else positions.to(hidden.device))
-            allowed = torch.arange(past + queries, device=hidden.device)[None, :] <= positions[:, None]
+            allowed = torch.arange(past + hidden.shape[1], device=hidden.device)[None, :] <= positions[:, None]
             mask = allowed[None, None]
             if self._additive_mask:
                 mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
                     ~mask, torch.finfo(hidden.dtype).min)
         kwargs["attention_mask"] = exclude_keys(mask, prune.dropped_at[index])
+        if index in prune.positions_at:  # renumbered: a new token follows the present ones (the cache's usable length)
+            rotary = getattr(self.decoder, "rotary_emb", None)
+            if rotary is None:
+                raise ValueError(f"{type(self.decoder).__name__} has no rotary_emb, so decode passes after a "
+                                 "recycling pruner cannot be renumbered")
+            shifted = positions - int(prune.dropped_at[index][0].sum())
+            kwargs["position_embeddings"] = rotary(hidden, shifted[None].expand(hidden.shape[0], -1))
         return args, kwargs
 
     def _after_q_proj(self, index: int, q_proj: nn.Module, args: tuple, output: torch.Tensor):

@@ -8,6 +8,11 @@ final hidden states hold nothing usable afterwards: the next step may not reuse 
 
 Composition with reuse: a rule chooses only among tokens no layer reuses, so at every layer each batch row
 misses |reused_l| + |dropped| rows and the batch keeps one shape.
+
+Recycling (`PruneRule.recycle`, SparseVLM v1.5): the tokens a rule makes from its dropped ones are computed in
+dropped slots from its layer on (`recycled`); their place in the sequence is after the kept visual tokens, so
+the state keeps the present slots in sequence order (`order`) and each slot's renumbered position
+(`positions_at`, per layer), from which the engine takes the rotary embeddings and a causal mask by position.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ class PruneState:
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
     embeds: torch.Tensor | None = None  # [B, L, D] the decoder's input, kept when a rule reads it
+    recycled: torch.Tensor | None = None  # bool [B, L]: dropped slots that hold a recycled token now
+    order: torch.Tensor | None = None  # [B, P] the present slots in sequence order, once a rule renumbered them
+    positions_at: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L] renumbered positions
+    inserts: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (slots, tokens)
 
     @property
     def wants_embeds(self) -> bool:
@@ -63,11 +72,18 @@ class PruneState:
         visual = torch.cat([span.positions() for span in layout.vision.values()]).to(device)
         return cls({r.layer: r for r in rules}, queries, visual, masks, busy)
 
-    def choose(self, rule: PruneRule, attention: torch.Tensor) -> torch.Tensor:
+    @property
+    def gone(self) -> torch.Tensor | None:
+        """Bool [B, L]: the slots no layer from the last rule on computes (dropped, not holding a recycled token)."""
+        if self.dropped is None or self.recycled is None:
+            return self.dropped
+        return self.dropped & ~self.recycled
+
+    def choose(self, rule: PruneRule, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply a rule to its query rows' attention over keys [B, n, L] at its scoring layer (mean over heads; or
-        [B, H, n, L] for a per-head rule); returns the new dropped mask."""
+        [B, H, n, L] for a per-head rule); returns the new dropped mask and the visual indices [B, k] it chose."""
         scores = attention[..., self.visual]
-        taken = self.busy if self.dropped is None else self.busy | self.dropped
+        taken = self.busy if self.gone is None else self.busy | self.gone
         eligible = ~taken[:, self.visual]
         if rule.embeds:
             queries = self.queries[rule.layer - 1]
@@ -83,12 +99,47 @@ class PruneState:
             raise ValueError(f"prune rule at layer {rule.layer} chose a token that is reused or already dropped")
         dropped = torch.zeros_like(taken) if self.dropped is None else self.dropped.clone()
         dropped.scatter_(1, self.visual[chosen], True)
-        return dropped
+        return dropped, chosen
 
-    def absent(self, layer: int, dropped: torch.Tensor) -> torch.Tensor:
-        """Bool [B, L]: the positions layer `layer` does not compute once `dropped` is dropped."""
+    def recycle(self, rule: PruneRule, layer: int, dropped: torch.Tensor, chosen: torch.Tensor, hidden: torch.Tensor,
+                rows: torch.Tensor) -> torch.Tensor:
+        """Put the tokens `rule.recycle` makes of the dropped `chosen` (visual indices [B, k], best first; hidden
+        states `hidden` [B, K, D] at positions `rows` [B, K]) into free dropped slots, in use from `layer` on;
+        returns those slots [B, C]. Sets `dropped` and `recycled`."""
+        slots = self.visual[chosen]
+        local = torch.searchsorted(rows, slots.contiguous())[:, :, None].expand(-1, -1, hidden.shape[-1])
+        tokens = rule.recycle(hidden.gather(1, local))
+        if tokens.dim() != 3 or tokens.shape[0] != slots.shape[0] or not 0 < tokens.shape[1] <= slots.shape[1]:
+            raise ValueError(f"prune rule at layer {layer} must recycle [B, C, D] tokens with 0 < C <= "
+                             f"{slots.shape[1]} (the tokens it dropped), got {tuple(tokens.shape)}")
+        recycled = (torch.zeros_like(dropped) if self.recycled is None  # a recycled token dropped again leaves its slot
+                    else self.recycled & ~torch.zeros_like(dropped).scatter(1, slots, True))
+        free = rows_of_mask(~(dropped & ~recycled))[:, : tokens.shape[1]].contiguous()
+        self.dropped, self.recycled = dropped, recycled.scatter(1, free, True)
+        self.inserts[layer] = (free, tokens)
+        return free
+
+    def renumber(self, inserted: torch.Tensor | None, vision_end: int) -> torch.Tensor:
+        """The new sequence order after a rule: the present slots in their old order, with the `inserted` slots
+        [B, C] right after the last kept visual token (before position `vision_end`); returns each slot's position
+        [B, L] (absent slots: L)."""
+        batch, length = self.gone.shape
+        order = self.order if self.order is not None else torch.arange(length, device=self.gone.device).expand(batch, -1)
+        fresh = torch.zeros_like(self.gone) if inserted is None else torch.zeros_like(self.gone).scatter(1, inserted, True)
+        stays = ~(self.gone | fresh).gather(1, order)
+        survivors = order[stays].view(batch, -1)
+        before = (survivors < vision_end).sum(dim=1)
+        if bool((before != before[0]).any()):
+            raise ValueError("rows of a batch keep different numbers of visual tokens; cannot renumber as one batch")
+        parts = [survivors[:, : int(before[0])], survivors[:, int(before[0]):]]
+        self.order = torch.cat([parts[0], *(() if inserted is None else (inserted,)), parts[1]], dim=1)
+        positions = torch.full((batch, length), length, dtype=torch.long, device=order.device)
+        return positions.scatter_(1, self.order, torch.arange(self.order.shape[1], device=order.device).expand(batch, -1))
+
+    def absent(self, layer: int, gone: torch.Tensor) -> torch.Tensor:
+        """Bool [B, L]: the positions layer `layer` does not compute once `gone` are out of the sequence."""
         reused = self.reused[layer]
-        return dropped if reused is None else reused | dropped
+        return gone if reused is None else reused | gone
 
 
 def rows_of_mask(absent: torch.Tensor) -> torch.Tensor:
@@ -99,6 +150,18 @@ def rows_of_mask(absent: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"rows of a batch miss different numbers of tokens ({counts.tolist()}); cannot keep one shape")
     length = absent.shape[1]
     return torch.arange(length, device=absent.device).expand_as(absent)[~absent].view(absent.shape[0], -1)
+
+
+def causal_by_position(positions: torch.Tensor, rows: torch.Tensor, gone: torch.Tensor, additive_dtype=None):
+    """The mask [B, 1, K, L] of query slots `rows` [B, K] over every slot when slot j holds position
+    positions[:, j] [B, L]: a query attends to the present keys at its position or before (bool; additive in
+    `additive_dtype` when given)."""
+    own = positions.gather(1, rows)
+    allowed = ((positions[:, None, :] <= own[:, :, None]) & ~gone[:, None, :])[:, None]
+    if additive_dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=additive_dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(additive_dtype).min)
 
 
 def exclude_keys(mask: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
