@@ -227,9 +227,13 @@ def test_recycling_is_refused_beside_reuse_and_on_a_bidirectional_prompt():
 
     with pytest.raises(ConfigError, match="selector 'none'"):
         CachePolicy.from_config({"selector": {"name": "pixel-cosine"}, "pruner": {"name": "sparsevlm-v1.5"}}).check(LAYERS)
+    from vlacache.backbones.openvla.tiny import build_preset as openvla_preset
+
+    shallow = {"label": "v15", "pruner": {"name": "sparsevlm-v1.5", "layers": [1, 2, 3], "keep": [8, 4, 2]}}
+    with pytest.raises(ConfigError, match="compile=False"):
+        vlacache.CachedVLA(openvla_preset("tiny"), CachePolicy.from_config(shallow), compile=True)
     backbone = build_preset(PI0Backbone, "tiny", noise="fixed")
-    policy = {"label": "v15", "pruner": {"name": "sparsevlm-v1.5", "layers": [1, 2, 3], "keep": [8, 4, 2]}}
-    vla = vlacache.attach(backbone, CachePolicy.from_config(policy))
+    vla = vlacache.attach(backbone, CachePolicy.from_config(shallow))
     rng = np.random.default_rng(0)
     obs = vlacache.Observation(images={n: rng.integers(0, 255, (56, 56, 3), dtype=np.uint8) for n in ("primary", "wrist")},
                                instruction="pick up the bowl", proprio=np.zeros(8, dtype=np.float32))

@@ -96,6 +96,9 @@ class CachedVLA:
                     f"action tokens, and {type(backbone).__name__} predicts its actions without them (its logits carry "
                     "no confidence, so the gate would veto every step); use it with an OpenVLA backbone, or choose "
                     "another gate (action-aware, full-first-step)")
+            if compile and policy.pruner.recycles and backbone.decode_passes():
+                raise ConfigError(f"policy '{policy.label}': its pruner recycles tokens and renumbers positions, "
+                                  "which the compiled decode passes cannot follow; run it with compile=False")
         self.compiled = None
         if compile:
             self.compiled = CompiledSteps(backbone.decoder, backbone.causal_lm() if backbone.decode_passes() else None,
