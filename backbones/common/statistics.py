@@ -102,3 +102,46 @@ def normalize_q99(values: np.ndarray, stats: dict[str, Any], what: str = "propri
     low, high, mask = q99_bounds(stats, what)
     p = np.asarray(values, dtype=np.float64)
     return np.clip(np.where(mask, 2.0 * (p - low) / (high - low + 1e-8) - 1.0, p), -1.0, 1.0)
+
+
+NORMALIZATIONS = ("BOUNDS_Q99", "MEAN_STD", "QUANTILES")
+
+
+def normalize(values: np.ndarray, stats: dict[str, Any], what: str) -> np.ndarray:
+    """Normalise `values` with one statistics entry by its "normalization" (BOUNDS_Q99 when absent, as the
+    OpenVLA family's files; MEAN_STD and QUANTILES as LeRobot's normalizer writes them: (x - mean) / (std + 1e-8)
+    and 2 (x - q01) / (q99 - q01) - 1, the denominator 1e-8 where q99 = q01)."""
+    mode = normalization(stats, what)
+    x = np.asarray(values, dtype=np.float64)
+    if mode == "BOUNDS_Q99":
+        return normalize_q99(x, stats, what)
+    if mode == "MEAN_STD":
+        return (x - _stat(stats, "mean", what)) / (_stat(stats, "std", what) + 1e-8)
+    low, high = _stat(stats, "q01", what), _stat(stats, "q99", what)
+    span = high - low
+    return 2.0 * (x - low) / np.where(span == 0, 1e-8, span) - 1.0
+
+
+def denormalize(values: np.ndarray, stats: dict[str, Any], what: str) -> np.ndarray:
+    """The inverse of `normalize` for one statistics entry (BOUNDS_Q99: on the masked dimensions only)."""
+    mode = normalization(stats, what)
+    x = np.asarray(values, dtype=np.float64)
+    if mode == "BOUNDS_Q99":
+        return unnormalize(x, {"action": stats})
+    if mode == "MEAN_STD":
+        return x * _stat(stats, "std", what) + _stat(stats, "mean", what)
+    low, high = _stat(stats, "q01", what), _stat(stats, "q99", what)
+    return (x + 1.0) * (high - low) / 2.0 + low
+
+
+def normalization(stats: dict[str, Any], what: str) -> str:
+    mode = stats.get("normalization", "BOUNDS_Q99")
+    if mode not in NORMALIZATIONS:
+        raise InputError(f"{what} statistics name normalization {mode!r}; supported: {list(NORMALIZATIONS)}")
+    return mode
+
+
+def _stat(stats: dict[str, Any], key: str, what: str) -> np.ndarray:
+    if key not in stats:
+        raise InputError(f"{what} statistics lack {key!r}, which their {stats.get('normalization')} normalisation needs")
+    return np.asarray(stats[key], dtype=np.float64)

@@ -13,10 +13,11 @@ the prefix:
   over the prefix cache (its own layers append their K/V to the prefix's, layer by layer) and is cropped back to
   the prefix, exactly as `sample_actions` does. The expert never sees the engine.
 
-Normalisation (a documented choice, the one vlacache's other families and its demonstrations use): a checkpoint
-with a `dataset_statistics.json` (what `vlacache train` exports) normalises the state and un-normalises the
-actions with BOUNDS_Q99 (q01 / q99 per dimension to [-1, 1]); π0.5's own quantile normalisation is the same map.
-Without statistics (the random-weight presets) states go in and actions come out as they are.
+Normalisation: a checkpoint with a `dataset_statistics.json` (what `vlacache train` exports) normalises the
+state and un-normalises the actions with BOUNDS_Q99 (q01 / q99 per dimension to [-1, 1], clipped: the map
+vlacache's other families and its demonstrations use); a LeRobot policy folder with its own normalizer files
+and modes (π0: MEAN_STD, π0.5: QUANTILES, LeRobot's formulas; `lerobot.py`). Without statistics (the
+random-weight presets) states go in and actions come out as they are.
 
 Noise: "episode" draws each query's initial noise from a CPU generator seeded with `seed` at episode start (as
 LeRobot's policies draw fresh noise per call); "fixed" re-seeds at every query.
@@ -38,14 +39,14 @@ from transformers import DynamicCache
 
 from vlacache.backbone import Backbone, LoadConfig, PrefillOutput, ActionOutput, PreparedInputs, validate_observation
 from vlacache.backbones.common.prismatic import cache_keyword
-from vlacache.backbones.common.statistics import (STATS_FILE, load_norm_stats, normalize_q99, resolve_unnorm_key,
-                                                  unnormalize)
+from vlacache.backbones.common.statistics import STATS_FILE, denormalize, load_norm_stats, normalize, resolve_unnorm_key
 from vlacache.flops import DecoderDims, layer_flops
 from vlacache.registry import register_backbone
 from vlacache.types import InputError, Observation, Span, TokenLayout, VisionSpan
 
 NOISE_MODES = ("episode", "fixed")
 UNNORMALIZED_FIELD = "vlacache_unnormalized"  # config.json: true when the model works on raw states and actions
+CAMERAS_FIELD = "vlacache_cameras"  # config.json: the cameras the model was trained with, in order
 STATE_BINS = 256
 
 
@@ -177,7 +178,7 @@ class PI0FamilyBackbone(Backbone):
             raise InputError("proprio contains NaN or inf")
         stats = self.statistics
         if stats is not None and "proprio" in stats:
-            state = normalize_q99(state, stats["proprio"])
+            state = normalize(state, stats["proprio"], "proprio")
         return state.astype(np.float32)
 
     @property
@@ -203,7 +204,9 @@ class PI0FamilyBackbone(Backbone):
         normalized = self.denoise(cache, inputs, prefill.extra["prefix_length"], self.initial_noise(inputs.batch_size))
         actions = normalized[..., : self.action_dim].float().cpu().numpy()
         stats = self.statistics
-        return ActionOutput(actions=actions if stats is None else unnormalize(actions, stats).astype(np.float32))
+        if stats is not None:
+            actions = denormalize(actions, stats["action"], "action").astype(np.float32)
+        return ActionOutput(actions=actions)
 
     # -- training (`vlacache train`) ------------------------------------------------------------------------
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -211,7 +214,7 @@ class PI0FamilyBackbone(Backbone):
 
     def bc_loss(self, obs: Observation, actions: np.ndarray) -> torch.Tensor:
         """The model's own flow-matching loss (MSE of the predicted velocity, random time and noise) on the
-        demonstrated chunk, normalised with the statistics `vlacache train` set (BOUNDS_Q99), zero-padded to
+        demonstrated chunk, normalised with the statistics `vlacache train` set (BOUNDS_Q99, clipped), zero-padded to
         max_action_dim."""
         if self.statistics is None:
             raise InputError("training needs action statistics: `vlacache train` sets them from the demonstrations")
@@ -219,7 +222,7 @@ class PI0FamilyBackbone(Backbone):
         m = inputs.model_inputs
         chunk, config = self.action_chunk, self.model.config
         target = np.zeros((inputs.batch_size, chunk, config.max_action_dim), dtype=np.float32)
-        target[..., : self.action_dim] = normalize_q99(actions[:, :chunk, : self.action_dim], self.statistics["action"], "action")
+        target[..., : self.action_dim] = normalize(actions[:, :chunk, : self.action_dim], self.statistics["action"], "action")
         extra = {} if self.state_in_prompt else {"state": m["state"]}
         out = self.model(input_ids=m["input_ids"], pixel_values=m["pixel_values"],
                          pixel_attention_mask=m["pixel_attention_mask"], attention_mask=m["attention_mask"],
@@ -287,11 +290,15 @@ class PI0FamilyBackbone(Backbone):
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32, attn_implementation: str = "sdpa",
                         **options) -> "PI0FamilyBackbone":
-        """A transformers-format checkpoint folder (config.json of model_type pi0 / pi05, safetensors, tokenizer)."""
+        """A transformers-format checkpoint folder (config.json of model_type pi0 / pi05, safetensors, tokenizer),
+        or a LeRobot policy folder (config.json with `type` pi0 / pi05, its normalizer files, plus the PaliGemma
+        tokenizer files: `lerobot.py`)."""
         import transformers
         from vlacache.backbones.common.tokenizer import load_tokenizer
         from vlacache.errors import CheckpointError
         from vlacache.manifest import verify_manifest
+
+        from . import lerobot
 
         path = Path(path)
         config_file = path / "config.json"
@@ -300,19 +307,35 @@ class PI0FamilyBackbone(Backbone):
                                   "config.json, model.safetensors and the tokenizer")
         verify_manifest(path)  # a SHA256SUMS (shipped and trained policies have one): every listed file checked
         fields = json.loads(config_file.read_text())
-        model_type = fields.get("model_type")
-        if model_type != cls.registry_name:
-            family = {"pi0": "pi0", "pi05": "pi05"}.get(model_type, "another backbone")
-            raise CheckpointError(f"{path} is a '{model_type}' checkpoint, not '{cls.registry_name}'; load it with "
-                                  f"backbone name '{family}'")
-        model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype,
-                                                                      attn_implementation=attn_implementation)
-        if (path / STATS_FILE).is_file():
-            options["norm_stats"] = load_norm_stats(path, None)
-        elif fields.get(UNNORMALIZED_FIELD) is not True:
-            raise CheckpointError(f"{path} has no {STATS_FILE}: π0 predicts normalised states and actions, so without "
-                                  "the statistics it was trained with its actions would reach the robot unscaled; put "
-                                  f"them there ({{dataset: {{action: {{q01, q99, mask}}, proprio: ...}}}})")
+        config, trained_cameras = None, fields.get(CAMERAS_FIELD)
+        if lerobot.is_lerobot(fields):
+            config = lerobot.transformers_config(cls.registry_name, fields, path)
+            trained_cameras = lerobot.cameras(fields) or None
+            norm_stats = lerobot.statistics(path, fields)
+            options.setdefault("action_dim", lerobot.action_dim(fields) or 7)
+            missing = ("its processor pipelines (policy_preprocessor.json / policy_postprocessor.json) name no "
+                       "normalizer statistics: a base checkpoint, trained on no one robot's ranges")
+        else:
+            model_type = fields.get("model_type")
+            if model_type != cls.registry_name:
+                family = {"pi0": "pi0", "pi05": "pi05"}.get(model_type, "another backbone")
+                raise CheckpointError(f"{path} is a '{model_type}' checkpoint, not '{cls.registry_name}'; load it with "
+                                      f"backbone name '{family}'")
+            norm_stats = load_norm_stats(path, None) if (path / STATS_FILE).is_file() else None
+            missing = f"it has no {STATS_FILE} ({{dataset: {{action: {{q01, q99, mask}}, proprio: ...}}}})"
+        if norm_stats is None and fields.get(UNNORMALIZED_FIELD) is not True:
+            raise CheckpointError(f"{path}: {missing}. π0 predicts normalised states and actions, so without the "
+                                  "statistics it was trained with its actions would reach the robot unscaled; put "
+                                  "the statistics of its fine-tuning data into the folder")
+        wanted = tuple(options.get("cameras", cls.cameras))
+        if trained_cameras is not None and len(trained_cameras) != len(wanted):
+            raise CheckpointError(f"{path} was trained with {len(trained_cameras)} camera(s) ({', '.join(trained_cameras)}); "
+                                  f"this backbone feeds {len(wanted)} ({', '.join(wanted)}), and π0 has no slot for "
+                                  "the difference; use a checkpoint trained with these cameras")
+        model = getattr(transformers, cls.model_class).from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, **({} if config is None else {"config": config}))
+        if norm_stats is not None:
+            options["norm_stats"] = norm_stats
         with torch.no_grad():  # own, aligned memory: tensors read from a file can sit at offsets that send the
             for tensor in [*model.parameters(), *model.buffers()]:  # CPU kernels down other (rounding) paths
                 tensor.data = tensor.data.clone()
@@ -323,6 +346,7 @@ class PI0FamilyBackbone(Backbone):
         statistics (dataset_statistics.json), loadable by `from_pretrained`."""
         # a backbone without statistics (a random preset) says so, so that loading it back is not refused
         setattr(self.model.config, UNNORMALIZED_FIELD, not self.config.norm_stats)
+        setattr(self.model.config, CAMERAS_FIELD, list(self.cameras))
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         if self.config.norm_stats:
@@ -367,7 +391,7 @@ def resize_with_pad(images: torch.Tensor, size: int) -> torch.Tensor:
     out = torch.zeros(images.shape[0], size, size, 3, dtype=torch.uint8)
     for row, image in enumerate(images):
         resized = Image.fromarray(image.numpy()).resize((new_width, new_height), Image.BILINEAR)
-        out[row, top:top + new_height, left:left + new_width] = torch.from_numpy(np.asarray(resized))
+        out[row, top:top + new_height, left:left + new_width] = torch.from_numpy(np.array(resized))
     return out
 
 

@@ -13,14 +13,17 @@ PRESETS = {
     "tiny": (64, 4, 4, 32, 32, 2, 56, 14, 10),  # tests: 16 tokens per camera
     "micro": (128, 4, 4, 64, 64, 2, 128, 16, 8),  # trainable on a CPU: 128 px cameras, 64 tokens each, ~1M parameters
 }
+RELEASED = "3b"  # the released π0 / π0.5 shape (transformers' default config): Gemma 2B + SigLIP so400m + 300M expert
 
 
 def preset_config(cls, name: str, vocab: int):
     """The transformers config of preset `name` for `cls` (PI0Backbone / PI05Backbone)."""
     import transformers
 
+    if name == RELEASED:
+        return getattr(transformers, "PI05Config" if cls.state_in_prompt else "PI0Config")()
     if name not in PRESETS:
-        raise InputError(f"unknown {cls.registry_name} preset '{name}'; presets: {', '.join(PRESETS)}")
+        raise InputError(f"unknown {cls.registry_name} preset '{name}'; presets: {', '.join([*PRESETS, RELEASED])}")
     hidden, layers, heads, expert, vision, vision_layers, image, patch, chunk = PRESETS[name]
     head_dim = hidden // heads
     config_class = getattr(transformers, "PI05Config" if cls.state_in_prompt else "PI0Config")
@@ -42,15 +45,21 @@ def preset_config(cls, name: str, vocab: int):
 
 
 def build_preset(cls, name: str, seed: int = 0, device="cpu", dtype=torch.float32, attn_implementation="sdpa", **options):
-    """A random-weight backbone of class `cls` and preset `name`, deterministic for a given seed. π0.5's adaptive
-    norms start at zero (the expert would ignore time and prefix), so they are drawn at random too."""
+    """A random-weight backbone of class `cls` and preset `name`, deterministic for a given seed, built in `dtype`
+    (the '3b' preset: 3.3B parameters, 6.6 GB in bfloat16). π0.5's adaptive norms start at zero (the expert would
+    ignore time and prefix), so they are drawn at random too."""
     import transformers
 
     tokenizer = load_tokenizer(tiny_tokenizer_dir())
     config = preset_config(cls, name, len(tokenizer))
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = getattr(transformers, cls.model_class)(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialised in place at its size: the 3B preset never exists in float32
+    try:
+        model = getattr(transformers, cls.model_class)(config)
+    finally:
+        torch.set_default_dtype(previous)
     if cls.state_in_prompt:
         with torch.no_grad():
             for module_name, module in model.named_modules():
