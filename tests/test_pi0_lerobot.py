@@ -145,6 +145,9 @@ def test_lerobot_folders_that_cannot_run_are_refused_with_the_reason(shrunk, tmp
     with pytest.raises(CheckpointError, match="trained with 3 camera"):
         PI0Backbone.from_pretrained(three)
     fields = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**fields, "use_relative_actions": True}))
+    with pytest.raises(CheckpointError, match="relative to the state"):
+        PI0Backbone.from_pretrained(folder)
     (folder / "config.json").write_text(json.dumps({**fields, "paligemma_variant": "gemma_300m"}))
     with pytest.raises(CheckpointError, match="released shape"):
         PI0Backbone.from_pretrained(folder)

@@ -53,6 +53,10 @@ def transformers_config(family: str, fields: dict, path: Path):
         if fields.get(key, expected) != expected:
             raise CheckpointError(f"{path}: {key} is {fields[key]!r}; vlacache reads LeRobot's {family} in its released "
                                   f"shape only ({key} {expected!r})")
+    if fields.get("use_relative_actions"):
+        raise CheckpointError(f"{path} predicts actions relative to the state (use_relative_actions: true), which "
+                              "vlacache does not add back; its actions would be offsets. Use a checkpoint trained on "
+                              "absolute actions")
     config = released_config(family)
     for key in ("chunk_size", "max_action_dim", "num_inference_steps", *(("max_state_dim",) if family == "pi0" else ())):
         if key in fields:
