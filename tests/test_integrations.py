@@ -574,3 +574,46 @@ def resolve_backbone_device(config):
     from vlacache.experiment import resolve_backbone_spec
 
     return dict(resolve_backbone_spec(config.backbone))["device"]
+
+
+OPENPI_PI0_CLIENT = r"""
+import json, sys
+import numpy as np
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+client = WebsocketClientPolicy("127.0.0.1", int(sys.argv[1]))
+rng = np.random.default_rng(0)
+agent = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
+wrist = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
+out = []
+for _ in range(2):
+    reply = client.infer({"observation/image": agent, "observation/wrist_image": wrist, "prompt": "pick up the bowl",
+                          "observation/state": np.linspace(-0.5, 0.5, 8).astype(np.float32)})
+    out.append({"shape": list(reply["actions"].shape), "reuse": reply["vlacache"]["reuse_ratio"],
+                "first": reply["actions"][0].tolist()})
+print(json.dumps(out))
+"""
+
+
+def test_pi0_is_served_over_the_openpi_protocol_to_the_real_client(tmp_path):
+    """π0 (its tiny preset) behind `vlacache serve --protocol openpi`, the protocol of its own stack, with the
+    model's actions as they are (`benchmark=raw`): a whole chunk per query, static reuse from the second query."""
+    assert OPENPI_PYTHON.exists(), "the openpi client venv is missing: run bash scripts/setup_openpi_client.sh (setup.sh does)"
+    port = free_port()
+    process = subprocess.Popen([str(BIN / "vlacache"), "serve", "micro_oft_libero", "--protocol", "openpi",
+                                "--port", str(port), "backbone={name: pi0, preset: tiny, noise: fixed}",
+                                "policy=static_reuse", "benchmark=raw", "execute_chunk=null", "trained_image_size=null"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    script = tmp_path / "client.py"
+    script.write_text(OPENPI_PI0_CLIENT)
+    try:
+        wait_listening(port, process)
+        run = subprocess.run([str(OPENPI_PYTHON), str(script), str(port)], capture_output=True, text=True, timeout=300)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert run.returncode == 0, run.stderr
+    steps = json.loads(run.stdout)
+    assert [s["shape"] for s in steps] == [[10, 7], [10, 7]]  # the tiny preset's chunk of 10
+    assert steps[0]["reuse"] == 0 and steps[1]["reuse"] > 0
+    assert np.allclose(steps[0]["first"], steps[1]["first"], atol=1e-4)  # same frame, fixed noise: same actions
