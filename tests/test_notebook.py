@@ -73,3 +73,8 @@ def test_notebook_runs_and_shows_results(executed):
     ratios = [float(r) for r in re.findall(r"^step \d: reuse ratio ([\d.]+)", text, re.M)]
     assert len(ratios) == 3, text
     assert ratios[0] == 0.0 and 0.0 < ratios[1] <= 0.5 and 0.0 < ratios[2] <= 0.5
+
+    # π0 ran an episode with the cache: the flow-matching chunk came back, the first step was full.
+    match = re.search(r"^pi0 \(tiny\), vla_cache: chunk (\d+) \| reuse ratio per step: ([\d. ]+)$", text, re.M)
+    assert match, text
+    assert int(match.group(1)) == 10 and float(match.group(2).split()[0]) == 0.0
