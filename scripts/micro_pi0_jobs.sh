@@ -9,21 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
 
-train() {
-  local name="micro_$1_libero_spatial"
-  if [ ! -f "vlacache/data/policies/$name/config.json" ]; then
-    vlacache demos libero_spatial workers=2    # resumes; returns at once when all 500 episodes are recorded
-    vlacache train "$name" threads=2           # resumes from runs/train/$name/checkpoints/last.ckpt
-    mkdir -p "results/train/$name"
-    cp "runs/train/$name"/{loss_curves.csv,loss_curves.png,train_config.json} "results/train/$name/"
-    cp -r "runs/train/$name/policy" "vlacache/data/policies/$name"
-  fi
-}
-
 case "$what" in
-  pi0) train pi0 ;;
-  pi05) train pi05 ;;
+  pi0) bash scripts/train_and_ship.sh micro_pi0_libero_spatial ;;
+  pi05) bash scripts/train_and_ship.sh micro_pi05_libero_spatial ;;
   rows) vlacache run micro_pi0_libero_spatial ;;
-  all) train pi0; train pi05; vlacache run micro_pi0_libero_spatial ;;
+  all) bash scripts/train_and_ship.sh micro_pi0_libero_spatial; bash scripts/train_and_ship.sh micro_pi05_libero_spatial
+       vlacache run micro_pi0_libero_spatial ;;
   *) echo "usage: $0 [pi0|pi05|rows]" >&2; exit 2 ;;
 esac

@@ -17,14 +17,8 @@ cadence() {
 # Train the micro-deep<depth> policy from scratch with the shipped recipe and ship it in the package (bf16, the
 # released layout, loaded by name), its loss curves and settings under results/train/.
 deep() {
-  local depth="$1" name="micro_oft_libero_spatial_deep$1"
-  if [ ! -f "vlacache/data/policies/$name/config.json" ]; then
-    vlacache demos libero_spatial workers=2    # resumes; returns at once when all 500 episodes are recorded
-    vlacache train "$name" threads=2           # resumes from runs/train/$name/checkpoints/last.ckpt
-    mkdir -p "results/train/$name"
-    cp "runs/train/$name"/{loss_curves.csv,loss_curves.png,train_config.json} "results/train/$name/"
-    cp -r "runs/train/$name/policy" "vlacache/data/policies/$name"
-  fi
+  local name="micro_oft_libero_spatial_deep$1"
+  bash scripts/train_and_ship.sh "$name"
   if [ -f "configs/experiment/$name.yaml" ]; then
     vlacache run "$name"
     python scripts/static_feature_drift.py --backbone "$name" --out "results/bench/${name}_static_drift.json"

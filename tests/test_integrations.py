@@ -439,17 +439,16 @@ print(json.dumps(out))
 """
 
 
-def test_openpi_protocol_with_the_real_client(tmp_path):
-    """`vlacache serve --protocol openpi` answered by the real openpi-client (its own venv: numpy<2): metadata,
-    action chunks, a new episode on `new_episode` or a new prompt, and errors as the protocol's text frame."""
+def openpi_client_run(tmp_path, overrides: list[str], client: str) -> dict:
+    """`vlacache serve micro_oft_libero --protocol openpi OVERRIDES` answering the real openpi-client (its own
+    venv: numpy<2) running the script `client`; returns what the script printed (JSON)."""
     assert OPENPI_PYTHON.exists(), "the openpi client venv is missing: run bash scripts/setup_openpi_client.sh (setup.sh does)"
     port = free_port()
-    log = tmp_path / "queries.jsonl"
     process = subprocess.Popen([str(BIN / "vlacache"), "serve", "micro_oft_libero", "--protocol", "openpi",
-                                "--port", str(port), "policy=static_reuse", f"log={log}"],
+                                "--port", str(port), *overrides],
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     script = tmp_path / "client.py"
-    script.write_text(OPENPI_CLIENT)
+    script.write_text(client)
     try:
         wait_listening(port, process)
         run = subprocess.run([str(OPENPI_PYTHON), str(script), str(port)], capture_output=True, text=True, timeout=300)
@@ -457,7 +456,14 @@ def test_openpi_protocol_with_the_real_client(tmp_path):
         process.terminate()
         process.wait(timeout=30)
     assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout)
+    return json.loads(run.stdout)
+
+
+def test_openpi_protocol_with_the_real_client(tmp_path):
+    """`vlacache serve --protocol openpi` answered by the real openpi-client: metadata, action chunks, a new
+    episode on `new_episode` or a new prompt, and errors as the protocol's text frame."""
+    log = tmp_path / "queries.jsonl"
+    out = openpi_client_run(tmp_path, ["policy=static_reuse", f"log={log}"], OPENPI_CLIENT)
     assert out["metadata"]["server"] == "vlacache" and out["metadata"]["action_chunk"] == 8
     steps = out["steps"]
     assert all(s["shape"] == [8, 7] and s["dtype"] == "float32" for s in steps)
@@ -598,22 +604,9 @@ print(json.dumps(out))
 def test_pi0_is_served_over_the_openpi_protocol_to_the_real_client(tmp_path):
     """π0 (its tiny preset) behind `vlacache serve --protocol openpi`, the protocol of its own stack, with the
     model's actions as they are (`benchmark=raw`): a whole chunk per query, static reuse from the second query."""
-    assert OPENPI_PYTHON.exists(), "the openpi client venv is missing: run bash scripts/setup_openpi_client.sh (setup.sh does)"
-    port = free_port()
-    process = subprocess.Popen([str(BIN / "vlacache"), "serve", "micro_oft_libero", "--protocol", "openpi",
-                                "--port", str(port), "backbone={name: pi0, preset: tiny, noise: fixed}",
-                                "policy=static_reuse", "benchmark=raw", "execute_chunk=null", "trained_image_size=null"],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    script = tmp_path / "client.py"
-    script.write_text(OPENPI_PI0_CLIENT)
-    try:
-        wait_listening(port, process)
-        run = subprocess.run([str(OPENPI_PYTHON), str(script), str(port)], capture_output=True, text=True, timeout=300)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-    assert run.returncode == 0, run.stderr
-    steps = json.loads(run.stdout)
+    steps = openpi_client_run(tmp_path, ["backbone={name: pi0, preset: tiny, noise: fixed}", "policy=static_reuse",
+                                         "benchmark=raw", "execute_chunk=null", "trained_image_size=null"],
+                              OPENPI_PI0_CLIENT)
     assert [s["shape"] for s in steps] == [[10, 7], [10, 7]]  # the tiny preset's chunk of 10
     assert steps[0]["reuse"] == 0 and steps[1]["reuse"] > 0
     assert np.allclose(steps[0]["first"], steps[1]["first"], atol=1e-4)  # same frame, fixed noise: same actions
