@@ -186,3 +186,15 @@ def test_frames_are_resized_keeping_their_aspect_on_black_as_openpi_sends_them()
     assert tuple(query["wrist"][0].shape) == (56, 56, 3)  # a square frame is scaled, not padded
     square = np.asarray(Image.fromarray(wide[:, :40].copy()).resize((56, 56), Image.BILINEAR))
     assert np.array_equal(query["wrist"][0].numpy(), square)
+
+
+def test_bench_rows_see_the_same_fresh_noise_at_every_query():
+    """noise 'episode' draws anew at every query; a bench's cached and uncached rows replay the same draws, so a
+    row that reuses nothing (static reuse's first step, and no cache against itself) differs by nothing."""
+    from vlacache.eval.bench import BenchConfig, run_bench
+
+    config = BenchConfig(backbone={"name": "pi0", "preset": "tiny", "noise": "episode"}, env={"name": "replay"},
+                         policy=["no_cache", "static_reuse"], max_steps=3, warmup=0, repeats=1)
+    none, static = run_bench(config, progress=False)["rows"]
+    assert max(none["summary"]["action_abs_diff"]["max"]) == 0.0  # three queries, three different draws, same actions
+    assert static["steps"][0]["action_max_abs_diff"] == 0.0 and static["steps"][1]["reuse_ratio"] > 0
