@@ -43,6 +43,17 @@ BRIDGE_TASKS = (
     "PutEggplantInBasketScene-v1",
 )
 
+# Instructions for ManiSkill tabletop tasks, which define none (`get_language_instruction`); the config's
+# `instruction` overrides them.
+TABLETOP_INSTRUCTIONS = {
+    "PushCube-v1": "push the cube onto the red and white target",
+    "PullCube-v1": "pull the cube onto the red and white target",
+    "StackCube-v1": "stack the red cube on the green cube",
+    "PlaceSphere-v1": "place the sphere in the bin",
+    "PickCube-v1": "pick up the cube and move it to the goal",
+    "LiftPegUpright-v1": "lift the peg upright",
+}
+
 # ManiSkill 3.0.1 data sources the Bridge tasks load (mani_skill/utils/assets/data.py), relative to ASSET_DIR.
 BRIDGE_DATA = "tasks/bridge_v2_real2sim_dataset"
 WIDOWX_DIR = "robots/widowx"
@@ -204,6 +215,7 @@ class SimplerEnv(Env):
         num_episodes: int = 24  # per task; Bridge carrot/spoon/stack have 24 layouts (eggplant 64; ids wrap)
         seed: int = 0  # episode i: seed = episode_id = seed + i (SimplerEnv maniskill3 protocol)
         camera: str = "3rd_view_camera"  # mapped to 'primary'; PickCube-v1: base_camera
+        wrist_camera: str | None = None  # mapped to 'wrist' (e.g. hand_camera of robot panda_wristcam); None: none
         obs_mode: str = "rgb+segmentation"  # the only mode the Bridge tasks support; other tasks: "rgb"
         # None: the task's default (Bridge: arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos)
         control_mode: str | None = None
@@ -212,8 +224,11 @@ class SimplerEnv(Env):
         gripper: str = "binarize"  # model g in [0,1], 1 = open -> 2*(g>0.5)-1; "linear": 2g-1; "none": as is
         max_steps: int | None = None  # None: ManiSkill's max_episode_steps for the task
         stop_on_success: bool = False  # SIMPLER runs every episode to the step limit
-        instruction: str | None = None  # used when the task has no get_language_instruction (e.g. PickCube-v1)
+        instruction: str | None = None  # for a task without get_language_instruction; None: TABLETOP_INSTRUCTIONS
         proprio: bool = True  # agent qpos as Observation.proprio
+        resolution: int | None = None  # every sensor camera rendered at this square size; None: the task's own
+        seeds: list | None = None  # explicit episode seeds (one episode per task and seed); None: seed + i
+        robot_uids: str | None = None  # None: the task's default robot (StackCube-v1: panda_wristcam; "panda": no hand camera)
 
     def __init__(self, config: "SimplerEnv.Config | None" = None) -> None:
         self.config = config or self.Config()
@@ -254,7 +269,11 @@ class SimplerEnv(Env):
 
     def episodes(self) -> list[EpisodeSpec]:
         c = self.config
-        return [EpisodeSpec(task=t, init_state=c.seed + i, seed=c.seed + i) for t in c.task_ids for i in range(c.num_episodes)]
+        seeds = c.seeds if c.seeds is not None else [c.seed + i for i in range(c.num_episodes)]
+        return [EpisodeSpec(task=t, init_state=int(s), seed=int(s)) for t in c.task_ids for s in seeds]
+
+    def task_index(self, task: str) -> int:
+        return self.config.task_ids.index(task)
 
     def _make(self, task: str):
         if self._env is not None and self._task == task:
@@ -263,10 +282,14 @@ class SimplerEnv(Env):
         import gymnasium as gym
 
         check_assets([task])
-        kwargs: dict[str, Any] = dict(obs_mode=self.config.obs_mode, num_envs=1,
-                                      sensor_configs=dict(shader_pack=self.config.shader_pack))
+        sensors: dict[str, Any] = dict(shader_pack=self.config.shader_pack)
+        if self.config.resolution:
+            sensors.update(width=self.config.resolution, height=self.config.resolution)
+        kwargs: dict[str, Any] = dict(obs_mode=self.config.obs_mode, num_envs=1, sensor_configs=sensors)
         if self.config.control_mode:
             kwargs["control_mode"] = self.config.control_mode
+        if self.config.robot_uids:
+            kwargs["robot_uids"] = self.config.robot_uids
         try:
             with _no_download_prompt(task):
                 env = gym.make(task, **kwargs)
@@ -280,9 +303,10 @@ class SimplerEnv(Env):
             ) from error
         self._env, self._task = env, task
         cameras = list(env.unwrapped._sensors.keys()) if hasattr(env.unwrapped, "_sensors") else []
-        if self.config.camera not in cameras:
-            self.close()
-            raise InputError(f"task {task} has no camera '{self.config.camera}'; its cameras: {', '.join(cameras) or '(none)'}")
+        for camera in (self.config.camera, self.config.wrist_camera):
+            if camera is not None and camera not in cameras:
+                self.close()
+                raise InputError(f"task {task} has no camera '{camera}'; its cameras: {', '.join(cameras) or '(none)'}")
         shape = env.unwrapped.single_action_space.shape
         if shape != (7,):
             self.close()
@@ -297,11 +321,13 @@ class SimplerEnv(Env):
         except KeyError as error:
             raise InputError(f"observation has no rgb for camera '{self.config.camera}' (obs_mode={self.config.obs_mode!r}); "
                              "use an obs_mode with rgb") from error
-        image = np.ascontiguousarray(_to_numpy(rgb)[0][..., :3]).astype(np.uint8, copy=False)
+        images = {"primary": _rgb(rgb)}
+        if self.config.wrist_camera is not None:
+            images["wrist"] = _rgb(obs["sensor_data"][self.config.wrist_camera]["rgb"])
         proprio = None
         if self.config.proprio and "agent" in obs and "qpos" in obs["agent"]:
             proprio = _to_numpy(obs["agent"]["qpos"])[0].astype(np.float32)
-        return Observation(images={"primary": image}, instruction=self._instruction, proprio=proprio)
+        return Observation(images=images, instruction=self._instruction, proprio=proprio)
 
     def reset(self, episode: EpisodeSpec | None = None) -> Observation:
         episode = episode or self.episodes()[0]
@@ -317,8 +343,8 @@ class SimplerEnv(Env):
         if getter is not None:
             text = getter()
             self._instruction = str(text[0] if isinstance(text, (list, tuple)) else text)
-        elif self.config.instruction:
-            self._instruction = self.config.instruction
+        elif self.config.instruction or episode.task in TABLETOP_INSTRUCTIONS:
+            self._instruction = self.config.instruction or TABLETOP_INSTRUCTIONS[episode.task]
         else:
             raise InputError(f"task {episode.task} has no get_language_instruction(); set the env config's 'instruction'")
         self.t = 0
@@ -367,6 +393,11 @@ def to_simpler_action(action: Any, rotation: str = "euler_to_axangle", gripper: 
     elif gripper == "linear":
         out[6] = 2.0 * a[6] - 1.0
     return out.astype(np.float32)
+
+
+def _rgb(rgb: Any) -> np.ndarray:
+    """One camera's first env's image, uint8 [H, W, 3]."""
+    return np.ascontiguousarray(_to_numpy(rgb)[0][..., :3]).astype(np.uint8, copy=False)
 
 
 def _to_numpy(value: Any) -> np.ndarray:

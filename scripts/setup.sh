@@ -20,3 +20,4 @@ fi
 PYTHON="$PYTHON" bash scripts/setup_simpler.sh
 bash scripts/setup_libero.sh egl
 PYTHON="$PYTHON" bash scripts/setup_openpi_client.sh
+PYTHON="$PYTHON" bash scripts/setup_maniskill.sh

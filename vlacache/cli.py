@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -122,11 +123,29 @@ def _record(args) -> int:
     return 0
 
 
+def _in_maniskill_venv(args) -> None:
+    """ManiSkill's motion planner (mplib 0.1.1) crashes under numpy 2: run this command again in the venv that
+    pins numpy 1.26 (scripts/setup_maniskill.sh), when this Python has numpy 2."""
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) < 2 or os.environ.get("VLACACHE_MANISKILL_VENV"):
+        return
+    python = Path(__file__).resolve().parents[1] / ".venvs" / "maniskill" / "bin" / "python"
+    if not python.exists():
+        return  # the recorder names the fix (bash scripts/setup_maniskill.sh)
+    os.environ["VLACACHE_MANISKILL_VENV"] = "1"
+    sys.stdout.flush()
+    argv = ["demos", args.config, *args.overrides, *(["--quiet"] if args.quiet else [])]
+    os.execv(str(python), [str(python), "-m", "vlacache.cli", *argv])
+
+
 def _demos(args) -> int:
     from .experiment import load_config
     from .train.demos import DemosConfig, record_demos
 
     config = load_config(DemosConfig, args.config, "demos", args.overrides)
+    if config.planned:
+        _in_maniskill_venv(args)
     summary = record_demos(config, progress=not args.quiet)
     print(f"expert success {summary['succeeded']}/{summary['attempted']} episodes; per task:")
     for task, row in summary["per_task"].items():
@@ -218,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episode", type=int, default=0, help="index into the env's episode list")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_record)
-    p = sub.add_parser("demos", help="record scripted-expert LIBERO demonstrations (resumable, parallel)")
+    p = sub.add_parser("demos", help="record scripted-expert demonstrations: LIBERO, or ManiSkill by its motion "
+                                     "planner (resumable, parallel)")
     p.add_argument("config", help="demos YAML path or shipped name (configs/demos/), e.g. libero_spatial")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. episodes_per_task=10 workers=2")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -259,8 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except BrokenPipeError:  # output piped into `head` and the like
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:

@@ -1,4 +1,6 @@
-"""Scripted-expert demonstrations for LIBERO, recorded as a policy sees them (`record_demos`, `load_demos`).
+"""Scripted-expert demonstrations for LIBERO and ManiSkill, recorded as a policy sees them (`record_demos`,
+`load_demos`). ManiSkill tasks (env name: simpler, the SIMPLER adapter) are solved by ManiSkill's motion planner
+(`vlacache.train.planner`); everything below about LIBERO's expert, noise and placements is LIBERO's.
 
 The expert (vlacache.train.expert) drives the same `LiberoEnv` adapter the evaluation uses, so every stored
 observation is exactly a policy's input: the flipped agent view and the wrist camera at `resolution`, the 8-d
@@ -9,7 +11,8 @@ convention: 6 arm values in [-1, 1], gripper 1 = open / 0 = close); with noise o
 Output folder:
   <suite>_task<k>_seed<s>.npz   one per SUCCESSFUL episode, a replay recording (envs/replay.py) plus the
                                  actions: image__primary / image__wrist [T, H, W, 3] uint8, proprio [T, 8]
-                                 float32, instruction, actions [T, 7] float32, task, seed
+                                 float32, instruction, actions [T, 7] float32, task, seed (ManiSkill:
+                                 <task>_seed<s>.npz, the adapter's cameras, proprio = the 9 joint positions)
   index.jsonl                    one line per attempted episode: task, seed, success, steps, file (or null),
                                  wall_s, recoveries (and error, when it raised); appended with fsync
   dataset_statistics.json        OpenVLA / OFT normalisation statistics of the stored episodes
@@ -55,6 +58,8 @@ STATISTICS = "dataset_statistics.json"
 SUMMARY = "summary.json"
 SETTINGS = "settings.json"  # env (seeds and tasks aside), expert and noise: a resume must match them
 ARM_DIMS = 6  # normalised action dims (the gripper is not: mask false)
+# the SIMPLER adapter's settings under which a stored action converts back into exactly the executed one
+PLANNED_ENV = {"control_mode": "pd_ee_delta_pose", "rotation": "none", "gripper": "binarize", "obs_mode": "rgb"}
 
 
 @dataclass
@@ -71,14 +76,26 @@ class DemosConfig:
     output_dir: str = "demos"
     workers: int = 1
 
+    @property
+    def planned(self) -> bool:
+        """ManiSkill tasks through the SIMPLER adapter, solved by the motion planner."""
+        return self.env.get("name") == "simpler"
+
     def env_spec(self) -> dict[str, Any]:
         """The env spec with placement and seeds filled in."""
         spec = dict(self.env)
-        spec.setdefault("placement", "sampled")
-        if spec.get("name") != "libero":
-            raise ConfigError(f"demonstrations are recorded in the LIBERO env (name: libero), got name: {spec.get('name')}")
-        if spec["placement"] != "sampled":
-            raise ConfigError("demonstrations use placement: sampled; the shipped initial states are the evaluation episodes")
+        if spec.get("name") not in ("libero", "simpler"):
+            raise ConfigError("demonstrations are recorded in the LIBERO env (name: libero) or in ManiSkill tasks "
+                              f"through the SIMPLER adapter (name: simpler), got name: {spec.get('name')}")
+        if self.planned:
+            for key, value in PLANNED_ENV.items():
+                if spec.setdefault(key, value) != value:
+                    raise ConfigError(f"motion-planner demonstrations need env.{key}: {value} (the stored actions are "
+                                      f"end-effector deltas in the model's convention), got {spec[key]!r}")
+        else:
+            spec.setdefault("placement", "sampled")
+            if spec["placement"] != "sampled":
+                raise ConfigError("demonstrations use placement: sampled; the shipped initial states are the evaluation episodes")
         if "seeds" not in spec:
             if self.episodes_per_task < 1:
                 raise ConfigError(f"episodes_per_task must be >= 1, got {self.episodes_per_task}")
@@ -87,7 +104,16 @@ class DemosConfig:
 
     def check(self) -> "DemosConfig":
         """Fail early, naming the key, on anything the recording would trip over (nothing is built)."""
-        resolve_component(ENVS, self.env_spec(), "env")
+        spec = self.env_spec()
+        resolve_component(ENVS, spec, "env")
+        if self.planned:
+            from vlacache.train.planner import check_task
+
+            for task in spec.get("task_ids") or []:
+                check_task(task)
+            if self.noise or self.expert:
+                raise ConfigError("the motion planner records its own clean actions: set noise: {} and expert: {} "
+                                  "for ManiSkill demonstrations")
         typed(ExpertConfig, self.expert, "the expert config")
         typed(NoiseConfig, self.noise, "the noise config").check()
         if self.workers < 1:
@@ -101,6 +127,12 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(env_spec: dict[str, Any], expert: dict[str, Any], noise: dict[str, Any]) -> None:
     cls, env_config = resolve_component(ENVS, env_spec, "env")
+    if env_spec.get("name") == "simpler":
+        from vlacache.train.planner import check_planner
+
+        check_planner()
+        _WORKER.update(env=cls(env_config), expert=None)
+        return
     _WORKER.update(env=cls(env_config), expert=PickPlaceExpert(typed(ExpertConfig, expert, "the expert config")),
                    noise=typed(NoiseConfig, noise, "the noise config"))
 
@@ -110,6 +142,15 @@ def _run_episode(episode: EpisodeSpec) -> dict[str, Any]:
     env, expert = _WORKER["env"], _WORKER["expert"]
     start = time.perf_counter()
     record: dict[str, Any] = {"task": episode.task, "seed": int(episode.seed)}
+    if expert is None:  # ManiSkill: the motion planner
+        from vlacache.train.planner import run_planned_episode
+
+        try:
+            record.update(run_planned_episode(env, episode))
+        except Exception as e:  # e.g. "screw plan failed": this episode's outcome, the run goes on
+            record.update(success=False, steps=0, error=f"{type(e).__name__}: {e}")
+        record["wall_s"] = round(time.perf_counter() - start, 2)
+        return record
     try:
         obs = env.reset(episode)
         expert.reset()
@@ -152,7 +193,7 @@ def record_demos(config: DemosConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def _record(out: Path, config: DemosConfig, spec: dict, cls, env_config, progress: bool) -> dict[str, Any]:
-    suite = env_config.suite
+    suite = getattr(env_config, "suite", None) or "maniskill"
     _claim(out, config)
     done = {(r["task"], r["seed"]) for r in read_index(out) if "error" not in r}
     listing = cls(env_config)  # lists the episodes; builds no simulator
@@ -229,10 +270,12 @@ def _write(out: Path, index: ResultStore, suite: str, record: dict[str, Any]) ->
     arrays = record.pop("arrays", None)
     record["file"] = None
     if arrays is not None:
-        task_id = int(record["task"].rpartition("/")[2])
-        name = f"{suite}_task{task_id}_seed{record['seed']}.npz"
+        task = record["task"]
+        name = (f"{suite}_task{int(task.rpartition('/')[2])}" if task.rpartition("/")[2].isdigit() else task)
+        name = f"{name}_seed{record['seed']}.npz"
         partial = out / f".{name}.partial.npz"
-        save_recording(partial, {"primary": arrays["primary"], "wrist": arrays["wrist"]}, arrays["instruction"],
+        cameras = {k: v for k, v in arrays.items() if k not in ("proprio", "actions", "instruction")}
+        save_recording(partial, cameras, arrays["instruction"],
                        arrays["proprio"], actions=np.asarray(arrays["actions"], dtype=np.float32),
                        task=np.array(record["task"]), seed=np.array(record["seed"], dtype=np.int64))
         os.replace(partial, out / name)
@@ -258,6 +301,12 @@ def read_index(folder: str | Path) -> list[dict[str, Any]]:
         except (json.JSONDecodeError, KeyError, TypeError):
             warnings.warn(f"{path}:{number}: not a complete record (a run killed mid-write?), skipped", stacklevel=2)
     return list(latest.values())
+
+
+def task_order(task: str) -> tuple:
+    """LIBERO tasks ('suite/3') by number, named tasks (ManiSkill's 'PushCube-v1') by name after them."""
+    tail = task.rpartition("/")[2]
+    return (0, int(tail), "") if tail.isdigit() else (1, 0, task)
 
 
 # -- statistics and summary ----------------------------------------------------------------------------------
@@ -290,7 +339,7 @@ def summarize(folder: str | Path, suite: str) -> dict[str, Any]:
     """The expert's success per task over every attempted episode in the index (an error counts as a failure)."""
     records = read_index(folder)
     per_task: dict[str, dict[str, Any]] = {}
-    for task in sorted({r["task"] for r in records}, key=lambda t: int(t.rpartition("/")[2])):
+    for task in sorted({r["task"] for r in records}, key=task_order):
         rows = [r for r in records if r["task"] == task]
         wins = [r for r in rows if r["success"]]
         per_task[task] = {
@@ -318,7 +367,7 @@ class DemoSet:
             raise InputError(f"{self.folder} holds no {INDEX}: not a demo folder (`vlacache demos` writes one)")
         self.index = read_index(self.folder)
         self.episodes = sorted((r for r in self.index if r.get("file")),
-                               key=lambda r: (int(r["task"].rpartition("/")[2]), r["seed"]))
+                               key=lambda r: (task_order(r["task"]), r["seed"]))
         stats = self.folder / STATISTICS
         self.statistics = json.loads(stats.read_text()) if stats.exists() else None
 
