@@ -20,13 +20,20 @@ BIN = Path(sys.executable).parent
 MANISKILL_PYTHON = Path(__file__).resolve().parents[1] / ".venvs" / "maniskill" / "bin" / "python"
 
 
-def test_a_planner_episode_is_recorded_as_the_policy_sees_it_and_its_actions_solve_the_task(tmp_path):
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """One PullCube-v1 episode recorded by the `vlacache demos` command."""
     assert MANISKILL_PYTHON.exists(), "the maniskill venv is missing: run bash scripts/setup_maniskill.sh (setup.sh does)"
-    out = tmp_path / "demos"
+    out = tmp_path_factory.mktemp("maniskill") / "demos"
     run = subprocess.run([str(BIN / "vlacache"), "demos", "maniskill_tabletop", "episodes_per_task=1",
                           "env.task_ids=[PullCube-v1]", f"output_dir={out}", "workers=1", "--quiet"],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                         capture_output=True, text=True, timeout=600, cwd=out.parent)
     assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+def test_a_planner_episode_is_recorded_as_the_policy_sees_it_and_its_actions_solve_the_task(recorded):
+    out = recorded
     (line,) = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines()]
     assert line["task"] == "PullCube-v1" and line["seed"] == 100000 and line["success"], line
     demos = load_demos(out)
@@ -69,3 +76,32 @@ def test_planner_demonstrations_refuse_what_they_cannot_record():
         load_config(DemosConfig, "maniskill_tabletop", "demos", ["env.control_mode=pd_joint_pos"]).check()
     with pytest.raises(ConfigError, match="setup_maniskill.sh"):  # this Python has numpy 2
         check_planner()
+
+
+@pytest.mark.parametrize("name", ["micro_cogact_maniskill", "micro_openvla_maniskill"])
+def test_the_maniskill_training_configs_train_and_export_a_loadable_policy(recorded, tmp_path, name):
+    """A few real Lightning steps of each shipped training config on the recorded episode; the export loads in
+    the released layout and predicts from the recorded frame (CogACT: its 16-action chunk, ensembled to one)."""
+    import torch
+
+    from vlacache import CachedVLA, Observation
+    from vlacache.backbones.cogact.backbone import CogACTBackbone
+    from vlacache.backbones.openvla import OpenVLABackbone
+    from vlacache.train.bc import TrainConfig, train
+
+    config = load_config(TrainConfig, name, "train", [f"demos={recorded}", "max_steps=2", "batch_size=8",
+                                                      "warmup_steps=1", "val_fraction=0", f"output_dir={tmp_path}",
+                                                      "threads=1"])
+    policy = train(config, progress=False)
+    assert sum(f.stat().st_size for f in policy.rglob("*") if f.is_file()) < 10e6  # ships under 10 MB
+    cls = CogACTBackbone if name.startswith("micro_cogact") else OpenVLABackbone
+    loaded = cls.from_pretrained(policy, **({"action_ensemble": True} if cls is CogACTBackbone else {}))
+    assert loaded.unnorm_key == "maniskill"
+    if cls is CogACTBackbone:
+        assert loaded.chunk_size == 16
+        initial = cls.from_config(cls.Config(preset="micro", device="cpu"))
+        assert not torch.equal(initial.action_model.net.final_layer.linear.weight,
+                               loaded.action_model.net.final_layer.linear.weight)  # the head trained
+    episode = load_demos(recorded)[0]
+    actions = CachedVLA(loaded, None).predict(Observation({"primary": episode["primary"][0]}, episode["instruction"])).actions
+    assert actions.shape == (1, 1, 7) and np.isfinite(actions).all()

@@ -42,14 +42,15 @@ from vlacache.backbones.common.checkpoint import (
     CheckpointError, ensure_fits, load_state_dict_strict, read_json, verify_manifest,
 )
 from vlacache.backbones.common.prismatic import PrismaticBackbone
-from vlacache.backbones.common.statistics import STATS_FILE, load_norm_stats, resolve_unnorm_key, unnormalize
+from vlacache.backbones.common.statistics import (STATS_FILE, load_norm_stats, normalize_q99, resolve_unnorm_key,
+                                                  unnormalize)
 from vlacache.backbones.common.tokenizer import copy_tokenizer_files, load_tokenizer
 from vlacache.backbones.common.vlm import PrismaticVLM
 from vlacache.flops import attention_flops, linear_flops
 from vlacache.registry import register_backbone
-from vlacache.types import InputError
+from vlacache.types import InputError, Observation
 
-from .action_model import ActionModel, DDIMSampler, sample_actions
+from .action_model import ActionModel, DDIMSampler, cosine_betas, sample_actions
 from .checkpoint import (
     CHECKPOINT_DIR, CONFIG_FILE, LAYOUT_HINT, find_checkpoint, map_to_model, materialize, read_checkpoint,
     to_sections,
@@ -61,6 +62,8 @@ from .model import build_action_model, build_vlm, place
 GRIPPER_DIM = 6
 NOISE_MODES = ("episode", "fixed")
 DIFFUSION_STEPS = 100
+TRAIN_REPEATS = 4  # CogACT's repeated_diffusion_steps: each training sample at 4 diffusion steps
+CONDITION_DROPOUT = 0.1  # CogACT's class_dropout_prob: the condition replaced by `uncondition` in training
 
 
 @register_backbone("cogact")
@@ -102,6 +105,7 @@ class CogACTBackbone(PrismaticBackbone):
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.cfg_scale = float(cfg_scale)
         self.sampler = DDIMSampler(DIFFUSION_STEPS, ddim_steps)
+        self.train_alphas_cumprod = np.cumprod(1.0 - cosine_betas(DIFFUSION_STEPS))
         self.eos_token = tokenizer.eos_token_id
         if self.space_token is None or self.space_token == tokenizer.unk_token_id or self.eos_token is None:
             raise CheckpointError("the tokenizer lacks the '▁' piece or an EOS token; CogACT needs the Llama-2 tokenizer")
@@ -217,6 +221,33 @@ class CogACTBackbone(PrismaticBackbone):
         if self.ensembler is not None:
             actions = self.ensembler.ensemble_action(actions)[:, None].astype(np.float32)
         return ActionOutput(actions=actions)
+
+    # -- training (`vlacache train`) ------------------------------------------------------------------------
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {"model": self.model, "action_model": self.action_model}
+
+    def bc_loss(self, obs: Observation, actions: np.ndarray) -> torch.Tensor:
+        """CogACT's training objective: the cognition feature (the last position's final hidden state, as
+        `prefill` reads it) conditions the DiT, which predicts the noise added to the demonstrated chunk
+        (BOUNDS_Q99-normalised, gripper as is) at a random step of the 100-step cosine schedule; MSE to that
+        noise. As CogACT trains: each sample repeated `TRAIN_REPEATS` times with its own step and noise, and
+        the condition replaced by the learned `uncondition` with probability `CONDITION_DROPOUT` (what
+        classifier-free guidance needs). actions: [B, >= chunk, 7] in the model's convention."""
+        inputs = self.prepare(obs)
+        embeds = self.embed(inputs)
+        positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+        cognition = self.decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state[:, -1]
+        target = normalize_q99(actions[:, : self.chunk_size], self.config.norm_stats[self.unnorm_key]["action"], "action")
+        net = self.action_model.net
+        x0 = torch.from_numpy(target).to(self.device, net.x_embedder.linear.weight.dtype).repeat(TRAIN_REPEATS, 1, 1)
+        z = cognition[:, None].to(x0.dtype).repeat(TRAIN_REPEATS, 1, 1)
+        dropped = torch.rand(z.shape[0], device=z.device) < CONDITION_DROPOUT
+        z = torch.where(dropped[:, None, None], net.z_embedder.uncondition[None].to(z.dtype), z)
+        steps = torch.randint(0, DIFFUSION_STEPS, (x0.shape[0],), device=x0.device)
+        abar = torch.as_tensor(self.train_alphas_cumprod, dtype=x0.dtype, device=x0.device)[steps][:, None, None]
+        noise = torch.randn_like(x0)
+        noisy = abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+        return torch.nn.functional.mse_loss(net(noisy, steps, z), noise)
 
     def initial_noise(self, batch: int) -> torch.Tensor:
         """[B, 16, 7] standard normal noise: the episode generator's next draw ("episode"), or the first draw

@@ -37,6 +37,7 @@ from vlacache.backbones.common.config import checked_llama_config
 VISION_BACKBONES: dict[str, tuple[str, str]] = {
     "dinosiglip-vit-so-224px": ("vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"),
     "vlacache-tiny-dinosiglip-224px": ("vlacache-tiny-dinov2-reg4", "vlacache-tiny-siglip"),
+    "vlacache-micro-dinosiglip-128px": ("vlacache-micro-dinov2-reg4", "vlacache-micro-siglip"),
 }
 
 # Prismatic LLM backbone id -> the LlamaConfig of the HF model it wraps (meta-llama/Llama-2-7b-hf), with the
@@ -55,6 +56,7 @@ ACTION_MODELS: dict[str, dict[str, int]] = {
     "DiT-B": dict(depth=12, hidden_size=768, num_heads=12),
     "DiT-L": dict(depth=24, hidden_size=1024, num_heads=16),
     "vlacache-tiny-DiT": dict(depth=2, hidden_size=32, num_heads=2),
+    "vlacache-micro-DiT": dict(depth=3, hidden_size=128, num_heads=4),  # the micro-policy's head (vlacache train)
 }
 
 KNOWN_BASE_VLMS: dict[str, dict[str, str]] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from vlacache.backbones.common.config import OpenVLAConfig
+from vlacache.backbones.common.vision import get_vit_spec
 from vlacache.backbones.common.vlm import PrismaticVLM, place_model
 
 from .action_model import ActionModel, DiT
@@ -21,7 +22,7 @@ def vlm_config(config: CogACTConfig, vocab_size: int | None = None) -> OpenVLACo
         arch_specifier=config.arch_specifier,
         use_fused_vision_backbone=True,
         timm_model_ids=list(config.timm_model_ids),
-        image_sizes=[224, 224],
+        image_sizes=[get_vit_spec(tower).img_size for tower in config.timm_model_ids],
         text_config=text,
         norm_stats=config.norm_stats,
         llm_backbone_id=config.llm_backbone_id,

@@ -13,7 +13,11 @@ from .config import CogACTConfig
 from .model import build_action_model, build_vlm, place
 
 PRESETS: dict[str, dict] = {
-    "tiny": dict(llm=DECODER_PRESETS["tiny"], action_model_type="vlacache-tiny-DiT"),
+    "tiny": dict(llm=DECODER_PRESETS["tiny"], action_model_type="vlacache-tiny-DiT",
+                 vision="vlacache-tiny-dinosiglip-224px"),
+    # the micro-policy (vlacache train): the OpenVLA micro preset's 128 px towers and 4 x 128 decoder, a 3-block DiT
+    "micro": dict(llm={k: v for k, v in DECODER_PRESETS["micro"].items() if k != "towers"},
+                  action_model_type="vlacache-micro-DiT", vision="vlacache-micro-dinosiglip-128px"),
 }
 
 
@@ -26,7 +30,7 @@ def preset_config(name: str) -> CogACTConfig:
                 rms_norm_eps=1e-5, **preset["llm"])
     stats = libero_action_stats()
     data = {
-        "vision_backbone_id": "vlacache-tiny-dinosiglip-224px",
+        "vision_backbone_id": preset["vision"],
         "llm_backbone_id": f"vlacache-{name}-llama",
         "arch_specifier": "no-align+fused-gelu-mlp",
         "image_resize_strategy": "resize-naive",

@@ -75,8 +75,11 @@ class TrainConfig:
         return self
 
 
+CAMERAS = ("primary", "wrist")  # the cameras a demonstration may hold (ManiSkill's: primary only)
+
+
 class DemoSamples(torch.utils.data.Dataset):
-    """Every (episode, step) of some demonstration episodes as one training sample: both cameras, proprio,
+    """Every (episode, step) of some demonstration episodes as one training sample: its cameras, proprio,
     instruction and the next `chunk` actions (the last action repeated past the episode's end)."""
 
     def __init__(self, episodes: list[dict[str, Any]], chunk: int, shift_pixels: int = 0) -> None:
@@ -91,8 +94,7 @@ class DemoSamples(torch.utils.data.Dataset):
         episode = self.episodes[e]
         steps = np.minimum(np.arange(t, t + self.chunk), len(episode["actions"]) - 1)
         return {
-            "primary": self._shifted(episode["primary"][t]),
-            "wrist": self._shifted(episode["wrist"][t]),
+            "images": {camera: self._shifted(episode[camera][t]) for camera in CAMERAS if camera in episode},
             "proprio": episode["proprio"][t],
             "actions": episode["actions"][steps],
             "instruction": episode["instruction"],
@@ -148,7 +150,7 @@ class PromptLengthBatches(torch.utils.data.Sampler):
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "observation": Observation(
-            images={"primary": np.stack([x["primary"] for x in items]), "wrist": np.stack([x["wrist"] for x in items])},
+            images={camera: np.stack([x["images"][camera] for x in items]) for camera in items[0]["images"]},
             instruction=[x["instruction"] for x in items],
             proprio=np.stack([x["proprio"] for x in items]),
         ),
