@@ -198,3 +198,13 @@ def test_bench_rows_see_the_same_fresh_noise_at_every_query():
     none, static = run_bench(config, progress=False)["rows"]
     assert max(none["summary"]["action_abs_diff"]["max"]) == 0.0  # three queries, three different draws, same actions
     assert static["steps"][0]["action_max_abs_diff"] == 0.0 and static["steps"][1]["reuse_ratio"] > 0
+
+
+def test_the_cpu_preset_runs_at_the_released_token_counts():
+    """`cpu-25m`: the released prefix (2 x 256 SigLIP tokens at 224 px + the 48-token prompt) and chunk of 50."""
+    backbone = build_preset(PI0Backbone, "cpu-25m")
+    rng = np.random.default_rng(0)
+    obs = vlacache.Observation(images={n: rng.integers(0, 255, (256, 256, 3), dtype=np.uint8) for n in ("primary", "wrist")},
+                               instruction="pick up the black bowl", proprio=np.zeros(8, dtype=np.float32))
+    assert backbone.prepare(obs).layout.length == 2 * 256 + 48
+    assert vlacache.attach(backbone, None).predict(obs).actions.shape == (1, 50, 7)

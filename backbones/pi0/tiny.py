@@ -12,6 +12,9 @@ from vlacache.types import InputError
 PRESETS = {
     "tiny": (64, 4, 4, 32, 32, 2, 56, 14, 10),  # tests: 16 tokens per camera
     "micro": (128, 4, 4, 64, 64, 2, 128, 16, 8),  # trainable on a CPU: 128 px cameras, 64 tokens each, ~1M parameters
+    # CPU benchmarks at the released token counts (224 px, 256 tokens per camera, chunk 50): the other families'
+    # cpu-25m decoder (4 x 768), with SigLIP and the expert ~32M parameters
+    "cpu-25m": (768, 4, 12, 384, 384, 4, 224, 14, 50),
 }
 RELEASED = "3b"  # the released π0 / π0.5 shape (transformers' default config): Gemma 2B + SigLIP so400m + 300M expert
 
