@@ -208,3 +208,42 @@ def test_the_cpu_preset_runs_at_the_released_token_counts():
                                instruction="pick up the black bowl", proprio=np.zeros(8, dtype=np.float32))
     assert backbone.prepare(obs).layout.length == 2 * 256 + 48
     assert vlacache.attach(backbone, None).predict(obs).actions.shape == (1, 50, 7)
+
+
+def test_fastv_prunes_the_prefix_and_the_expert_never_reads_the_dropped_keys(backbone):
+    """FastV on the PaliGemma prefix: from layer 1 half the visual tokens are dropped, and the expert's denoising
+    passes over that cache must not read their keys or values: overwriting them with huge numbers after the
+    prefill changes no action."""
+    from vlacache import CacheEngine
+    from vlacache.policy import CachePolicy
+    from vlacache.strategy import PlanContext
+
+    policy = CachePolicy.from_config({"label": "fastv", "pruner": {"name": "fastv", "layer": 1, "ratio": 0.5, "query": "last"}})
+    obs = observation()
+
+    def run(corrupt: bool):
+        engine = CacheEngine(backbone.decoder, readers=backbone.cache_readers()).attach()
+        try:
+            inputs = backbone.prepare(obs)
+            ctx = PlanContext(step=0, batch_size=1, num_layers=engine.num_layers, layout=inputs.layout, current={},
+                              previous=None, stats=None)
+            cache = engine.begin_step(policy.plan(ctx), inputs.layout, 1)
+            with torch.no_grad():
+                prefill = backbone.prefill(backbone.embed(inputs), inputs, cache)
+                dropped = engine.keys_dropped(inputs.layout.length)
+                if corrupt:
+                    for layer in range(1, engine.num_layers):
+                        keys, values = cache.prefill_kv[layer]
+                        keys[:, :, dropped[layer, 0]] = 1e4
+                        values[:, :, dropped[layer, 0]] = -1e4
+                actions = backbone.decode(prefill, inputs, cache).actions
+            engine.end_step()
+            return actions, dropped
+        finally:
+            engine.detach()
+
+    clean, dropped = run(corrupt=False)
+    corrupted, _ = run(corrupt=True)
+    assert not dropped[0].any() and int(dropped[1, 0].sum()) == 16  # half of the 2 x 16 visual tokens
+    np.testing.assert_array_equal(clean, corrupted)
+    assert np.abs(clean - stock_actions(backbone, obs)).max() > 0  # the pruning did change the actions

@@ -233,6 +233,11 @@ class Backbone(ABC):
         """The image encoders `embed` runs, which a compiled step compiles (fixed input shapes); none by default."""
         return []
 
+    def cache_readers(self) -> list[nn.Module]:
+        """Other decoders (with `.layers`) whose layer i attends to the prompt cache's layer i after the prefill
+        (π0's action expert), so the engine keeps dropped tokens' keys out of their queries too; none by default."""
+        return []
+
     #: Set by `CachedVLA(compile=True)`: runs one decode pass as (embeds [B, 1, D], position_ids [B, 1],
     #: cache_position [1], cache) -> logits [B, 1, V]; None: the eager causal LM.
     decode_pass: Any = None

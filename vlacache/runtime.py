@@ -86,7 +86,7 @@ class CachedVLA:
         self.policy = policy
         self.sync_timing = sync_timing
         self.buckets = buckets if isinstance(buckets, ReuseBuckets) or buckets is None else ReuseBuckets.from_spec(buckets)
-        self.engine = CacheEngine(backbone.decoder)
+        self.engine = CacheEngine(backbone.decoder, readers=backbone.cache_readers())
         if policy is not None:
             policy.check(self.engine.num_layers)
             policy.check_cameras(backbone.cameras)

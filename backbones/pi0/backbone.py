@@ -120,6 +120,9 @@ class PI0FamilyBackbone(Backbone):
     def vision_towers(self) -> list[nn.Module]:
         return [self.model.model.vlm.vision_tower]
 
+    def cache_readers(self) -> list[nn.Module]:
+        return [self.model.model.dit]  # the action expert: its layer i attends to the prefix cache's layer i
+
     # -- the four stages ----------------------------------------------------------------------------------
     def prompt_ids(self, instruction: str, state: np.ndarray | None = None) -> list[int]:
         """BOS and the instruction as the transformers processor writes π0's prompt."""

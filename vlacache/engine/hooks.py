@@ -115,9 +115,12 @@ class CacheEngine:
     returns the cache to pass to the model, run prefill (+ decode), then `end_step(images)`.
     """
 
-    def __init__(self, decoder: nn.Module) -> None:
+    def __init__(self, decoder: nn.Module, readers: list[nn.Module] | tuple = ()) -> None:
         self.decoder = decoder
         self.layers = decoder_layers(decoder)
+        # decoders that read the prompt cache after the prefill (π0's action expert): dropped keys stay out of
+        # their queries as out of the decode passes'
+        self.readers = [decoder_layers(reader) for reader in readers]
         attn = getattr(decoder.config, "_attn_implementation", None) or "eager"
         if attn not in SUPPORTED_ATTENTION:
             raise ValueError(
@@ -159,6 +162,9 @@ class CacheEngine:
             self._handles.append(layer.register_forward_pre_hook(partial(self._before_layer, index), with_kwargs=True))
             self._handles.append(layer.self_attn.q_proj.register_forward_hook(partial(self._after_q_proj, index)))
         self._handles.append(self.decoder.register_forward_hook(self._after_decoder))
+        for layers in self.readers:
+            for index, layer in enumerate(layers):
+                self._handles.append(layer.register_forward_pre_hook(partial(self._reader_layer, index), with_kwargs=True))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -568,6 +574,12 @@ class CacheEngine:
             raise ValueError("a recycling pruner (SparseVLM v1.5) renumbers positions and needs a causal decoder mask "
                              "without padding; this backbone's prompt mask is not causal (e.g. a bidirectional prefix). "
                              "Use pruner 'sparsevlm' (v2.0, no recycling) with it")
+
+    def _reader_layer(self, index: int, layer: nn.Module, args: tuple, kwargs: dict):
+        step = self._step
+        if step is None or step.in_prefill:
+            return None
+        return self._decode_without_dropped(step, index, args, kwargs)
 
     def _decode_without_dropped(self, step: _ActiveStep, index: int, args: tuple, kwargs: dict):
         """A decode pass's queries at a layer from which tokens were dropped: their keys are excluded."""
