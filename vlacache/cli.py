@@ -126,9 +126,9 @@ def _record(args) -> int:
 def _in_maniskill_venv(args) -> None:
     """ManiSkill's motion planner (mplib 0.1.1) crashes under numpy 2: run this command again in the venv that
     pins numpy 1.26 (scripts/setup_maniskill.sh), when this Python has numpy 2."""
-    import numpy
+    from .train.planner import numpy_breaks_mplib
 
-    if int(numpy.__version__.split(".")[0]) < 2 or os.environ.get("VLACACHE_MANISKILL_VENV"):
+    if not numpy_breaks_mplib() or os.environ.get("VLACACHE_MANISKILL_VENV"):
         return
     python = Path(__file__).resolve().parents[1] / ".venvs" / "maniskill" / "bin" / "python"
     if not python.exists():

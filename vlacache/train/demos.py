@@ -138,45 +138,50 @@ def _init_worker(env_spec: dict[str, Any], expert: dict[str, Any], noise: dict[s
 
 
 def _run_episode(episode: EpisodeSpec) -> dict[str, Any]:
-    """Roll the expert out in the worker's env; the arrays come back only for a success."""
-    env, expert = _WORKER["env"], _WORKER["expert"]
+    """Roll the worker's expert out (ManiSkill: the motion planner); the arrays come back only for a success. An
+    error (a simulator fault, "screw plan failed") is this episode's outcome: the run goes on."""
+    env = _WORKER["env"]
     start = time.perf_counter()
     record: dict[str, Any] = {"task": episode.task, "seed": int(episode.seed)}
-    if expert is None:  # ManiSkill: the motion planner
-        from vlacache.train.planner import run_planned_episode
-
-        try:
-            record.update(run_planned_episode(env, episode))
-        except Exception as e:  # e.g. "screw plan failed": this episode's outcome, the run goes on
-            record.update(success=False, steps=0, error=f"{type(e).__name__}: {e}")
-        record["wall_s"] = round(time.perf_counter() - start, 2)
-        return record
     try:
-        obs = env.reset(episode)
-        expert.reset()
-        noise = ActionNoise(_WORKER["noise"], seed=[env.task_index(episode.task), int(episode.seed)])
-        frames: dict[str, list[np.ndarray]] = {"primary": [], "wrist": []}
-        proprio, actions = [], []
-        done, info = False, {"success": False}
-        while not done:
-            action = expert.act(env.privileged_state())
-            for camera, images in frames.items():
-                images.append(obs.images[camera])
-            proprio.append(obs.proprio)
-            actions.append(action)
-            obs, _, done, info = env.step(noise(action, expert.phase))
-        record.update(success=bool(info["success"]), steps=len(actions), recoveries=expert.recoveries)
-        if record["success"]:
-            record["arrays"] = {
-                "primary": np.stack(frames["primary"]).astype(np.uint8),
-                "wrist": np.stack(frames["wrist"]).astype(np.uint8),
-                "proprio": np.stack(proprio).astype(np.float32),
-                "actions": np.stack(actions).astype(np.float32),
-                "instruction": obs.instruction,
-            }
-    except Exception as e:  # a simulator or expert error is this episode's outcome, the run goes on
-        record.update(success=False, steps=env.t if env.task_id is not None else 0, error=f"{type(e).__name__}: {e}")
+        if _WORKER["expert"] is None:
+            from vlacache.train.planner import run_planned_episode
+
+            record.update(run_planned_episode(env, episode))
+        else:
+            record.update(_expert_episode(env, episode))
+    except Exception as e:
+        steps = env.t if getattr(env, "task_id", None) is not None else 0
+        record.update(success=False, steps=steps, error=f"{type(e).__name__}: {e}")
     record["wall_s"] = round(time.perf_counter() - start, 2)
+    return record
+
+
+def _expert_episode(env, episode: EpisodeSpec) -> dict[str, Any]:
+    """LIBERO's scripted expert on the privileged state, its executed actions noised (DART)."""
+    expert = _WORKER["expert"]
+    obs = env.reset(episode)
+    expert.reset()
+    noise = ActionNoise(_WORKER["noise"], seed=[env.task_index(episode.task), int(episode.seed)])
+    frames: dict[str, list[np.ndarray]] = {"primary": [], "wrist": []}
+    proprio, actions = [], []
+    done, info = False, {"success": False}
+    while not done:
+        action = expert.act(env.privileged_state())
+        for camera, images in frames.items():
+            images.append(obs.images[camera])
+        proprio.append(obs.proprio)
+        actions.append(action)
+        obs, _, done, info = env.step(noise(action, expert.phase))
+    record: dict[str, Any] = dict(success=bool(info["success"]), steps=len(actions), recoveries=expert.recoveries)
+    if record["success"]:
+        record["arrays"] = {
+            "primary": np.stack(frames["primary"]).astype(np.uint8),
+            "wrist": np.stack(frames["wrist"]).astype(np.uint8),
+            "proprio": np.stack(proprio).astype(np.float32),
+            "actions": np.stack(actions).astype(np.float32),
+            "instruction": obs.instruction,
+        }
     return record
 
 

@@ -55,9 +55,14 @@ def check_task(task: str) -> PlannedTask:
     return PLANNED_TASKS[task]
 
 
+def numpy_breaks_mplib() -> bool:
+    """mplib 0.1.1 (ManiSkill 3.0.1's pin) crashes the process under numpy 2."""
+    return int(np.__version__.split(".")[0]) >= 2
+
+
 def check_planner() -> None:
     """mplib importable and not under numpy 2 (where mplib 0.1.1 crashes the process)."""
-    if int(np.__version__.split(".")[0]) >= 2:
+    if numpy_breaks_mplib():
         raise ConfigError(f"ManiSkill's motion planner (mplib 0.1.1) crashes under numpy {np.__version__}; record "
                           "in the maniskill venv: bash scripts/setup_maniskill.sh, then run `vlacache demos` again "
                           "(it switches to .venvs/maniskill by itself)")
