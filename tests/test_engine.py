@@ -240,6 +240,10 @@ def test_automatic_reset(tiny, frames, change):
         assert sum(step.stats.reused_per_layer) == 0
 
 
+def hooks_on(module):
+    return len(module._forward_pre_hooks) + len(module._forward_hooks)
+
+
 def test_engine_rejects_unsupported_attention_and_detaches():
     lm = tiny_llama("sdpa")
     lm.model.config._attn_implementation = "flash_attention_2"
@@ -247,10 +251,39 @@ def test_engine_rejects_unsupported_attention_and_detaches():
         CacheEngine(lm.model)
     lm.model.config._attn_implementation = "sdpa"
     engine = CacheEngine(lm.model).attach()
-    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in lm.modules())
-    assert hooks > 0
+    e1, _ = two_steps(batch=1)
+    with torch.no_grad():
+        run_step(lm, engine, e1, None)
+    assert sum(hooks_on(m) for m in lm.modules()) > 0  # mid-step
     engine.detach()
-    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in lm.modules()) == 0
+    assert sum(hooks_on(m) for m in lm.modules()) == 0
+
+
+def test_hooks_only_on_the_layers_a_step_needs_and_none_after_it():
+    """A step carries hooks on the layers that reuse (or probe) only; between steps the model carries none."""
+    lm = tiny_llama()
+    e1, e2 = two_steps(batch=1)
+    layers = lm.model.layers
+    deep_only = ReusePlan([torch.zeros(1, 0, dtype=torch.long)] * 2 + [torch.tensor([[3, 4, 10]])] * 2)
+    with torch.no_grad(), CacheEngine(lm.model) as engine:
+        assert sum(hooks_on(m) for m in lm.modules()) == 0  # attached, no step yet
+        run_step(lm, engine, e1, None, request=None)  # full step, no statistics: the decoder's hook alone
+        assert [hooks_on(layer) + hooks_on(layer.self_attn.q_proj) for layer in layers] == [0, 0, 0, 0]
+        assert engine.hooks_attached == 1
+        engine.end_step()
+        assert sum(hooks_on(m) for m in lm.modules()) == 0
+        cache = engine.begin_step(deep_only, LAYOUT, 1, None)
+        assert [hooks_on(layer) for layer in layers] == [0, 0, 1, 1]
+        assert [hooks_on(layer.self_attn.q_proj) for layer in layers] == [0, 0, 0, 0]
+        lm(inputs_embeds=e2, position_ids=torch.arange(L)[None], use_cache=True,
+           **{cache_keyword(lm.forward): cache})
+        engine.end_step()
+        assert sum(hooks_on(m) for m in lm.modules()) == 0
+        run_step(lm, engine, e2, None, request=StatsRequest(layers=(1,)))  # a probe of layer 1
+        assert [hooks_on(layer) for layer in layers] == [0, 1, 0, 0]
+        assert [hooks_on(layer.self_attn.q_proj) for layer in layers] == [0, 1, 0, 0]
+        engine.end_step()
+        assert sum(hooks_on(m) for m in lm.modules()) == 0
 
 
 def test_plan_that_is_not_nested_is_rejected():

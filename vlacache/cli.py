@@ -73,6 +73,14 @@ def _bench(args) -> int:
               f"same action as no cache {s['identical_action_steps']:.0%}"
               + (f"  vs compiled no cache: total {s['vs_compiled_baseline']['total_speedup']:.2f}x"
                  if "vs_compiled_baseline" in s else ""))
+    for row in report["rows"]:
+        model = row.get("cost_model")
+        if model:
+            print(f"{row['label']}: cost guard ran {row['summary']['guard_declined_steps']} step(s) untouched; "
+                  f"cost model (ms) untouched {model['untouched_ms']:.2f}, engine +{model['engine_ms']:.2f}, probe "
+                  f"+{model['probe_ms']:.2f}, reuse +{model['reuse_ms']:.2f}, -{model['token_layer_ms'] * 1e3:.2f} us "
+                  f"per token-layer skipped"
+                  + (f", its planning {model['plan_ms'][row['label']]:.2f}" if row["label"] in model["plan_ms"] else ""))
     for label, check in (report.get("compile_checks") or {}).items():
         tokens = "" if check["identical_tokens"] is None else f"  identical tokens {check['identical_tokens']:.0%}"
         print(f"compiled vs eager, {label}: max|logit diff| {check['max_abs_logit_diff']:.3g}  max|action diff| "

@@ -11,6 +11,7 @@ import torch
 
 from .config import ConfigError, check_keys, load_yaml, resolve_component, resolve_config_path, to_plain
 from .engine import StatsRequest
+from .guard import GuardConfig
 from .registry import STRATEGIES
 from .strategy import Candidates, LayerScheduler, PlanContext, RelevanceFilter, StepGate, TokenPruner, TokenSelector
 from .types import InputError, ReusePlan
@@ -32,6 +33,7 @@ class PolicyConfig:
     pruner: dict = field(default_factory=lambda: {"name": "none"})
     reuse_order: str = "similarity"
     cameras: dict | None = None  # camera -> scale of the scheduler's fractions there (0: never reuse it); null: 1 for all
+    guard: Any = False  # the cost guard (vlacache/guard.py): true, false or {enabled, margin, max_backoff}
 
 
 def build_strategy(kind: str, spec: Mapping[str, Any] | str):
@@ -53,6 +55,7 @@ class CachePolicy:
         label: str = "policy",
         cameras: Mapping[str, float] | None = None,
         pruner: TokenPruner | None = None,
+        guard: Any = False,
     ) -> None:
         if reuse_order not in REUSE_ORDERS:
             raise ConfigError(f"reuse_order must be one of {REUSE_ORDERS}, got '{reuse_order}'")
@@ -68,6 +71,7 @@ class CachePolicy:
         self.label = label
         self.cameras = dict(cameras or {})
         self.pruner = pruner if pruner is not None else build_strategy("pruner", "none")
+        self.guard = GuardConfig.from_spec(guard)
 
     @classmethod
     def from_config(cls, config: PolicyConfig | Mapping[str, Any] | str | Path) -> "CachePolicy":
@@ -87,6 +91,7 @@ class CachePolicy:
             label=config.label,
             cameras=config.cameras,
             pruner=build_strategy("pruner", config.pruner),
+            guard=config.guard,
         )
 
     def check(self, num_layers: int) -> None:
@@ -112,7 +117,12 @@ class CachePolicy:
     @property
     def enabled(self) -> bool:
         """False for the no-cache policy (selector 'none', no pruner): run the model untouched."""
-        return getattr(self.selector, "selects_nothing", False) is False or self.prunes
+        return self.reuses or self.prunes
+
+    @property
+    def reuses(self) -> bool:
+        """Whether the policy ever reuses K/V (its selector selects something): its steps then record for the next."""
+        return getattr(self.selector, "selects_nothing", False) is False
 
     @property
     def prunes(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,10 @@ import torch
 
 from .backbone import Backbone
 from .config import ConfigError
-from .engine import CacheEngine, CompiledSteps, EpisodeState, ReuseBuckets
+from .engine import CacheEngine, CompiledSteps, EpisodeState, ReuseBuckets, StatsRequest
 from .flops import decode_flops, prefill_flops
+from .guard import CostGuard, calibrate, load_model, model_key, save_model
+from .messages import note
 from .policy import CachePolicy, PolicyConfig
 from .timing import StepTimer
 from .types import InputError, NonFiniteOutputError, Observation, ReusePlan, StepStats, TokenLayout
@@ -99,6 +102,7 @@ class CachedVLA:
             if compile and policy.pruner.recycles and backbone.decode_passes():
                 raise ConfigError(f"policy '{policy.label}': its pruner recycles tokens and renumbers positions, "
                                   "which the compiled decode passes cannot follow; run it with compile=False")
+        self.guard = CostGuard(policy.guard) if policy is not None and policy.guard.enabled else None
         self.compiled = None
         if compile:
             self.compiled = CompiledSteps(backbone.decoder, backbone.causal_lm() if backbone.decode_passes() else None,
@@ -116,7 +120,7 @@ class CachedVLA:
         if rows is None:
             self.engine.reset()
             self.backbone.reset()
-            return
+            return  # (the cost guard's back-off carries over: it is about the policy on this machine, not the episode)
         self.backbone.reset_rows(list(rows))
         if self.engine.episode.key is not None:
             self.engine.reset_rows(list(rows))
@@ -172,14 +176,17 @@ class CachedVLA:
         self.detach()
 
     @torch.inference_mode()
-    def predict(self, obs: Observation, plan: ReusePlan | None = None) -> StepResult:
-        """Predict actions for one observation. `plan` overrides the policy's plan (for tests and benchmarks)."""
+    def predict(self, obs: Observation, plan: ReusePlan | None = None, request: StatsRequest | None = None) -> StepResult:
+        """Predict actions for one observation. `plan` and `request` (the attention statistics to record) override
+        the policy's (for tests, benchmarks and the cost guard's calibration)."""
         if self.closed:
             raise InputError(
                 "this CachedVLA is detached (detach() or the end of its `with` block); attach a new one: "
                 "vla = vlacache.attach(backbone, policy)"
             )
-        backbone, engine = self.backbone, self.engine
+        backbone, engine, guard = self.backbone, self.engine, self.guard
+        if guard is not None and guard.model is None and plan is None:
+            self._calibrate_guard(obs)
         timer = StepTimer(backbone.device, sync=self.sync_timing)
         timer.start()
         with timer.section("prepare"):
@@ -197,16 +204,36 @@ class CachedVLA:
                 with compiled.active(backbone):
                     embeds = compiled.first_time(("vision", batch), f"the vision towers (batch {batch})",
                                                  lambda: backbone.embed(inputs))
+        untouched = None  # why the cost guard runs this step untouched, if it does
         with timer.section("select"):
             if self.caching or plan is not None or engine.attached:
                 if not engine.attached:
                     engine.attach()
-                if plan is None and self.policy is None:
+                guarded = guard is not None and plan is None
+                if guarded and guard.backing_off():
+                    untouched = "cost guard: backing off, not planned"
+                elif plan is None and self.policy is None:
                     plan = ReusePlan.empty(batch, num_layers)
                 elif plan is None:
                     plan = ReusePlan.combine([self._row_plan(row, inputs) for row in range(batch)], layout.length)
-                request = self.policy.stats_request(num_layers) if self.policy is not None else None
-                cache = engine.begin_step(plan, layout, batch, request)
+                if request is None and self.policy is not None:
+                    request = self.policy.stats_request(num_layers)
+                # a step without a previous one reuses nothing: through the engine all the same (it records what the
+                # next plan reads) unless the policy never reuses; the guard decides only on what it would prune
+                recording = engine.episode.starts_over(batch) and self.policy is not None and self.policy.reuses
+                if guarded and untouched is None and (plan.prune or not recording):
+                    runs, why = guard.decide(self._skipped_token_layers(plan, layout.num_visual), request is not None)
+                    if not runs and recording:
+                        plan = dataclasses.replace(plan, prune=())
+                        plan.info["guard"] = f"cost guard: not pruned ({why})"
+                    elif not runs:
+                        untouched = f"cost guard: {why}"
+                if untouched is None:
+                    cache = engine.begin_step(plan, layout, batch, request)
+                else:
+                    plan = ReusePlan.empty(batch, num_layers)
+                    plan.info["guard"] = untouched
+                    cache = backbone.new_cache()
             else:
                 plan = ReusePlan.empty(batch, num_layers)
                 cache = backbone.new_cache()
@@ -236,8 +263,12 @@ class CachedVLA:
         if engine.in_step:
             record = engine.end_step(inputs.query_images, plan, signals)
             staleness, dropped = record.staleness, record.dropped_per_layer
+            if guard is not None and dropped is not None:
+                guard.dropped = float(sum(dropped))
         else:
             engine.advance(signals)
+            if untouched is not None:  # nothing kept to reuse: the next plan starts over
+                engine.episode.untouched = True
         wall, device_ms = timer.stop()
         return StepResult(
             actions=decoded.actions,
@@ -247,6 +278,28 @@ class CachedVLA:
             stats=self._stats(step_index, plan, layout.length, layout.num_visual, timer.ms, wall, device_ms, fresh,
                               staleness, dropped),
         )
+
+    def _calibrate_guard(self, obs: Observation) -> None:
+        """The cost guard's model for this backbone, input shape, device and threads: from the cache on disk, or
+        measured now on this observation and cached."""
+        key = model_key(self.backbone, self.backbone.prepare(obs).batch_key())
+        model = load_model(key)
+        if model is None:
+            note(f"cost guard: measuring what a step costs on this machine (once per backbone and device; "
+                 f"cached as {key})")
+            model = calibrate(self.backbone, obs, self.policy)
+            save_model(model)
+        self.guard.model = model
+
+    def _skipped_token_layers(self, plan: ReusePlan, num_visual: int) -> float:
+        """The visual token-layers a plan does not compute: reused, and dropped by its prune rules (as many as
+        they dropped at the last step that ran them; half the visual tokens before any)."""
+        skipped = float(sum(plan.counts))
+        if plan.prune:
+            dropped = self.guard.dropped
+            skipped += dropped if dropped is not None else \
+                0.5 * num_visual * (self.engine.num_layers - min(rule.layer for rule in plan.prune))
+        return skipped
 
     def _row_plan(self, row: int, inputs) -> ReusePlan:
         """The policy's plan for one batch row, exactly as if its episode ran alone."""

@@ -30,6 +30,11 @@ class EpisodeState:
     stats: AttentionStats | None = None
     staleness: Staleness | None = None
     signals: dict[str, torch.Tensor] = field(default_factory=dict)  # batch-first, what the last step gave (PlanContext)
+    untouched: bool = False  # the last step ran without the engine (cost guard): nothing of it kept to reuse
+
+    def starts_over(self, batch: int) -> bool:
+        """Whether some row plans this step without a previous one (new episode, or after an untouched step)."""
+        return self.untouched or self.previous_images is None or bool(self.fresh) or len(self.steps) != batch
 
     @property
     def step(self) -> int:
@@ -57,6 +62,7 @@ class EpisodeState:
                 entropy={layer: pick(e) for layer, e in stats.entropy.items()}),
             staleness=None if self.staleness is None else self.staleness.rows(index),
             signals={name: pick(t) for name, t in self.signals.items()},
+            untouched=self.untouched,
         )
 
     @classmethod
@@ -96,6 +102,7 @@ class EpisodeState:
                 {c: cat(lambda s, c=c: s.staleness.anchors[c]) for c in staleness.anchors},
                 {c: cat(lambda s, c=c: s.staleness.ages[c]) for c in staleness.ages}),
             signals={name: cat(lambda s, n=name: s.signals[n]) for name in template.signals},
+            untouched=any(s.untouched for s in done),
         )
 
     def plan_context(self, row: int, current: dict[str, torch.Tensor], layout: TokenLayout, num_layers: int,
@@ -104,20 +111,24 @@ class EpisodeState:
         step's query images, and, unless the row starts an episode now, its previous query images, last step's
         attention statistics, the staleness of its cached K/V and what its last step gave (`signals`)."""
         previous = self.previous_images
-        alone = row in self.fresh or previous is None
+        alone = row in self.fresh or previous is None or self.untouched
+
+        def own(images: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            # one row alone: the tensors themselves, so what was computed from them this step is not computed again
+            return {name: image if image.shape[0] == 1 else image[row : row + 1] for name, image in images.items()}
+
         ctx = PlanContext(
             step=self.steps[row],
             batch_size=1,
             num_layers=num_layers,
             layout=layout,
-            current={name: image[row : row + 1] for name, image in current.items()},
-            previous=None if alone else {name: image[row : row + 1] for name, image in previous.items()},
+            current=own(current),
+            previous=None if alone else own(previous),
             stats=None if alone or self.stats is None else self.stats.row(row),
             env_steps_per_query=env_steps_per_query,
         )
         if not alone and self.staleness is not None:
-            row_staleness = self.staleness.rows(slice(row, row + 1))
-            ctx.anchors, ctx.ages = row_staleness.anchors, row_staleness.ages
+            ctx.anchors, ctx.ages = own(self.staleness.anchors), own(self.staleness.ages)
         if not alone and self.signals:
             ctx.signals = {name: t[row : row + 1] for name, t in self.signals.items()}
             ctx.void = ctx.signals.get("void")

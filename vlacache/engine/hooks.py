@@ -20,6 +20,7 @@ from torch import nn
 from .probe import apply_rotary, attention_scores, computed_rows_entropy, query_heads, summarize_layers
 from .pruning import PruneState, causal_by_position, exclude_keys, rows_of_mask
 from .reuse_cache import ReuseCache
+from ..patches import known_patch_vectors, remember_patch_vectors
 from .episode import EpisodeState
 from .staleness import advance as advance_staleness
 from ..strategy import PlanContext
@@ -128,6 +129,7 @@ class CacheEngine:
                 f"attn_implementation='sdpa' (recommended) or 'eager'"
             )
         self._additive_mask = attn == "eager"
+        self._attached = False
         self._handles: list[Any] = []
         self._step: _ActiveStep | None = None
         self.episode = EpisodeState()
@@ -135,41 +137,62 @@ class CacheEngine:
     # -- attachment ---------------------------------------------------------------------------------------
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return self._attached
 
     def attach(self) -> "CacheEngine":
-        if self.attached:
-            return self
-        self._register()
+        """Take part in the model's steps from now on. Hooks go on per step, on the layers that step needs
+        (`begin_step`), and come off when it ends: between steps the model carries none."""
+        self._attached = True
         return self
+
+    @property
+    def hooks_attached(self) -> int:
+        """How many hooks the engine holds on the model now (0 between steps)."""
+        return len(self._handles)
 
     @contextmanager
     def hooks_lifted(self):
         """Run a block without the hooks (a compiled decode graph must not trace them); the step's state stays."""
-        if not self.attached:
+        if not self._handles:
             yield
             return
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._remove_hooks()
         try:
             yield
         finally:
-            self._register()
+            self._register(self._step)
 
-    def _register(self) -> None:
-        for index, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_pre_hook(partial(self._before_layer, index), with_kwargs=True))
-            self._handles.append(layer.self_attn.q_proj.register_forward_hook(partial(self._after_q_proj, index)))
+    def _register(self, step: "_ActiveStep") -> None:
+        """Hooks for this step only: a pre-hook on each layer that cuts rows, records what a probe or prune rule
+        reads, or (after pruning) keeps dropped keys out of decode passes; a q_proj hook where query rows are
+        recorded; the decoder's hook, which ends the prefill."""
+        prune = step.prune
+        pruned_from = min(prune.rules) if prune is not None else self.num_layers
+        wanted = set(step.probe_layers) | {i for i, rows in enumerate(step.kept) if rows is not None}
+        wanted |= set(range(pruned_from, self.num_layers))
+        queried = set(step.probe_layers)
+        if prune is not None:
+            wanted |= set(prune.queries) | ({0} if prune.wants_embeds else set())
+            queried |= set(prune.queries)
+        for index in sorted(wanted):
+            self._handles.append(self.layers[index].register_forward_pre_hook(partial(self._before_layer, index),
+                                                                             with_kwargs=True))
+        for index in sorted(queried):
+            self._handles.append(self.layers[index].self_attn.q_proj.register_forward_hook(partial(self._after_q_proj, index)))
         self._handles.append(self.decoder.register_forward_hook(self._after_decoder))
         for layers in self.readers:
-            for index, layer in enumerate(layers):
-                self._handles.append(layer.register_forward_pre_hook(partial(self._reader_layer, index), with_kwargs=True))
+            for index in range(pruned_from, min(self.num_layers, len(layers))):
+                self._handles.append(layers[index].register_forward_pre_hook(partial(self._reader_layer, index),
+                                                                             with_kwargs=True))
 
-    def detach(self) -> None:
+    def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def detach(self) -> None:
+        self._remove_hooks()
+        self._attached = False
         self._step = None
 
     def __enter__(self) -> "CacheEngine":
@@ -182,6 +205,7 @@ class CacheEngine:
     def reset(self) -> None:
         """Forget everything from earlier steps: the next step is a full forward."""
         self.episode = EpisodeState()
+        self._remove_hooks()
         self._step = None
 
     def reset_rows(self, rows: list[int]) -> None:
@@ -323,6 +347,7 @@ class CacheEngine:
             spliced=plan.spliced,
             absent=list(plan.counts),
         )
+        self._register(self._step)
         return cache
 
     def end_step(self, images: dict[str, torch.Tensor] | None = None, plan: ReusePlan | None = None,
@@ -345,13 +370,19 @@ class CacheEngine:
         staleness = None
         if images is not None:
             self.episode.previous_images = {name: image.detach().clone() for name, image in images.items()}
+            for name, span in step.layout.vision.items():  # the copies' patch vectors are the originals'
+                known = known_patch_vectors(images[name], span.rows, span.cols)
+                if known is not None:
+                    remember_patch_vectors(self.episode.previous_images[name], span.rows, span.cols, *known)
             stale = plan.stale(length) if plan is not None else None
-            self.episode.staleness, staleness = advance_staleness(self.episode.staleness, self.episode.previous_images,
-                                                                  stale, step.layout)
+            # this step's own images (not the copies): the selector compared the same tensors, so their patch
+            # similarities are not computed again; the anchors come out as new tensors
+            self.episode.staleness, staleness = advance_staleness(self.episode.staleness, images, stale, step.layout)
         prune = step.prune
         dropped = prune.dropped if prune is not None else None
         void = torch.zeros(step.batch_size, length, dtype=torch.bool) if dropped is None else dropped.cpu()
         self.advance({**(signals if signals is not None else self.episode.signals), "void": void})
+        self._remove_hooks()
         self._step = None
         return StepRecord(
             reused_per_layer=step.counts,
@@ -368,6 +399,7 @@ class CacheEngine:
             self.episode.signals = signals
         self.episode.steps = [n + 1 for n in self.episode.steps] or [1]
         self.episode.fresh.clear()
+        self.episode.untouched = False
 
     # -- internals ----------------------------------------------------------------------------------------
     def _check_reusable(self, layout: TokenLayout, batch_size: int) -> None:

@@ -31,15 +31,19 @@ class ReuseCache(DynamicCache):
                 shape = (*key_states.shape[:2], self.length, key_states.shape[-1])
                 previous_k, previous_v = key_states.new_zeros(shape), value_states.new_zeros(shape)
             key_states, value_states = key_states.to(previous_k.dtype), value_states.to(previous_v.dtype)
-            index = None if kept is None else kept[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[-1])
+            index = None if kept is None or (kept.shape[0] == 1 and pad is None) else \
+                kept[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[-1])
             if pad is not None:  # rows computed only to fill the batch's common shape: their row reuses them
                 fresh = ~pad[:, None, :, None]
                 old_k = previous_k if index is None else previous_k.gather(2, index)
                 old_v = previous_v if index is None else previous_v.gather(2, index)
                 key_states, value_states = torch.where(fresh, key_states, old_k), torch.where(fresh, value_states, old_v)
-            if index is not None:
-                # in place: last step's K/V are dead once this step has read them (the engine resets an episode
-                # whose step did not finish, so a half-written tensor is never reused)
+            # in place: last step's K/V are dead once this step has read them (the engine resets an episode whose
+            # step did not finish, so a half-written tensor is never reused)
+            if kept is not None and kept.shape[0] == 1:  # one row: a plain copy of rows, cheaper than a scatter
+                key_states = previous_k.index_copy_(2, kept[0], key_states)
+                value_states = previous_v.index_copy_(2, kept[0], value_states)
+            elif index is not None:
                 key_states = previous_k.scatter_(2, index, key_states)
                 value_states = previous_v.scatter_(2, index, value_states)
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..patches import patch_cosine, patch_mask_to_pixels
+from ..patches import known_patch_vectors, patch_cosine, remember_patch_vectors, where_patches
 from ..types import TokenLayout
 
 
@@ -41,18 +41,25 @@ def advance(previous: Staleness | None, images: dict[str, torch.Tensor], stale: 
                           {c: torch.zeros(images[c].shape[0], span.rows * span.cols, dtype=torch.long)
                            for c, span in layout.vision.items()})
         return fresh, None
-    anchors, ages, age_seen, drift_seen = {}, {}, [], []
+    anchors, ages, totals = {}, {}, []
     for camera, span in layout.vision.items():
         image, anchor, age = images[camera], previous.anchors[camera], previous.ages[camera]
         mask = stale[:, span.start:span.stop].to(age.device)
-        if bool(mask.any()):
-            drift = (1.0 - patch_cosine(image, anchor, span.rows, span.cols)).clamp_min(0.0)
-            age_seen.append((age + 1)[mask].float())
-            drift_seen.append(drift[mask.to(drift.device)])
-        pixels = patch_mask_to_pixels(mask.to(image.device), span.rows, span.cols, image.shape[1], image.shape[2])
-        anchors[camera] = torch.where(pixels, anchor, image)
-        ages[camera] = torch.where(mask, age + 1, torch.zeros_like(age))
-    age_all, drift_all = torch.cat(age_seen), torch.cat(drift_seen)
-    report = {"reused_age_mean": float(age_all.mean()), "reused_age_max": float(age_all.max()),
-              "reused_drift_mean": float(drift_all.mean()), "reused_drift_max": float(drift_all.max())}
+        drift = (1.0 - patch_cosine(image, anchor, span.rows, span.cols)).clamp_min(0.0) * mask.to(image.device)
+        reused_age = (age + 1) * mask
+        totals.append(torch.stack([mask.sum().float(), reused_age.sum().float(), reused_age.max().float(),
+                                   drift.sum(), drift.max()]))
+        anchors[camera] = where_patches(mask.to(image.device), anchor, image, span.rows, span.cols)
+        seen = known_patch_vectors(image, span.rows, span.cols), known_patch_vectors(anchor, span.rows, span.cols)
+        if None not in seen:  # the new anchor's patches are the old anchor's or the image's: so are their vectors
+            (now, now_norm), (old, old_norm) = seen
+            keep = mask.to(now.device)
+            remember_patch_vectors(anchors[camera], span.rows, span.cols, torch.where(keep[..., None], old, now),
+                                   torch.where(keep, old_norm, now_norm))
+        ages[camera] = reused_age
+    totals = torch.stack(totals)
+    count, age_sum, age_max, drift_sum, drift_max = torch.cat([totals[:, :2].sum(0), totals[:, 2:3].max(0).values,
+                                                               totals[:, 3:4].sum(0), totals[:, 4:].max(0).values]).tolist()
+    report = {"reused_age_mean": age_sum / count, "reused_age_max": age_max,
+              "reused_drift_mean": drift_sum / count, "reused_drift_max": drift_max}
     return Staleness(anchors, ages), report

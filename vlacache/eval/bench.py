@@ -137,6 +137,12 @@ def measure(config: BenchConfig, progress: bool) -> dict[str, Any]:
         runner.detach()
     base = results[BASELINE]
     rows = [bench_row(p.label, repr(p), base, results[p.label]) for p in policies]
+    for row, p in zip(rows, policies):  # a guarded row: the cost model its decisions came from
+        guard = runners[p.label].guard
+        if guard is not None:
+            row["cost_model"] = guard.model.to_json() if guard.model is not None else None
+            row["summary"]["guard_declined_steps"] = sum(
+                "guard" in r.plan.info for episode in results[p.label] for step in episode for r in step)
     compile_checks = None
     if fast.compile:
         rows.append(bench_row(BASELINE + COMPILED, "no cache, compiled", base, results[BASELINE + COMPILED]))
@@ -274,8 +280,9 @@ def bench_row(label: str, description: str, baseline: list[list[list[StepResult]
     layers = len(steps[0]["tokens_per_layer"])
     summary["mean_reused_per_layer"] = [statistics.mean(s["reused_per_layer"][i] for s in steps) for i in range(layers)] \
         if steps[0]["reused_per_layer"] else []
-    summary["mean_dropped_per_layer"] = [statistics.mean(s["dropped_per_layer"][i] for s in steps) for i in range(layers)] \
-        if steps[0]["dropped_per_layer"] else None
+    pruned = any(s["dropped_per_layer"] for s in steps)  # (a step the cost guard ran untouched dropped nothing)
+    summary["mean_dropped_per_layer"] = [statistics.mean((s["dropped_per_layer"] or [0] * layers)[i] for s in steps)
+                                         for i in range(layers)] if pruned else None
     return {"label": label, "policy": description, "summary": summary, "steps": steps}
 
 

@@ -33,6 +33,7 @@ from ..backbone import resolve_checkpoint
 from ..manifest import MANIFEST_FILE
 from ..config import ConfigError, resolve_component
 from ..experiment import ExperimentConfig, resolve_policy_config
+from ..guard import GuardConfig
 from ..registry import BACKBONES, ENVS, PERTURBATIONS, STRATEGIES
 from .code_identity import code_build, component_code
 from .results import MANIFEST_NAME, ResultsConflict, note, warn, write_atomic
@@ -108,6 +109,9 @@ def policy_fingerprint(spec: Any) -> tuple[dict[str, Any], str]:
     """The policy's resolved parameters, and the digest of its strategies' code (`component_code`)."""
     config = resolve_policy_config(spec)
     out: dict[str, Any] = {"label": config.label, "reuse_order": config.reuse_order, "cameras": config.cameras}
+    guard = GuardConfig.from_spec(config.guard)
+    if guard.enabled:  # (absent when off, so results made before the guard existed keep their fingerprints)
+        out["guard"] = plain(guard.__dict__)
     code: list[str] = []
     for kind in ("selector", "relevance", "scheduler", "gate", "pruner"):
         cls, out[kind] = component(STRATEGIES[kind], getattr(config, kind), kind)
