@@ -189,7 +189,10 @@ class ReusePlan:
         """Layer l reuses the first counts[l] positions of `order` [B, N] (counts non-decreasing)."""
         if any(b < a for a, b in zip(counts, counts[1:])) or (counts and counts[-1] > order.shape[1]):
             raise ValueError(f"reuse counts must be non-decreasing and at most {order.shape[1]}, got {list(counts)}")
-        reused = [torch.sort(order[:, :count], dim=1).values for count in counts]
+        reused: list[torch.Tensor] = []
+        for layer, count in enumerate(counts):  # layers with the count of the one above share its tensor
+            same = layer > 0 and count == counts[layer - 1]
+            reused.append(reused[-1] if same else torch.sort(order[:, :count], dim=1).values)
         return cls(reused, order=order[:, : counts[-1]] if counts else order[:, :0])
 
     def stale(self, length: int) -> torch.Tensor | None:
@@ -247,24 +250,32 @@ class ReusePlan:
         return all(c == 0 for c in self.counts) and (self.spliced is None or not any(bool(m.any()) for m in self.spliced))
 
     def validate(self, batch_size: int, num_layers: int, seq_len: int) -> None:
-        """Raise ValueError unless the plan fits the model and sequence and its sets are nested."""
+        """Raise ValueError unless the plan fits the model and sequence and its sets are nested. The value checks
+        of all layers are read back at once (one host sync); a layer that holds the same tensor as the one above
+        is checked once."""
         if self.num_layers != num_layers:
             raise ValueError(f"ReusePlan has {self.num_layers} layers but the decoder has {num_layers}")
+        checks: list[tuple[torch.Tensor, str]] = []
         previous = None
         for layer, r in enumerate(self.reused):
             if r.dim() != 2 or r.shape[0] != batch_size:
                 raise ValueError(f"ReusePlan layer {layer}: expected [batch={batch_size}, n] positions, got {tuple(r.shape)}")
-            if r.numel() and (int(r.min()) < 0 or int(r.max()) >= seq_len):
-                raise ValueError(f"ReusePlan layer {layer}: positions must lie in [0, {seq_len})")
-            if r.shape[1] > 1 and not bool((r[:, 1:] > r[:, :-1]).all()):
-                raise ValueError(f"ReusePlan layer {layer}: positions must be sorted and unique")
+            nested = (f"ReusePlan is not nested at layer {layer}: every position reused at layer {layer - 1} "
+                      "must stay reused at deeper layers")
+            if r is previous:
+                continue
+            if r.numel():
+                checks.append(((r.min() >= 0) & (r.max() < seq_len),
+                               f"ReusePlan layer {layer}: positions must lie in [0, {seq_len})"))
+            if r.shape[1] > 1:
+                checks.append(((r[:, 1:] > r[:, :-1]).all(), f"ReusePlan layer {layer}: positions must be sorted and unique"))
             if previous is not None and previous.shape[1]:
-                if r.shape[1] < previous.shape[1] or not bool(_row_isin(previous, r).all()):
-                    raise ValueError(
-                        f"ReusePlan is not nested at layer {layer}: every position reused at layer {layer - 1} "
-                        "must stay reused at deeper layers"
-                    )
+                if r.shape[1] < previous.shape[1]:
+                    raise ValueError(nested)
+                checks.append((_row_isin(previous, r.to(previous.device)).all(), nested))
             previous = r
+        if checks and not bool(torch.stack([ok.to(checks[0][0].device) for ok, _ in checks]).all()):
+            raise ValueError(next(message for ok, message in checks if not bool(ok)))
         if self.spliced is not None:
             self._validate_spliced(batch_size, seq_len)
         layers = [rule.layer for rule in self.prune]
