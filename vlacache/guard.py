@@ -153,10 +153,6 @@ def save_model(model: CostModel) -> Path:
     return path
 
 
-def _median_ms(samples: list[float]) -> float:
-    return float(statistics.median(samples))
-
-
 def calibrate(backbone, observation, policy=None, repeats: int = 7) -> CostModel:
     """Measure a CostModel on this machine from one real observation: interleaved, `repeats` times each, an
     untouched step; a step through the engine with nothing reused, without and with the attention probe; steps
@@ -172,7 +168,7 @@ def calibrate(backbone, observation, policy=None, repeats: int = 7) -> CostModel
     layout, batch = inputs.layout, inputs.batch_size
     layers = len(backbone.decoder.layers)
     visual = torch.cat([span.positions() for span in layout.vision.values()])
-    everything = ReusePlan.empty(batch, layers)
+    nothing = ReusePlan.empty(batch, layers)
     shares = (0.25, 0.75)
     plans = {share: ReusePlan([visual[: int(share * len(visual))].sort().values.expand(batch, -1).contiguous()] * layers)
              for share in shares}
@@ -191,13 +187,13 @@ def calibrate(backbone, observation, policy=None, repeats: int = 7) -> CostModel
     try:
         for _ in range(2):  # warm-up, and a previous step for reuse
             untouched.predict(observation)
-            engine.predict(observation, plan=everything)
+            engine.predict(observation, plan=nothing)
             if planner is not None:
                 planner.predict(observation)
         for _ in range(repeats):
             times["untouched"].append(total(untouched, None))
-            times["engine"].append(total(engine, everything))
-            times["probe"].append(total(engine, everything, probe))
+            times["engine"].append(total(engine, nothing))
+            times["probe"].append(total(engine, nothing, probe))
             for share in shares:
                 times[str(share)].append(total(engine, plans[share]))
             if planner is not None:
@@ -208,7 +204,7 @@ def calibrate(backbone, observation, policy=None, repeats: int = 7) -> CostModel
             planner.detach()
         backbone.reset()
         backbone.load_episode_state(saved)
-    ms = {name: _median_ms(values) for name, values in times.items() if values}
+    ms = {name: float(statistics.median(values)) for name, values in times.items() if values}
     skipped = {share: int(share * len(visual)) * layers for share in shares}
     slope = max((ms["0.25"] - ms["0.75"]) / (skipped[0.75] - skipped[0.25]), 0.0)
     reuse_fixed = max(ms["0.25"] + slope * skipped[0.25] - ms["engine"], 0.0)

@@ -266,9 +266,7 @@ class CachedVLA:
             if guard is not None and dropped is not None:
                 guard.dropped = float(sum(dropped))
         else:
-            engine.advance(signals)
-            if untouched is not None:  # nothing kept to reuse: the next plan starts over
-                engine.episode.untouched = True
+            engine.advance(signals, untouched=untouched is not None)  # untouched: the next plan starts over
         wall, device_ms = timer.stop()
         return StepResult(
             actions=decoded.actions,

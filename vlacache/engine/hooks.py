@@ -393,13 +393,14 @@ class CacheEngine:
             [int(prune.dropped_at[i][0].sum()) if i in prune.dropped_at else 0 for i in range(self.num_layers)],
         )
 
-    def advance(self, signals: dict[str, torch.Tensor] | None = None) -> None:
-        """One step done in every row: none is fresh any more; `signals`: what it gave (kept for the next plan)."""
+    def advance(self, signals: dict[str, torch.Tensor] | None = None, untouched: bool = False) -> None:
+        """One step done in every row: none is fresh any more; `signals`: what it gave (kept for the next plan);
+        `untouched`: it ran without the engine (the cost guard), so nothing of it is kept to reuse."""
         if signals is not None:
             self.episode.signals = signals
         self.episode.steps = [n + 1 for n in self.episode.steps] or [1]
         self.episode.fresh.clear()
-        self.episode.untouched = False
+        self.episode.untouched = untouched
 
     # -- internals ----------------------------------------------------------------------------------------
     def _check_reusable(self, layout: TokenLayout, batch_size: int) -> None:
