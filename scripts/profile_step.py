@@ -49,7 +49,7 @@ def main() -> None:
     steps = sum(len(e) for e in episodes)
     commit = subprocess.run(["git", "-C", str(Path(vlacache.__file__).parent), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
-    lines = [f"vlacache {vlacache.__file__} (commit {commit or '?'}), backbone {args.backbone}, {len(episodes)} "
+    lines = [f"vlacache at {commit or '?'} (plus any uncommitted change), backbone {args.backbone}, {len(episodes)} "
              f"episodes x {args.steps} steps of {args.demos}/{args.pattern}, torch threads {args.threads}", ""]
     for name in args.policies:
         vla = CachedVLA(backbone, None if name == "no_cache" else build_policy(policy_spec(name)))
