@@ -61,9 +61,19 @@ def _bench(args) -> int:
     out = check_writable_file(args.out, "the bench report", "pass a writable path, e.g. --out /tmp/bench.json")
     report = run_bench(config, progress=not args.quiet)
     out.write_text(json.dumps(report, indent=1))
-    print(f"zero-reuse max|diff| {report['zero_reuse_max_abs_diff']:.3g}  identical-frame max|diff| "
-          f"{report['identical_frame_max_abs_diff']:.3g}  ({report['episodes']} episode(s), "
-          f"{sum(report['steps_per_episode'])} steps)")
+    print_bench_report(report)
+    print(f"wrote {out}")
+    return 0
+
+
+def print_bench_report(report: dict) -> None:
+    """The bench report's self-checks, one line per row, the cost models of guarded rows, the compile checks."""
+    if report["zero_reuse_max_abs_diff"] is None:
+        checks = "self-checks skipped (self_checks: false)"
+    else:
+        checks = (f"zero-reuse max|diff| {report['zero_reuse_max_abs_diff']:.3g}  identical-frame max|diff| "
+                  f"{report['identical_frame_max_abs_diff']:.3g}")
+    print(f"{checks}  ({report['episodes']} episode(s), {sum(report['steps_per_episode'])} steps)")
     for row in report["rows"]:
         s = row["summary"]
         print(f"{row['label']}: mean reuse {s['mean_reuse_ratio']:.1%}  prefill {s['prefill_ms_baseline']:.2f} -> "
@@ -85,8 +95,6 @@ def _bench(args) -> int:
         tokens = "" if check["identical_tokens"] is None else f"  identical tokens {check['identical_tokens']:.0%}"
         print(f"compiled vs eager, {label}: max|logit diff| {check['max_abs_logit_diff']:.3g}  max|action diff| "
               f"{check['max_abs_action_diff']:.3g}{tokens}  same plan {check['same_plan']:.0%}  ({check['steps']} steps)")
-    print(f"wrote {out}")
-    return 0
 
 
 def _run(args) -> int:

@@ -122,6 +122,7 @@ class BenchConfig:
     batch: int = 1  # > 1: also actions per second of this many episodes stepped together vs one at a time
     fast_path: FastPathConfig = field(default_factory=FastPathConfig)
     threads: int | None = None  # torch threads; null: torch's default
+    self_checks: bool = True  # false: skip the exactness self-checks (7 extra queries; for the real-size benches)
 
     def check(self) -> "BenchConfig":
         self.fast_path.check()

@@ -17,6 +17,7 @@ TINY_PAD_ID = 512
 _MICRO_TOWERS = ["vlacache-micro-dinov2-reg4", "vlacache-micro-siglip"]
 _MICRO_FINE_TOWERS = ["vlacache-micro-fine-dinov2-reg4", "vlacache-micro-fine-siglip"]
 _MICRO_WIDE_TOWERS = ["vlacache-micro-wide-dinov2-reg4", "vlacache-micro-wide-siglip"]
+_RELEASED_TOWERS = ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"]
 
 # Decoder sizes, and the vision towers (224 px, 14 px patches unless named) of each preset.
 DECODER_PRESETS: dict[str, dict] = {
@@ -37,6 +38,10 @@ DECODER_PRESETS: dict[str, dict] = {
                         num_key_value_heads=4, towers=_MICRO_TOWERS),
     "micro-deep16": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=16, num_attention_heads=4,
                          num_key_value_heads=4, towers=_MICRO_TOWERS),
+    # the released size (Llama-2-7B, DINOv2 ViT-L + SigLIP so400m at 224 px, the 32064-row vocabulary), for the
+    # real-size CPU benchmarks (scripts/bench_7b.py): build it in bfloat16 (15 GB), never in a test
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, towers=_RELEASED_TOWERS, vocab_size=32064),
 }
 
 # LIBERO-like statistics so the un-normalised actions have realistic ranges.
@@ -56,7 +61,8 @@ def preset_openvla_config(name: str) -> OpenVLAConfig:
         raise InputError(f"unknown preset '{name}'; presets: {', '.join(DECODER_PRESETS)}")
     sizes = dict(DECODER_PRESETS[name])
     towers = sizes.pop("towers", _TINY_TOWERS)
-    text = dict(model_type="llama", vocab_size=TINY_VOCAB, pad_token_id=TINY_PAD_ID, max_position_embeddings=2048,
+    vocab = sizes.pop("vocab_size", TINY_VOCAB)
+    text = dict(model_type="llama", vocab_size=vocab, pad_token_id=TINY_PAD_ID, max_position_embeddings=2048,
                 rms_norm_eps=1e-6, **sizes)
     stats = libero_action_stats()
     data = {

@@ -17,7 +17,8 @@ __all__ = ["PRESETS", "preset_config", "build_preset", "LIBERO_PROPRIO_Q01", "LI
 
 # Width of the action head's MLPResNet (the released 7B head uses 4096).
 PRESETS: dict[str, dict] = {"tiny": dict(head_hidden=64), "cpu-25m": dict(head_hidden=256), "micro": dict(head_hidden=256),
-                            "micro-deep8": dict(head_hidden=256), "micro-deep16": dict(head_hidden=256)}
+                            "micro-deep8": dict(head_hidden=256), "micro-deep16": dict(head_hidden=256),
+                            "7b": dict(head_hidden=4096)}
 assert set(PRESETS) <= set(DECODER_PRESETS)
 
 # LIBERO-like robot-state statistics: eef position (3), axis-angle (3), gripper qpos (2).

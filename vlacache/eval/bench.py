@@ -93,17 +93,18 @@ def _policy_specs(spec: Any) -> list[Any]:
     return list(spec) if isinstance(spec, (list, tuple)) else [spec]
 
 
-def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
+def run_bench(config: BenchConfig, progress: bool = True, backbone=None) -> dict[str, Any]:
     """Every step of the chosen episodes through the baseline and each cache policy, interleaved per episode and
-    repeat; per policy a row with per-step numbers and their summary. Runs with `config.threads` torch threads."""
+    repeat; per policy a row with per-step numbers and their summary. Runs with `config.threads` torch threads.
+    `backbone`: one already built (e.g. held in bfloat16 by a real-size benchmark) instead of `config.backbone`."""
     config.check()
     with torch_threads(config.threads) as threads:
         print(f"vlacache bench {config.name}: {threads}", flush=True)
-        return measure(config, progress)
+        return measure(config, progress, backbone)
 
 
-def measure(config: BenchConfig, progress: bool) -> dict[str, Any]:
-    backbone = build_backbone(config.backbone)
+def measure(config: BenchConfig, progress: bool, backbone=None) -> dict[str, Any]:
+    backbone = build_backbone(config.backbone) if backbone is None else backbone
     policies = [build_policy(spec) for spec in _policy_specs(config.policy)]
     labels = [p.label for p in policies]
     if len(set(labels)) != len(labels):
@@ -113,7 +114,8 @@ def measure(config: BenchConfig, progress: bool) -> dict[str, Any]:
         episodes = collect_episodes(env, config.episodes, config.max_steps)
     finally:
         env.close()
-    checks = self_checks(backbone, episodes[0])
+    checks = self_checks(backbone, episodes[0]) if config.self_checks else \
+        {"zero_reuse_max_abs_diff": None, "identical_frame_max_abs_diff": None}
     fast = config.fast_path
     eager = {**fast.options(), "compile": False, "compile_mode": None}
     runners = {"baseline": CachedVLA(backbone, None)} | {p.label: CachedVLA(backbone, p, **eager) for p in policies}
