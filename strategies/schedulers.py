@@ -29,7 +29,7 @@ def layer_entropy(ctx: PlanContext) -> torch.Tensor | None:
     stats = ctx.stats
     if stats is None or len(stats.entropy) < ctx.num_layers:
         return None
-    return torch.stack([stats.entropy[i].float().mean().cpu() for i in range(ctx.num_layers)])
+    return torch.stack([stats.entropy[i].float().mean() for i in range(ctx.num_layers)]).cpu()
 
 
 @register_strategy("scheduler", "entropy-adaptive")

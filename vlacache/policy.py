@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +164,10 @@ class CachePolicy:
         if unknown:
             raise InputError(f"policy '{self.label}': cameras {unknown} are not inputs of this backbone, whose cameras "
                              f"are {sorted(ctx.layout.vision)}; name some of those in the policy's cameras")
-        ordered = {camera: self._order(c) + ctx.layout.vision[camera].start for camera, c in candidates.items()}
+        # each camera's candidates in the batch's smallest count: one read of all cameras' counts
+        smallest = torch.stack([c.mask.sum(dim=1).min() for c in candidates.values()]).tolist() if candidates else []
+        ordered = {camera: self._order(c, n) + ctx.layout.vision[camera].start
+                   for (camera, c), n in zip(candidates.items(), smallest)}
         if self.reuse_order == "position":
             joint = torch.sort(torch.cat(list(ordered.values()), dim=1), dim=1).values if ordered else \
                 torch.empty(ctx.batch_size, 0, dtype=torch.long)
@@ -182,33 +186,25 @@ class CachePolicy:
 
     @staticmethod
     def _layer_order(ordered: dict[str, torch.Tensor], per_camera: dict[str, list[int]], num_layers: int, batch_size: int):
-        """Layer l reuses the first per_camera[camera][l] positions of each camera's order. Returns one order over all
-        cameras with the counts per layer: tokens that join at a shallower layer first; within one layer, the
-        cameras interleaved by their rank relative to their candidate count."""
-        parts, counts, taken = [], [], {camera: 0 for camera in ordered}
-        for layer in range(num_layers):
-            new, rank = [], []
-            for camera, order in ordered.items():
-                n = order.shape[1]
-                upto = min(max(per_camera[camera][layer], taken[camera]), n)
-                new.append(order[:, taken[camera]:upto])
-                rank.append(torch.arange(taken[camera], upto, dtype=torch.float64) / max(n, 1))
-                taken[camera] = upto
-            if new:
-                interleave = torch.sort(torch.cat(rank), stable=True).indices
-                parts.append(torch.cat(new, dim=1)[:, interleave])
-            counts.append(sum(taken.values()))
-        order = torch.cat(parts, dim=1) if parts else torch.empty(batch_size, 0, dtype=torch.long)
-        return order, counts
+        """Layer l reuses the first per_camera[camera][l] positions of each camera's order (never fewer than at the
+        layer above). Returns one order over all cameras with the counts per layer: tokens that join at a shallower
+        layer first; within one layer, the cameras interleaved by their rank relative to their candidate count (equal
+        ranks in camera order)."""
+        if not ordered:
+            return torch.empty(batch_size, 0, dtype=torch.long), [0] * num_layers
+        takes = tuple((order.shape[1], tuple(per_camera[camera])) for camera, order in ordered.items())
+        permutation, counts = joint_order(takes)
+        order = torch.cat(list(ordered.values()), dim=1)
+        return order[:, permutation.to(order.device)], list(counts)
 
-    def _order(self, candidates: Candidates) -> torch.Tensor:
-        """Candidate patch indices [B, n], most reusable first; n is the smallest count in the batch."""
+    def _order(self, candidates: Candidates, count: int) -> torch.Tensor:
+        """The first `count` candidate patch indices [B, count], most reusable first."""
         mask = candidates.mask
-        count = int(mask.sum(dim=1).min()) if mask.numel() else 0
         if self.reuse_order == "similarity":
             key = candidates.score.float().masked_fill(~mask, float("-inf"))
         else:
-            key = (-torch.arange(mask.shape[1], dtype=torch.float32)).expand_as(mask).masked_fill(~mask, float("-inf"))
+            key = (-torch.arange(mask.shape[1], dtype=torch.float32, device=mask.device)).expand_as(mask) \
+                .masked_fill(~mask, float("-inf"))
         order = torch.sort(key, dim=1, descending=True, stable=True).indices
         return order[:, :count]
 
@@ -229,3 +225,22 @@ class CachePolicy:
             f"CachePolicy({self.label!r}, selector={self.selector}, relevance={self.relevance}, "
             f"scheduler={self.scheduler}, gate={self.gate}, pruner={self.pruner}, reuse_order={self.reuse_order!r})"
         )
+
+
+@functools.lru_cache(maxsize=256)
+def joint_order(takes: tuple[tuple[int, tuple[int, ...]], ...]) -> tuple[torch.Tensor, list[int]]:
+    """`CachePolicy._layer_order`'s permutation of the cameras' concatenated orders, and the counts per layer, from
+    each camera's (candidate count, reuse count per layer). It depends on counts alone, so it is computed once per
+    distinct set of counts (one tensor pass over the tokens) and reused."""
+    joins, ranks, counts = [], [], None
+    for n, per_layer in takes:
+        taken = torch.tensor(per_layer, dtype=torch.long).clamp_min(0).cummax(0).values.clamp_max(n)
+        positions = torch.arange(n)
+        joins.append(torch.searchsorted(taken, positions, right=True))  # the layer position i joins at
+        ranks.append(positions.double() / max(n, 1))
+        counts = taken if counts is None else counts + taken
+    join, rank = torch.cat(joins), torch.cat(ranks)
+    by_rank = torch.sort(rank, stable=True).indices
+    permutation = by_rank[torch.sort(join[by_rank], stable=True).indices]
+    counts = counts.tolist()
+    return permutation[: counts[-1]], counts
