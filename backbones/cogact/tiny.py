@@ -18,6 +18,8 @@ PRESETS: dict[str, dict] = {
     # the micro-policy (vlacache train): the OpenVLA micro preset's 128 px towers and 4 x 128 decoder, a 3-block DiT
     "micro": dict(llm={k: v for k, v in DECODER_PRESETS["micro"].items() if k != "towers"},
                   action_model_type="vlacache-micro-DiT", vision="vlacache-micro-dinosiglip-128px"),
+    # the CPU benchmarks' ~25M decoder (as OpenVLA's and OFT's cpu-25m) with the paper's DiT-B action model
+    "cpu-25m": dict(llm=DECODER_PRESETS["cpu-25m"], action_model_type="DiT-B", vision="vlacache-tiny-dinosiglip-224px"),
 }
 
 
