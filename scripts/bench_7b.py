@@ -73,11 +73,14 @@ def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def load(family: str, path: Path):
-    """The checkpoint held in bfloat16 and run in float32 (the heads and the projector wholly in float32)."""
+def load(family: str, path: Path, device: str):
+    """On the CPU: the checkpoint held in bfloat16 and run in float32 (the heads and the projector wholly in
+    float32). On a GPU: in bfloat16, as released (nothing held, no copies)."""
     start = time.perf_counter()
-    backbone = backbone_class(family).from_pretrained(path, dtype=torch.bfloat16)
+    backbone = backbone_class(family).from_pretrained(path, dtype=torch.bfloat16, device=device)
     model = backbone.model
+    if backbone.device.type != "cpu":
+        return backbone, HeldWeights(), HeldWeights(), time.perf_counter() - start
     vision = HeldWeights(model.vision_backbone, model.projector)
     decoder = HeldWeights(model.language_model)
     for part in ("action_head", "proprio_projector"):
@@ -96,10 +99,12 @@ def hook_free_ideal(backbone, decoder: HeldWeights, length: int, reused: dict[st
     lengths = {"full": length} | {label: length - n for label, n in reused.items()}
     out = {}
     for label, n in lengths.items():
-        embeds = torch.randn(1, n, width)
+        embeds = torch.randn(1, n, width, device=backbone.device, dtype=backbone.dtype)
         before = decoder.seconds
         start = time.perf_counter()
         backbone.decoder(inputs_embeds=embeds, use_cache=False)
+        if embeds.is_cuda:
+            torch.cuda.synchronize()
         out[label] = {"rows": n, "seconds": time.perf_counter() - start, "copy_seconds": decoder.seconds - before}
     return out
 
@@ -108,6 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("family", choices=FAMILIES)
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: runs/<family>_7b_random")
+    parser.add_argument("--device", default="cpu", help="cuda: bfloat16 on the GPU, as released (config's "
+                        "backbone.device is then ignored)")
     parser.add_argument("--preset", default="7b", help="the size to build (a smaller preset tries the script out)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/bench/cpu_<family>_7b.json")
     parser.add_argument("overrides", nargs="*", help="bench config overrides, key=value")
@@ -119,7 +126,7 @@ def main() -> None:
         build_seconds = build_checkpoint(args.family, path, args.preset)
         if build_seconds is not None:
             print(f"built {path} in {build_seconds:.0f} s", flush=True)
-        backbone, vision, decoder, load_seconds = load(args.family, path)
+        backbone, vision, decoder, load_seconds = load(args.family, path, args.device)
         loaded_peak = peak_gib()
         params = sum(p.numel() for p in backbone.model.parameters()) / 1e9
         print(f"loaded {path}: {params:.2f} B parameters in {load_seconds:.1f} s, peak {loaded_peak:.1f} GiB", flush=True)
@@ -163,9 +170,10 @@ def main() -> None:
                   "compute_gb_per_second": streamed / compute}
     result = {"family": args.family, "checkpoint": str(path), "parameters_billion": params,
               "build_seconds": build_seconds, "load_seconds": load_seconds, "peak_gib_after_load": loaded_peak,
-              "peak_gib": peak_gib(), "sequence_length": length, "weight_copies": copies,
-              "weight_copies_seconds_per_query": per_query, "hook_free_ideal": ideal, "decode": decode, "summary": summary,
-              "bench": report}
+              "peak_gib": peak_gib(), "sequence_length": length, "device": str(backbone.device),
+              "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if backbone.device.type == "cuda" else None,
+              "weight_copies": copies, "weight_copies_seconds_per_query": per_query, "hook_free_ideal": ideal,
+              "decode": decode, "summary": summary, "bench": report}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print_bench_report(report)

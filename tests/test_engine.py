@@ -314,3 +314,17 @@ def test_a_step_that_raised_mid_prefill_resets_the_episode(tiny, frames):
         step = vla.predict(frames[2])
     assert step.stats.episode_reset and sum(step.stats.reused_per_layer) == 0
     assert torch.equal(step.logits, CachedVLA(tiny, None).predict(frames[2]).logits)
+
+
+def test_statistics_reach_the_host_in_one_transfer_with_values_and_dtypes_kept():
+    from vlacache.engine.hooks import in_one_transfer, on_host
+
+    to_keys = {0: torch.rand(2, 7, dtype=torch.float64), 3: torch.rand(2, 7).to(torch.bfloat16)}
+    entropy = {0: torch.rand(2), 3: torch.rand(2, dtype=torch.float16)}
+    moved = in_one_transfer((to_keys, entropy), torch.device("cpu"))
+    for before, after in zip((to_keys, entropy), moved):
+        assert list(after) == list(before)
+        for layer in before:
+            assert after[layer].dtype == before[layer].dtype and torch.equal(after[layer], before[layer])
+    same = on_host(to_keys, entropy)  # already on the CPU: returned as they are
+    assert same[0] is to_keys and same[1] is entropy

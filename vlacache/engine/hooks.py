@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, reduce
 from typing import Any
 
 import torch
@@ -364,7 +364,8 @@ class CacheEngine:
         }
         self.episode.final_hidden = step.final_hidden
         self.episode.stats = (
-            AttentionStats(step.to_keys, step.entropy, query=step.request.query, entropy_rows=step.request.entropy)
+            AttentionStats(*on_host(step.to_keys, step.entropy), query=step.request.query,
+                           entropy_rows=step.request.entropy)
             if step.probe_layers else None
         )
         staleness = None
@@ -735,3 +736,22 @@ class CacheEngine:
         step.in_prefill = False
         step.cache.recording = False
         return output
+
+
+def on_host(*parts: dict[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], ...]:
+    """Per-layer tensors moved to the CPU in one transfer (the next plan reads them there: no device sync while
+    planning); CPU tensors are returned as they are."""
+    if all(t.device.type == "cpu" for part in parts for t in part.values()):
+        return parts
+    return in_one_transfer(parts, torch.device("cpu"))
+
+
+def in_one_transfer(parts: tuple[dict[int, torch.Tensor], ...], device: torch.device) -> tuple[dict[int, torch.Tensor], ...]:
+    """`parts` on `device`, copied as one flat tensor of their common dtype and split back (values and dtypes kept)."""
+    tensors = [t for part in parts for t in part.values()]
+    if not tensors:
+        return parts
+    common = reduce(torch.promote_types, (t.dtype for t in tensors))
+    flat = torch.cat([t.to(common).reshape(-1) for t in tensors]).to(device)
+    pieces = iter(flat.split([t.numel() for t in tensors]))
+    return tuple({layer: next(pieces).view(t.shape).to(t.dtype) for layer, t in part.items()} for part in parts)
