@@ -63,7 +63,7 @@ def build_checkpoint(family: str, path: Path, preset: str) -> float | None:
         backbone = build_preset(preset, dtype=torch.bfloat16)
     finally:
         torch.set_default_dtype(default)
-    backbone.save_pretrained(partial)
+    backbone.save_pretrained(partial, max_shard_bytes=2**31)  # 2 GiB shards: less memory while writing
     del backbone
     partial.rename(path)
     return time.perf_counter() - start
