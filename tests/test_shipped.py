@@ -13,12 +13,14 @@ from vlacache.errors import CheckpointError
 from vlacache.backbone import resolve_checkpoint, shipped_policies
 from vlacache.backbones.openvla import OpenVLABackbone
 from vlacache.backbones.openvla_oft import OpenVLAOFTBackbone
+from vlacache.backbones.pi0 import PI0Backbone
 from vlacache.experiment import build_backbone
 
 from test_libero import LIBERO_MISSING, libero_installed
 
 SHIPPED = "micro_oft_libero_spatial"
-BACKBONE_CLASS = {"micro_oft_libero_spatial": OpenVLAOFTBackbone, "micro_openvla_libero_spatial": OpenVLABackbone}
+BACKBONE_CLASS = {"micro_oft_libero_spatial": OpenVLAOFTBackbone, "micro_openvla_libero_spatial": OpenVLABackbone,
+                  "micro_pi0_libero_spatial": PI0Backbone}
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONE_CLASS))
