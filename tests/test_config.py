@@ -27,6 +27,14 @@ def test_experiment_and_bench_configs_load_with_overrides():
     assert bench.policy["scheduler"]["fraction"] == 0.5
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (packaged_configs() / "bench").glob("*.yaml")))
+def test_every_shipped_bench_config_loads_and_its_policies_build(name):
+    bench = load_config(BenchConfig, name, "bench")
+    specs = bench.policy if isinstance(bench.policy, list) else [bench.policy]
+    labels = [CachePolicy.from_config(spec).label for spec in specs]
+    assert len(set(labels)) == len(labels), labels
+
+
 def test_config_typos_fail_loudly(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'policies'"):
         load_config(ExperimentConfig, "tiny_replay", "experiment", ["policys=[a]"])
