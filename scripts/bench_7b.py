@@ -36,27 +36,25 @@ from vlacache.threads import torch_threads
 FAMILIES = ("oft", "openvla")
 
 
-def backbone_class(family: str):
-    if family == "oft":
-        from vlacache.backbones.openvla_oft import OpenVLAOFTBackbone
+def family(name: str):
+    """A family's backbone class and its `build_preset`."""
+    if name == "oft":
+        from vlacache.backbones.openvla_oft import OpenVLAOFTBackbone, build_preset
 
-        return OpenVLAOFTBackbone
-    from vlacache.backbones.openvla import OpenVLABackbone
+        return OpenVLAOFTBackbone, build_preset
+    from vlacache.backbones.openvla import OpenVLABackbone, build_preset
 
-    return OpenVLABackbone
+    return OpenVLABackbone, build_preset
 
 
-def build_checkpoint(family: str, path: Path, preset: str) -> float | None:
+def build_checkpoint(name: str, path: Path, preset: str) -> float | None:
     """The random-weight 7B checkpoint in bfloat16, written to a side folder and renamed when complete."""
     if (path / "config.json").exists():
         return None
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     start = time.perf_counter()
-    if family == "oft":
-        from vlacache.backbones.openvla_oft import build_preset
-    else:
-        from vlacache.backbones.openvla import build_preset
+    build_preset = family(name)[1]
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # never materialise the 30 GB float32 model
     try:
@@ -73,11 +71,11 @@ def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def load(family: str, path: Path, device: str):
+def load(name: str, path: Path, device: str):
     """On the CPU: the checkpoint held in bfloat16 and run in float32 (the heads and the projector wholly in
     float32). On a GPU: in bfloat16, as released (nothing held, no copies)."""
     start = time.perf_counter()
-    backbone = backbone_class(family).from_pretrained(path, dtype=torch.bfloat16, device=device)
+    backbone = family(name)[0].from_pretrained(path, dtype=torch.bfloat16, device=device)
     model = backbone.model
     if backbone.device.type != "cpu":
         return backbone, HeldWeights(), HeldWeights(), time.perf_counter() - start
