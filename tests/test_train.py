@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -75,6 +76,40 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(demo_folder, t
     assert second["global_step"] == 2 * first["global_step"]  # epoch 0 was not trained again
     epochs = [row.split(",")[0] for row in (out / "loss_curves.csv").read_text().splitlines()[1:]]
     assert epochs == ["0", "1"]  # both runs' losses in one curve
+
+
+class CountingModule(L.LightningModule):
+    """A one-layer Lightning module that counts its training steps and dies (SystemExit) at step `die_at`."""
+
+    def __init__(self, die_at=None):
+        super().__init__()
+        self.layer, self.steps, self.die_at = torch.nn.Linear(2, 1), 0, die_at
+
+    def training_step(self, batch, index):
+        self.steps += 1
+        if self.steps == self.die_at:
+            raise SystemExit("interrupted")
+        return self.layer(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_run_interrupted_mid_epoch_resumes_from_its_in_epoch_checkpoint(tmp_path, monkeypatch):
+    from torch.utils.data import DataLoader, TensorDataset
+    from vlacache.train import lightning_run
+
+    monkeypatch.setattr(lightning_run, "IN_EPOCH_EVERY", 4)
+    loaders = {"train_dataloaders": DataLoader(TensorDataset(torch.randn(12, 2)), batch_size=1, shuffle=True)}
+    interrupted = CountingModule(die_at=7)
+    with pytest.raises(SystemExit):
+        lightning_run.fit_resuming(interrupted, tmp_path, 2, False, loaders)
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["in-epoch.ckpt"]  # step 4 of epoch 0, no epoch ended
+    resumed = CountingModule()
+    trainer = lightning_run.fit_resuming(resumed, tmp_path, 2, False, loaders)
+    assert resumed.steps == 2 * 12 - 4 and trainer.global_step == 2 * 12  # the 4 steps done were not redone
+    assert lightning_run.newest_checkpoint(folder).endswith("last.ckpt")
 
 
 def test_a_run_with_other_settings_is_refused_and_restart_moves_it_aside(demo_folder, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """The Lightning run every `vlacache train` objective shares: the output folder, threads and seeds, a trainer that
-checkpoints every epoch and logs CSV, and a fit that resumes from the last checkpoint after an interruption."""
+checkpoints every epoch (and every IN_EPOCH_EVERY steps within one) and logs CSV, and a fit that resumes from the
+newest checkpoint after an interruption."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from ..messages import note, warn
 RUN_FILE = "train_run.json"  # the settings a run's checkpoints were made with
 # settings that do not change what a checkpoint holds: where it goes, how fast, how long, how it is exported
 NOT_COUNTED = ("name", "output_dir", "threads", "epochs", "max_steps", "save_dtype")
+# An epoch of a micro-deep policy is over an hour on 2 CPU cores: a run interrupted mid-epoch resumes from the
+# newest of these steps instead of the epoch's start (the rest of that epoch draws a fresh shuffled order).
+IN_EPOCH_EVERY = 100
+IN_EPOCH_NAME = "in-epoch"
 
 
 def start_run(config: Any, restart: bool = False) -> Path:
@@ -50,7 +55,7 @@ def _index_hash(folder: Path) -> str | None:
 def claim_folder(out: Path, settings: dict[str, Any], restart: bool) -> None:
     """Refuse to resume checkpoints made with other settings (naming them); `restart` moves the folder's
     previous run into out/restarted-<time>/ instead (nothing is deleted)."""
-    path, last = out / RUN_FILE, out / "checkpoints" / "last.ckpt"
+    path = out / RUN_FILE
     if restart:
         previous = [p for p in out.iterdir() if not p.name.startswith("restarted-")]
         if previous:
@@ -59,7 +64,7 @@ def claim_folder(out: Path, settings: dict[str, Any], restart: bool) -> None:
             for item in previous:
                 item.rename(dest / item.name)
             note(f"moved the previous training run in {out} to {dest}")
-    elif last.is_file():
+    elif newest_checkpoint(out / "checkpoints"):
         if not path.is_file():
             warn(f"{out} holds checkpoints without a record of their settings (an older vlacache): resuming them "
                  f"under these settings; add --restart to start over")
@@ -75,15 +80,24 @@ def claim_folder(out: Path, settings: dict[str, Any], restart: bool) -> None:
 
 def fit_resuming(module: L.LightningModule, out: Path, epochs: int, progress: bool, loaders: dict[str, Any],
                  accelerator: str = "cpu", **trainer_args) -> L.Trainer:
-    """Fit for `epochs` with a checkpoint per epoch (out/checkpoints) and CSV logs (out/logs), resuming from
-    out/checkpoints/last.ckpt when an earlier run left one."""
-    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=-1,
-                                                      every_n_epochs=1)
+    """Fit for `epochs` with a checkpoint per epoch and one overwritten every IN_EPOCH_EVERY steps
+    (out/checkpoints) and CSV logs (out/logs), resuming from the newer of out/checkpoints/last.ckpt and the
+    in-epoch checkpoint when an earlier run left one."""
+    folder = out / "checkpoints"
+    per_epoch = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=-1, every_n_epochs=1)
+    in_epoch = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, filename=IN_EPOCH_NAME, save_top_k=1,
+                                                   every_n_train_steps=IN_EPOCH_EVERY, enable_version_counter=False)
     trainer = L.Trainer(
-        accelerator=accelerator, devices=1, max_epochs=epochs, callbacks=[checkpoints],
+        accelerator=accelerator, devices=1, max_epochs=epochs, callbacks=[per_epoch, in_epoch],
         logger=L.pytorch.loggers.CSVLogger(out, name="logs"), enable_progress_bar=progress, log_every_n_steps=10,
         num_sanity_val_steps=0, enable_model_summary=False, **trainer_args,
     )
-    last = out / "checkpoints" / "last.ckpt"
-    trainer.fit(module, ckpt_path=str(last) if last.is_file() else None, **loaders)
+    trainer.fit(module, ckpt_path=newest_checkpoint(folder), **loaders)
     return trainer
+
+
+def newest_checkpoint(folder: Path) -> str | None:
+    """The checkpoint a resumed fit starts from: the later written of last.ckpt (an epoch's end) and the in-epoch
+    one; None when the folder holds neither."""
+    found = [p for p in (folder / "last.ckpt", folder / f"{IN_EPOCH_NAME}.ckpt") if p.is_file()]
+    return str(max(found, key=lambda p: p.stat().st_mtime_ns)) if found else None
