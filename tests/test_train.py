@@ -112,6 +112,34 @@ def test_a_run_interrupted_mid_epoch_resumes_from_its_in_epoch_checkpoint(tmp_pa
     assert lightning_run.newest_checkpoint(folder).endswith("last.ckpt")
 
 
+def test_a_bc_run_resumed_mid_epoch_trains_each_sample_of_that_epoch_once(demo_folder, tmp_path, monkeypatch):
+    """Killed after 2 steps and resumed: epoch 0 draws the same order and skips what was trained, so each training
+    sample is trained exactly once in it (the samples named by their proprio and action chunk)."""
+    from vlacache.train import bc, lightning_run
+
+    monkeypatch.setattr(lightning_run, "IN_EPOCH_EVERY", 1)
+    trained, die_at = [], [3]
+    step = bc.BehaviourCloning.training_step
+
+    def recording_step(self, batch, index):
+        if self.global_step + 1 == die_at[0]:
+            raise SystemExit("interrupted")
+        if self.trainer.current_epoch == 0:
+            trained.extend(p.tobytes() + a.tobytes() for p, a in zip(batch["observation"].proprio, batch["actions"]))
+        return step(self, batch, index)
+
+    monkeypatch.setattr(bc.BehaviourCloning, "training_step", recording_step)
+    out = tmp_path / "mid"
+    with pytest.raises(SystemExit):
+        train(config(demo_folder, out, epochs=2, batch_size=2), progress=False)
+    die_at[0] = 0
+    train(config(demo_folder, out, epochs=2, batch_size=2), progress=False)
+    train_eps, _ = bc.split_episodes(list(load_demos(demo_folder)), 0.25, 0)
+    everything = bc.DemoSamples(train_eps, 8)
+    expected = [everything[i]["proprio"].tobytes() + everything[i]["actions"].tobytes() for i in range(len(everything))]
+    assert len(expected) > 4 and sorted(trained) == sorted(expected)
+
+
 def test_a_run_with_other_settings_is_refused_and_restart_moves_it_aside(demo_folder, tmp_path, capsys):
     from vlacache.config import ConfigError
     from vlacache.eval.results import ResultsConflict

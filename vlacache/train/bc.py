@@ -4,7 +4,8 @@ The model is the project's own backbone class (e.g. the `micro` OpenVLA-OFT or O
 the backbone's `bc_loss` (OFT: L1 on the normalised action chunk; OpenVLA: cross-entropy on the 7 action
 tokens), through the same `prepare` / `embed` / decoder path as inference, so what is trained is what runs.
 The action (and proprio) statistics come from the demonstrations' `dataset_statistics.json` and are saved with
-the model. Lightning runs the loop: a checkpoint every epoch, resume from the last one after an interruption,
+the model. Lightning runs the loop: a checkpoint every epoch (and every 100 steps), resume from the newest after an interruption (mid-epoch: the
+epoch's own order, the trained batches skipped),
 seeded and deterministic, a progress bar, a validation split by episode, and loss curves (CSV + PNG).
 The result is saved in the backbone's released layout (`from_pretrained` loads it key for key).
 """
@@ -130,18 +131,23 @@ def batches_by_prompt(samples: DemoSamples, prompt_length, batch_size: int, shuf
 
 
 class PromptLengthBatches(torch.utils.data.Sampler):
-    """A batch sampler over `batches_by_prompt`, reshuffled every epoch (deterministically from the seed)."""
+    """A batch sampler over `batches_by_prompt`, reshuffled every epoch (deterministically from the seed + epoch).
+    `position` (the training module's) names the epoch and how many of its batches are done, so a run resumed
+    mid-epoch draws that epoch's order and skips what was trained; without it, the sampler counts epochs itself."""
 
-    def __init__(self, samples: DemoSamples, prompt_length, batch_size: int, shuffle: bool, seed: int) -> None:
+    def __init__(self, samples: DemoSamples, prompt_length, batch_size: int, shuffle: bool, seed: int,
+                 position=None) -> None:
         self.samples, self.prompt_length, self.batch_size, self.shuffle, self.seed = (
             samples, prompt_length, batch_size, shuffle, seed)
+        self.position = position
         self.epoch = 0
         self._count = len(batches_by_prompt(samples, prompt_length, batch_size, False, seed))
 
     def __iter__(self):
-        batches = batches_by_prompt(self.samples, self.prompt_length, self.batch_size, self.shuffle, self.seed + self.epoch)
-        self.epoch += 1
-        return iter(batches)
+        epoch, done = self.position() if self.position else (self.epoch, 0)
+        self.epoch = epoch + 1
+        batches = batches_by_prompt(self.samples, self.prompt_length, self.batch_size, self.shuffle, self.seed + epoch)
+        return iter(batches[done:])
 
     def __len__(self) -> int:
         return self._count
@@ -161,13 +167,18 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 class BehaviourCloning(L.LightningModule):
     """The backbone's trainable modules and its `bc_loss`; AdamW with linear warmup and cosine decay."""
 
-    def __init__(self, backbone: Backbone, config: TrainConfig) -> None:
+    def __init__(self, backbone: Backbone, config: TrainConfig, steps_per_epoch: int) -> None:
         super().__init__()
-        self.backbone, self.config = backbone, config
+        self.backbone, self.config, self.steps_per_epoch = backbone, config, steps_per_epoch
         self.parts = torch.nn.ModuleDict(backbone.trainable_modules())
 
     def on_fit_start(self) -> None:
         self.parts.train()  # backbones are built for inference (eval mode)
+
+    def position(self) -> tuple[int, int]:
+        """The training epoch and how many of its batches are done, from the optimizer steps taken (one per batch;
+        restored from the checkpoint on resume)."""
+        return divmod(self.trainer.global_step, self.steps_per_epoch)
 
     def training_step(self, batch, _):
         loss = self.backbone.bc_loss(batch["observation"], batch["actions"])
@@ -181,7 +192,10 @@ class BehaviourCloning(L.LightningModule):
     def configure_optimizers(self):
         config = self.config
         optimizer = torch.optim.AdamW(self.parts.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        # counted here, not with trainer.estimated_stepping_batches: that loads the training data before a resumed
+        # run's progress is restored, and the data's order then starts the epoch over (PromptLengthBatches)
+        total = self.steps_per_epoch * config.epochs
+        total = max(1, min(total, config.max_steps) if config.max_steps != -1 else total)
 
         def factor(step: int) -> float:
             if step < config.warmup_steps:
@@ -258,11 +272,8 @@ def train(config: TrainConfig, progress: bool = True, restart: bool = False) -> 
                           "none is left to train on; lower val_fraction")
     prompt_length = lambda text: len(backbone.prompt_ids(text))  # noqa: E731
     train_set = DemoSamples(train_eps, config.chunk, config.shift_pixels)
-    loaders = {
-        "train_dataloaders": torch.utils.data.DataLoader(
-            train_set, batch_sampler=PromptLengthBatches(train_set, prompt_length, config.batch_size, True, config.seed),
-            collate_fn=collate),
-    }
+    train_batches = PromptLengthBatches(train_set, prompt_length, config.batch_size, True, config.seed)
+    loaders = {"train_dataloaders": torch.utils.data.DataLoader(train_set, batch_sampler=train_batches, collate_fn=collate)}
     if val_eps:
         val_set = DemoSamples(val_eps, config.chunk, 0)
         loaders["val_dataloaders"] = torch.utils.data.DataLoader(
@@ -270,7 +281,8 @@ def train(config: TrainConfig, progress: bool = True, restart: bool = False) -> 
             collate_fn=collate)
     if len(loaders["train_dataloaders"]) == 0:
         raise ConfigError(f"the train config: the {len(train_eps)} training episodes give no batch; lower batch_size")
-    module = BehaviourCloning(backbone, config)
+    module = BehaviourCloning(backbone, config, len(train_batches))
+    train_batches.position = module.position
     fit_resuming(module, out, config.epochs, progress, loaders,
                  accelerator="cpu" if backbone.device.type == "cpu" else "auto", max_steps=config.max_steps,
                  deterministic="warn")
