@@ -4,9 +4,9 @@ The model is the project's own backbone class (e.g. the `micro` OpenVLA-OFT or O
 the backbone's `bc_loss` (OFT: L1 on the normalised action chunk; OpenVLA: cross-entropy on the 7 action
 tokens), through the same `prepare` / `embed` / decoder path as inference, so what is trained is what runs.
 The action (and proprio) statistics come from the demonstrations' `dataset_statistics.json` and are saved with
-the model. Lightning runs the loop: a checkpoint every epoch (and every 100 steps), resume from the newest after an interruption (mid-epoch: the
-epoch's own order, the trained batches skipped),
-seeded and deterministic, a progress bar, a validation split by episode, and loss curves (CSV + PNG).
+the model. Lightning runs the loop: a checkpoint every epoch (and every 100 steps), resume from the newest after
+an interruption (mid-epoch: the epoch's own order, the trained batches skipped), seeded and deterministic, a
+progress bar, a validation split by episode, and loss curves (CSV + PNG).
 The result is saved in the backbone's released layout (`from_pretrained` loads it key for key).
 """
 
