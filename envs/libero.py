@@ -417,6 +417,48 @@ class LiberoEnv(Env):
         return self._observation(raw)
 
     def step(self, action: np.ndarray) -> tuple[Observation, float, bool, dict[str, Any]]:
+        raw, reward, done, info = self._advance(action)
+        return self._observation(raw), reward, done, info
+
+    def run_actions(self, actions: np.ndarray, budget: int) -> tuple[Observation, bool, dict[str, Any], int]:
+        """`Env.run_actions`, drawing the cameras only at the one step whose observation can reach the policy: the
+        last action of the chunk. Drawing is most of an env step on a CPU (about 85% at 128 px with llvmpipe), and
+        the skipped frames are never seen. The physics, and the frame returned after a whole chunk, are those of
+        `step` called once per action: the cameras keep their sampling schedule, only the drawing is left out. An
+        episode that ends before the chunk's last action returns its final state drawn when it ends."""
+        last = min(len(actions), budget) - 1
+        cameras = self._cameras()
+        done, info, taken, raw = False, {}, 0, None
+        try:
+            for action in actions:
+                for observable, (draw, stale) in cameras.items():  # not set_sensor(): it calls (draws) the sensor
+                    observable._sensor = draw if taken == last else stale
+                raw, _, done, info = self._advance(action)
+                taken += 1
+                if done or taken >= budget:
+                    break
+        finally:
+            for observable, (draw, _) in cameras.items():
+                observable._sensor = draw
+        if raw is not None and taken - 1 != last:  # ended early, on a step whose cameras were not drawn
+            raw = {**raw, **{observable.name: draw({}) for observable, (draw, _) in cameras.items()}}
+        return (self._observation(raw) if raw is not None else None), done, info, taken
+
+    def _cameras(self) -> dict[Any, tuple[Any, Any]]:
+        """The simulator's camera observables, each with its drawing sensor and a stand-in that repeats the frame it
+        holds (robosuite sets fresh sensors at every hard reset, so this is read per chunk). robosuite 1.4 (LIBERO's
+        pin) has no public way to read or swap a sensor without calling it."""
+        from robosuite.utils.observables import sensor
+
+        cameras = {}
+        for observable in self._env.env._observables.values():
+            if observable.modality == "image":
+                stale = sensor(modality="image")(lambda _cache, o=observable: o._current_observed_value)
+                cameras[observable] = (observable._sensor, stale)
+        return cameras
+
+    def _advance(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool, dict[str, Any]]:
+        """One env step: the raw robosuite observation, reward, done and info."""
         if self._env is None or self.task_id is None:
             raise InputError("call reset() before step()")
         if self._done:
@@ -429,7 +471,7 @@ class LiberoEnv(Env):
         self._done = success or timeout
         info = {"success": success, "timeout": timeout, "step": self.t, "task": self.episode.task,
                 "protocol": self.config.protocol, "libero_action": libero_action}
-        return self._observation(raw), float(reward), self._done, info
+        return raw, float(reward), self._done, info
 
     def _observation(self, raw: dict[str, Any]) -> Observation:
         self.raw_obs = raw
