@@ -2,7 +2,7 @@
 # The long jobs of "When is reuse safe" (BENCHMARKS.md), in order. Every step resumes: run this script again
 # after an interruption (or in a later session) and finished work is skipped, so only what is missing runs.
 # On the 2-core CPU machine: the cadence rows ~3 h (chunk 1) and ~2 h (chunk 2), the demonstrations ~85 min,
-# the 8-layer training ~7 h, the 16-layer ~12 h+ (a core each). Commit results/, trained policies as made.
+# the 8-layer training ~6 h, the 16-layer ~10 h+ (a core each). Commit results/, trained policies as made.
 #
 #   bash scripts/reuse_safety_jobs.sh [cadence|deep8|deep16|all]   (default: all)
 set -euo pipefail
