@@ -638,7 +638,7 @@ class CacheEngine:
             if rotary is None:
                 raise ValueError(f"{type(self.decoder).__name__} has no rotary_emb, so decode passes after a "
                                  "recycling pruner cannot be renumbered")
-            shifted = positions - int(prune.dropped_at[index][0].sum())
+            shifted = positions - prune.dropped_count(index)
             kwargs["position_embeddings"] = rotary(hidden, shifted[None].expand(hidden.shape[0], -1))
         return args, kwargs
 

@@ -43,6 +43,13 @@ class PruneState:
     order: torch.Tensor | None = None  # [B, P] the present slots in sequence order, once a rule renumbered them
     positions_at: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L] renumbered positions
     inserts: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (slots, tokens)
+    shift_at: dict[int, int] = field(default_factory=dict)  # layer -> tokens dropped there, read once per step
+
+    def dropped_count(self, layer: int) -> int:
+        """How many tokens row 0 dropped at `layer`: one host read per layer and step, not per decode pass."""
+        if layer not in self.shift_at:
+            self.shift_at[layer] = int(self.dropped_at[layer][0].sum())
+        return self.shift_at[layer]
 
     @property
     def wants_embeds(self) -> bool:
