@@ -103,11 +103,11 @@ def test_a_run_interrupted_mid_epoch_resumes_from_its_in_epoch_checkpoint(tmp_pa
     loaders = {"train_dataloaders": DataLoader(TensorDataset(torch.randn(12, 2)), batch_size=1, shuffle=True)}
     interrupted = CountingModule(die_at=7)
     with pytest.raises(SystemExit):
-        lightning_run.fit_resuming(interrupted, tmp_path, 2, False, loaders)
+        lightning_run.fit_resuming(interrupted, tmp_path, 2, False, loaders, resumable_mid_epoch=True)
     folder = tmp_path / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["in-epoch.ckpt"]  # step 4 of epoch 0, no epoch ended
     resumed = CountingModule()
-    trainer = lightning_run.fit_resuming(resumed, tmp_path, 2, False, loaders)
+    trainer = lightning_run.fit_resuming(resumed, tmp_path, 2, False, loaders, resumable_mid_epoch=True)
     assert resumed.steps == 2 * 12 - 4 and trainer.global_step == 2 * 12  # the 4 steps done were not redone
     assert lightning_run.newest_checkpoint(folder).endswith("last.ckpt")
 

@@ -283,7 +283,7 @@ def train(config: TrainConfig, progress: bool = True, restart: bool = False) -> 
         raise ConfigError(f"the train config: the {len(train_eps)} training episodes give no batch; lower batch_size")
     module = BehaviourCloning(backbone, config, len(train_batches))
     train_batches.position = module.position
-    fit_resuming(module, out, config.epochs, progress, loaders,
+    fit_resuming(module, out, config.epochs, progress, loaders, resumable_mid_epoch=True,
                  accelerator="cpu" if backbone.device.type == "cpu" else "auto", max_steps=config.max_steps,
                  deterministic="warn")
     write_curves(out, {"train_loss_epoch": "train_loss", "val_loss": "val_loss"}, ylabel="loss")

@@ -1,6 +1,6 @@
 """The Lightning run every `vlacache train` objective shares: the output folder, threads and seeds, a trainer that
-checkpoints every epoch (and every IN_EPOCH_EVERY steps within one) and logs CSV, and a fit that resumes from the
-newest checkpoint after an interruption."""
+checkpoints every epoch (and, where the data's order can resume mid-epoch, every IN_EPOCH_EVERY steps within one)
+and logs CSV, and a fit that resumes from the newest checkpoint after an interruption."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from ..messages import note, warn
 RUN_FILE = "train_run.json"  # the settings a run's checkpoints were made with
 # settings that do not change what a checkpoint holds: where it goes, how fast, how long, how it is exported
 NOT_COUNTED = ("name", "output_dir", "threads", "epochs", "max_steps", "save_dtype")
-# An epoch of a micro-deep policy is over an hour on 2 CPU cores: a run interrupted mid-epoch resumes from the
-# newest of these steps instead of the epoch's start (the rest of that epoch draws a fresh shuffled order).
+# An epoch of a micro-deep policy is about an hour on one CPU core: a run interrupted mid-epoch resumes from the
+# newest of these steps instead of the epoch's start.
 IN_EPOCH_EVERY = 100
 IN_EPOCH_NAME = "in-epoch"
 
@@ -79,16 +79,18 @@ def claim_folder(out: Path, settings: dict[str, Any], restart: bool) -> None:
 
 
 def fit_resuming(module: L.LightningModule, out: Path, epochs: int, progress: bool, loaders: dict[str, Any],
-                 accelerator: str = "cpu", **trainer_args) -> L.Trainer:
-    """Fit for `epochs` with a checkpoint per epoch and one overwritten every IN_EPOCH_EVERY steps
-    (out/checkpoints) and CSV logs (out/logs), resuming from the newer of out/checkpoints/last.ckpt and the
-    in-epoch checkpoint when an earlier run left one."""
+                 accelerator: str = "cpu", resumable_mid_epoch: bool = False, **trainer_args) -> L.Trainer:
+    """Fit for `epochs` with a checkpoint per epoch (out/checkpoints) and CSV logs (out/logs), resuming from the
+    newest checkpoint an earlier run left. `resumable_mid_epoch`: the training data's order can resume mid-epoch
+    (bc's PromptLengthBatches), so an overwritten in-epoch checkpoint is also written every IN_EPOCH_EVERY steps."""
     folder = out / "checkpoints"
-    per_epoch = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=-1, every_n_epochs=1)
-    in_epoch = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, filename=IN_EPOCH_NAME, save_top_k=1,
-                                                   every_n_train_steps=IN_EPOCH_EVERY, enable_version_counter=False)
+    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=-1, every_n_epochs=1)]
+    if resumable_mid_epoch:
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=folder, filename=IN_EPOCH_NAME, save_top_k=1, every_n_train_steps=IN_EPOCH_EVERY,
+            enable_version_counter=False))
     trainer = L.Trainer(
-        accelerator=accelerator, devices=1, max_epochs=epochs, callbacks=[per_epoch, in_epoch],
+        accelerator=accelerator, devices=1, max_epochs=epochs, callbacks=callbacks,
         logger=L.pytorch.loggers.CSVLogger(out, name="logs"), enable_progress_bar=progress, log_every_n_steps=10,
         num_sanity_val_steps=0, enable_model_summary=False, **trainer_args,
     )
