@@ -302,6 +302,7 @@ class LiberoEnv(Env):
         self._init_states: dict[int, np.ndarray] = {}
         self._env = None
         self._env_task: int | None = None
+        self._fresh_initializers = 0
         self.task_id: int | None = None
         self.episode: EpisodeSpec | None = None
         self.raw_obs: dict[str, Any] | None = None  # the last raw robosuite observation (unflipped)
@@ -385,6 +386,8 @@ class LiberoEnv(Env):
                 raise RuntimeError(_render_hint(self.config.renderer, e)) from e
             raise
         self._env_task = task_id
+        # the object-property samplers a fresh simulator holds: every reset starts from this many (see reset)
+        self._fresh_initializers = len(getattr(self._env.env, "object_property_initializers", []))
         return self._env
 
     def reset(self, episode: EpisodeSpec | None = None) -> Observation:
@@ -399,12 +402,13 @@ class LiberoEnv(Env):
             if not 0 <= episode.init_state < len(states):
                 raise InputError(f"init_state {episode.init_state} out of range: {self.config.suite}/{task_id} has {len(states)}")
         env = self._make_env(task_id)
-        if sampled:
-            # Each hard reset appends the task's open/close and on/off samplers to this list again without
-            # emptying it, so later resets draw more numbers first and a seed would give another scene.
-            initializers = getattr(env.env, "object_property_initializers", None)
-            if isinstance(initializers, list):
-                initializers.clear()
+        # Each hard reset appends the task's open/close and on/off samplers to this list again without emptying
+        # it, so the scene would depend on how many resets came before (libero_spatial task 4's cabinet drawer is
+        # drawn differently each time): every reset starts from the list a fresh simulator holds, so an episode's
+        # scene is that of the task's first reset in a new simulator, whatever ran before it in this process.
+        initializers = getattr(env.env, "object_property_initializers", None)
+        if isinstance(initializers, list):
+            del initializers[0 if sampled else self._fresh_initializers:]
         env.seed(int(episode.seed))  # LIBERO seeds numpy's global RNG, which its placement samplers draw from
         raw = env.reset()  # a hard reset: a new simulator and render context
         if self.config.render == "fast" and use_fast_render(env.env.sim):

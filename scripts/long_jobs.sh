@@ -15,7 +15,7 @@ case "${1:-}" in
     bash scripts/reuse_safety_jobs.sh deep16
     ;;
   families)
-    vlacache run micro_pi0_libero_spatial launcher.devices=1 threads=1
+    vlacache run micro_pi0_libero_spatial launcher.devices=1 threads=1 --verify-code-change
     bash scripts/micro_pi0_jobs.sh pi05
     bash scripts/train_and_ship.sh micro_cogact_maniskill
     bash scripts/train_and_ship.sh micro_openvla_maniskill

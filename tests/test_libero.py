@@ -195,6 +195,22 @@ def test_a_chunk_run_without_drawing_its_inner_frames_ends_where_step_by_step_en
         env.max_steps = limit
 
 
+@needs_libero
+def test_an_episode_resets_to_the_same_scene_whatever_ran_before_it():
+    """LIBERO appends a task's open/close samplers at every hard reset; left to grow, the list changed the scene
+    from one reset to the next (libero_spatial task 4's cabinet drawer), so an episode's outcome depended on the
+    episodes run before it in the process."""
+    drawer = LiberoEnv(LiberoEnv.Config(tasks=[4], init_states=[1, 2], resolution=64, render="fast", num_settle_steps=0))
+    try:
+        first = drawer.reset(drawer.episodes()[0]).images
+        drawer.reset(drawer.episodes()[1])
+        again = drawer.reset(drawer.episodes()[0]).images
+        for camera in ("primary", "wrist"):
+            np.testing.assert_array_equal(again[camera], first[camera])
+    finally:
+        drawer.close()
+
+
 def test_tiny_model_episode_with_cache_reuses_static_scene(env):
     import vlacache
     from vlacache.backbones.openvla import build_preset
