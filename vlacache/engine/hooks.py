@@ -391,7 +391,7 @@ class CacheEngine:
             stats=self.episode.stats,
             staleness=staleness,
             dropped_per_layer=None if prune is None else
-            [int(prune.dropped_at[i][0].sum()) if i in prune.dropped_at else 0 for i in range(self.num_layers)],
+            [prune.dropped_count(i) if i in prune.dropped_at else 0 for i in range(self.num_layers)],
         )
 
     def advance(self, signals: dict[str, torch.Tensor] | None = None, untouched: bool = False) -> None:
