@@ -332,7 +332,9 @@ class SimplerEnv(Env):
     def reset(self, episode: EpisodeSpec | None = None) -> Observation:
         episode = episode or self.episodes()[0]
         env = self._make(episode.task)
-        options: dict[str, Any] = {}
+        # a rebuilt scene: PhysX keeps contact state across plain resets, so an episode would depend on the ones
+        # before it in this simulator (the same seed and actions diverge once objects touch)
+        options: dict[str, Any] = {"reconfigure": True}
         if episode.task in BRIDGE_TASK_FILES or hasattr(env.unwrapped, "xyz_configs"):
             import torch
 

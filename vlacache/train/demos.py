@@ -127,20 +127,35 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(env_spec: dict[str, Any], expert: dict[str, Any], noise: dict[str, Any]) -> None:
     cls, env_config = resolve_component(ENVS, env_spec, "env")
+    _WORKER.update(make_env=lambda: cls(env_config), envs={})
     if env_spec.get("name") == "simpler":
         from vlacache.train.planner import check_planner
 
         check_planner()
-        _WORKER.update(env=cls(env_config), expert=None)
+        _WORKER.update(expert=None)
         return
-    _WORKER.update(env=cls(env_config), expert=PickPlaceExpert(typed(ExpertConfig, expert, "the expert config")),
+    _WORKER.update(expert=PickPlaceExpert(typed(ExpertConfig, expert, "the expert config")),
                    noise=typed(NoiseConfig, noise, "the noise config"))
+
+
+def _worker_env(task: str):
+    """The worker's env for `task`: one per task, kept for the worker's life. The episodes come seed-major (every
+    task in turn), and an adapter rebuilds its simulator when the task changes (ManiSkill: ~6 s a build)."""
+    envs = _WORKER["envs"]
+    if task not in envs:
+        envs[task] = _WORKER["make_env"]()
+    return envs[task]
+
+
+def _close_worker_envs() -> None:
+    for env in _WORKER.pop("envs", {}).values():
+        env.close()
 
 
 def _run_episode(episode: EpisodeSpec) -> dict[str, Any]:
     """Roll the worker's expert out (ManiSkill: the motion planner); the arrays come back only for a success. An
     error (a simulator fault, "screw plan failed") is this episode's outcome: the run goes on."""
-    env = _WORKER["env"]
+    env = _worker_env(episode.task)
     start = time.perf_counter()
     record: dict[str, Any] = {"task": episode.task, "seed": int(episode.seed)}
     try:
@@ -257,7 +272,7 @@ def _records(pending: list[EpisodeSpec], spec: dict[str, Any], config: DemosConf
             for episode in pending:
                 yield _run_episode(episode)
         finally:
-            _WORKER.pop("env").close()
+            _close_worker_envs()
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker, initargs=args) as pool:
