@@ -117,7 +117,7 @@ def test_reset_observation(env):
     np.testing.assert_array_equal(again.proprio, obs.proprio)
 
 
-def test_fast_render_is_the_same_scene_without_multisampling_and_shadows(env):
+def test_fast_render_is_the_same_scene_without_multisampling_and_shadows(env, monkeypatch):
     official = env.reset(env.episodes()[1])
     fast_env = LiberoEnv(LiberoEnv.Config(tasks=[0], init_states=[0, 1], num_settle_steps=2, render="fast"))
     try:
@@ -130,8 +130,14 @@ def test_fast_render_is_the_same_scene_without_multisampling_and_shadows(env):
         for camera in ("primary", "wrist"):
             diff = np.abs(fast.images[camera].astype(int) - official.images[camera].astype(int))
             assert 0 < diff.mean() < 8, (camera, diff.mean())
+        from robosuite.utils.binding_utils import MjRenderContext
+
+        made = []  # render contexts made (each uploads the scene's textures: seconds on a CPU)
+        make = MjRenderContext._set_mujoco_context_and_buffers
+        monkeypatch.setattr(MjRenderContext, "_set_mujoco_context_and_buffers", lambda self: made.append(1) or make(self))
         again = fast_env.reset(fast_env.episodes()[1])  # every hard reset renders fast again
         np.testing.assert_array_equal(again.images["primary"], fast.images["primary"])
+        assert len(made) == 1, "a hard reset's new simulator starts fast: its render context is made once"
     finally:
         fast_env.close()
     with pytest.raises(InputError, match="render"):
