@@ -1,7 +1,10 @@
 """Offline fit of OpenVLA-style micro-policies on recorded demonstrations: |a_pred - a_expert| per action
 dimension (every 4th step of every 2nd episode of the 10% validation split of data/demos/libero_spatial, as
-`vlacache train` splits it) and how often the gripper command agrees. argv: policy folders or shipped names.
-    python scripts/openvla_offline_check.py micro_openvla_libero_spatial runs/train/<run>/policy"""
+`vlacache train` splits it) and how often the gripper command agrees, beside the same error of always answering the
+demonstrations' mean action (a policy that learned nothing). argv: policy folders or shipped names, optionally
+first `--demos FOLDER` (default data/demos/libero_spatial).
+    python scripts/openvla_offline_check.py micro_openvla_libero_spatial runs/train/<run>/policy
+    python scripts/openvla_offline_check.py --demos data/demos/maniskill_tabletop micro_openvla_maniskill"""
 import json
 import sys
 
@@ -14,13 +17,18 @@ from vlacache.train.bc import split_episodes
 from vlacache.train.demos import load_demos
 from vlacache.types import Observation
 
-torch.set_num_threads(2)
-demos = load_demos("data/demos/libero_spatial")
+torch.set_num_threads(1)
+args = sys.argv[1:]
+folder = "data/demos/libero_spatial"
+if args[:1] == ["--demos"]:
+    folder, args = args[1], args[2:]
+demos = load_demos(folder)
 _, val = split_episodes(list(range(len(demos))), 0.1, 0)
 val = val[::2]  # every 2nd held-out episode (15 of 30 with 300 demonstrations)
-for policy in sys.argv[1:]:
+mean_action = np.concatenate([demos[i]["actions"] for i in range(len(demos))]).mean(0)
+for policy in args:
     bb = build_backbone({"name": "openvla", "checkpoint": policy, "device": "cpu"})
-    errs, grip = [], []
+    errs, grip, base = [], [], []
     with vlacache.attach(bb, "no_cache") as vla:
         for i in val:
             e = demos[i]
@@ -29,8 +37,10 @@ for policy in sys.argv[1:]:
                 a = np.asarray(vla.predict(Observation(images={"primary": e["primary"][t]},
                                                        instruction=e["instruction"])).actions[0, 0], dtype=np.float64)
                 errs.append(np.abs(a - e["actions"][t]))
+                base.append(np.abs(mean_action - e["actions"][t]))
                 grip.append((a[6] > 0.5) == (e["actions"][t][6] > 0.5))
     errs = np.array(errs)
     print(json.dumps({"policy": policy, "episodes": len(val), "steps": len(errs),
                       "mean_abs_err": np.round(errs.mean(0), 4).tolist(),
+                      "mean_action_abs_err": np.round(np.array(base).mean(0), 4).tolist(),
                       "gripper_agree": round(float(np.mean(grip)), 4)}), flush=True)
