@@ -1,10 +1,11 @@
-"""Offline fit of OpenVLA-style micro-policies on recorded demonstrations: |a_pred - a_expert| per action
+"""Offline fit of micro-policies on recorded demonstrations (each query's first action, no ensemble):
+|a_pred - a_expert| per action
 dimension (every 4th step of every 2nd episode of the 10% validation split of data/demos/libero_spatial, as
 `vlacache train` splits it) and how often the gripper command agrees, beside the same error of always answering the
 demonstrations' mean action (a policy that learned nothing). argv: policy folders or shipped names, optionally
-first `--demos FOLDER` (default data/demos/libero_spatial).
-    python scripts/openvla_offline_check.py micro_openvla_libero_spatial runs/train/<run>/policy
-    python scripts/openvla_offline_check.py --demos data/demos/maniskill_tabletop micro_openvla_maniskill"""
+first `--demos FOLDER` (default data/demos/libero_spatial) and `--backbone NAME` (default openvla; one camera).
+    python scripts/offline_check.py micro_openvla_libero_spatial runs/train/<run>/policy
+    python scripts/offline_check.py --demos data/demos/maniskill_tabletop --backbone cogact micro_cogact_maniskill"""
 import json
 import sys
 
@@ -19,15 +20,16 @@ from vlacache.types import Observation
 
 torch.set_num_threads(1)
 args = sys.argv[1:]
-folder = "data/demos/libero_spatial"
-if args[:1] == ["--demos"]:
-    folder, args = args[1], args[2:]
+options = {"--demos": "data/demos/libero_spatial", "--backbone": "openvla"}
+while args[:1] and args[0] in options:
+    options[args[0]], args = args[1], args[2:]
+folder, backbone_name = options["--demos"], options["--backbone"]
 demos = load_demos(folder)
 _, val = split_episodes(list(range(len(demos))), 0.1, 0)
 val = val[::2]  # every 2nd held-out episode (15 of 30 with 300 demonstrations)
 mean_action = np.concatenate([demos[i]["actions"] for i in range(len(demos))]).mean(0)
 for policy in args:
-    bb = build_backbone({"name": "openvla", "checkpoint": policy, "device": "cpu"})
+    bb = build_backbone({"name": backbone_name, "checkpoint": policy, "device": "cpu"})
     errs, grip, base = [], [], []
     with vlacache.attach(bb, "no_cache") as vla:
         for i in val:
