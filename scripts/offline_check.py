@@ -3,7 +3,8 @@
 dimension (every 4th step of every 2nd episode of the 10% validation split of data/demos/libero_spatial, as
 `vlacache train` splits it) and how often the gripper command agrees, beside the same error of always answering the
 demonstrations' mean action (a policy that learned nothing). argv: policy folders or shipped names, optionally
-first `--demos FOLDER` (default data/demos/libero_spatial) and `--backbone NAME` (default openvla; one camera).
+first `--demos FOLDER` (default data/demos/libero_spatial), `--backbone NAME` (default openvla; one camera) and
+`--image blank` (a black frame instead of the camera's: does the image reach the action at all?).
     python scripts/offline_check.py micro_openvla_libero_spatial runs/train/<run>/policy
     python scripts/offline_check.py --demos data/demos/maniskill_tabletop --backbone cogact micro_cogact_maniskill"""
 import json
@@ -20,10 +21,10 @@ from vlacache.types import Observation
 
 torch.set_num_threads(1)
 args = sys.argv[1:]
-options = {"--demos": "data/demos/libero_spatial", "--backbone": "openvla"}
+options = {"--demos": "data/demos/libero_spatial", "--backbone": "openvla", "--image": "camera"}
 while args[:1] and args[0] in options:
     options[args[0]], args = args[1], args[2:]
-folder, backbone_name = options["--demos"], options["--backbone"]
+folder, backbone_name, blank = options["--demos"], options["--backbone"], options["--image"] == "blank"
 demos = load_demos(folder)
 _, val = split_episodes(list(range(len(demos))), 0.1, 0)
 val = val[::2]  # every 2nd held-out episode (15 of 30 with 300 demonstrations)
@@ -36,13 +37,14 @@ for policy in args:
             e = demos[i]
             vla.reset()
             for t in range(0, len(e["actions"]), 4):
-                a = np.asarray(vla.predict(Observation(images={"primary": e["primary"][t]},
+                image = np.zeros_like(e["primary"][t]) if blank else e["primary"][t]
+                a = np.asarray(vla.predict(Observation(images={"primary": image},
                                                        instruction=e["instruction"])).actions[0, 0], dtype=np.float64)
                 errs.append(np.abs(a - e["actions"][t]))
                 base.append(np.abs(mean_action - e["actions"][t]))
                 grip.append((a[6] > 0.5) == (e["actions"][t][6] > 0.5))
     errs = np.array(errs)
-    print(json.dumps({"policy": policy, "episodes": len(val), "steps": len(errs),
+    print(json.dumps({"policy": policy, "image": options["--image"], "episodes": len(val), "steps": len(errs),
                       "mean_abs_err": np.round(errs.mean(0), 4).tolist(),
                       "mean_action_abs_err": np.round(np.array(base).mean(0), 4).tolist(),
                       "gripper_agree": round(float(np.mean(grip)), 4)}), flush=True)
