@@ -28,7 +28,8 @@ folder, backbone_name, blank = options["--demos"], options["--backbone"], option
 demos = load_demos(folder)
 _, val = split_episodes(list(range(len(demos))), 0.1, 0)
 val = val[::2]  # every 2nd held-out episode (15 of 30 with 300 demonstrations)
-mean_action = np.concatenate([demos[i]["actions"] for i in range(len(demos))]).mean(0)
+(suite_statistics,) = demos.statistics.values()  # written by `vlacache demos` over every stored transition
+mean_action = np.asarray(suite_statistics["action"]["mean"])
 for policy in args:
     bb = build_backbone({"name": backbone_name, "checkpoint": policy, "device": "cpu"})
     errs, grip, base = [], [], []
