@@ -4,7 +4,8 @@ dimension (every 4th step of every 2nd episode of the 10% validation split of da
 `vlacache train` splits it) and how often the gripper command agrees, beside the same error of always answering the
 demonstrations' mean action (a policy that learned nothing). argv: policy folders or shipped names, optionally
 first `--demos FOLDER` (default data/demos/libero_spatial), `--backbone NAME` (default openvla; one camera) and
-`--image blank` (a black frame instead of the camera's: does the image reach the action at all?).
+`--image blank` (a black frame instead of the camera's: does the image reach the action at all?) and `--split train`
+(the same number of training episodes instead: a fit much closer there than on held-out episodes is overfitting).
     python scripts/offline_check.py micro_openvla_libero_spatial runs/train/<run>/policy
     python scripts/offline_check.py --demos data/demos/maniskill_tabletop --backbone cogact micro_cogact_maniskill"""
 import json
@@ -21,13 +22,15 @@ from vlacache.types import Observation
 
 torch.set_num_threads(1)
 args = sys.argv[1:]
-options = {"--demos": "data/demos/libero_spatial", "--backbone": "openvla", "--image": "camera"}
+options = {"--demos": "data/demos/libero_spatial", "--backbone": "openvla", "--image": "camera", "--split": "val"}
 while args[:1] and args[0] in options:
     options[args[0]], args = args[1], args[2:]
 folder, backbone_name, blank = options["--demos"], options["--backbone"], options["--image"] == "blank"
 demos = load_demos(folder)
-_, val = split_episodes(list(range(len(demos))), 0.1, 0)
+train, val = split_episodes(list(range(len(demos))), 0.1, 0)
 val = val[::2]  # every 2nd held-out episode (15 of 30 with 300 demonstrations)
+if options["--split"] == "train":
+    val = train[::max(1, len(train) // len(val))][:len(val)]
 (suite_statistics,) = demos.statistics.values()  # written by `vlacache demos` over every stored transition
 mean_action = np.asarray(suite_statistics["action"]["mean"])
 for policy in args:
@@ -45,7 +48,7 @@ for policy in args:
                 base.append(np.abs(mean_action - e["actions"][t]))
                 grip.append((a[6] > 0.5) == (e["actions"][t][6] > 0.5))
     errs = np.array(errs)
-    print(json.dumps({"policy": policy, "image": options["--image"], "episodes": len(val), "steps": len(errs),
+    print(json.dumps({"policy": policy, "image": options["--image"], "split": options["--split"], "episodes": len(val), "steps": len(errs),
                       "mean_abs_err": np.round(errs.mean(0), 4).tolist(),
                       "mean_action_abs_err": np.round(np.array(base).mean(0), 4).tolist(),
                       "gripper_agree": round(float(np.mean(grip)), 4)}), flush=True)

@@ -13,7 +13,7 @@ import torch
 from vlacache import CachedVLA, Observation
 from vlacache.backbones.openvla import OpenVLABackbone
 from vlacache.backbones.openvla_oft import OpenVLAOFTBackbone
-from vlacache.train.bc import TrainConfig, batches_by_prompt, DemoSamples, train
+from vlacache.train.bc import TrainConfig, batches_by_prompt, DemoSamples, noop_steps, train
 from vlacache.train.demos import load_demos
 
 from demo_fixture import INSTRUCTIONS
@@ -39,6 +39,24 @@ def test_batches_share_one_prompt_length(demo_folder):
         assert len({lengths[samples.episodes[samples.index[i][0]]["instruction"]] for i in batch}) == 1
     item = samples[len(samples) - 1]  # the last step: the chunk repeats the episode's last action
     assert item["actions"].shape == (8, 7) and np.all(item["actions"] == item["actions"][0])
+
+
+def test_dropping_noops_trains_on_the_steps_that_move_as_if_the_idle_ones_were_never_recorded():
+    # a motion planner's episode: 3 idle steps, a move, a pause, the gripper closing with the arm still, a hold
+    arm = np.zeros((9, 6))
+    arm[:, 0] = [0, 0, 0, .2, .3, 0, 0, 0, .1]
+    gripper = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0])
+    actions = np.c_[arm, gripper].astype(np.float32)
+    actions[1, 0] = 5e-5  # under the tolerance: still a no-op
+    episode = {"primary": np.arange(9, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8),
+               "proprio": np.zeros((9, 8), np.float32), "actions": actions, "instruction": "push"}
+    assert noop_steps(actions).tolist() == [True, True, True, False, False, True, False, True, False]
+    kept = DemoSamples([episode], chunk=4, drop_noops=True)
+    assert len(kept) == 4 and len(DemoSamples([episode], chunk=4)) == 9
+    first = kept[0]
+    assert first["images"]["primary"][0, 0, 0] == 3  # the first step that moves
+    assert first["actions"].tolist() == actions[[3, 4, 6, 8]].tolist()  # the chunk skips the pause and the hold
+    assert kept[3]["actions"].tolist() == actions[[8, 8, 8, 8]].tolist()
 
 
 @pytest.mark.parametrize("kind, cls", [("openvla-oft", OpenVLAOFTBackbone), ("openvla", OpenVLABackbone)])

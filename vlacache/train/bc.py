@@ -54,6 +54,7 @@ class TrainConfig:
     warmup_steps: int = 200
     val_fraction: float = 0.1  # share of EPISODES held out for validation
     shift_pixels: int = 8  # random image shift (pad + crop), per sample and camera
+    drop_noops: bool = False  # train on the steps that move (`noop_steps`), as OpenVLA's LIBERO data does
     seed: int = 0
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     save_dtype: str = "bfloat16"  # dtype of the exported weights
@@ -79,21 +80,39 @@ class TrainConfig:
 CAMERAS = ("primary", "wrist")  # the cameras a demonstration may hold (ManiSkill's: primary only)
 
 
+NOOP_TOLERANCE = 1e-4  # OpenVLA's: |arm delta| below it with the gripper command unchanged is a no-op
+
+
+def noop_steps(actions: np.ndarray) -> np.ndarray:
+    """The steps of one episode's actions ([T, 7]: arm delta, gripper) that command nothing: the arm delta's norm
+    under NOOP_TOLERANCE and the gripper as at the step before (a motion planner's idle start and the pauses
+    between its segments). The first step counts as unchanged gripper."""
+    actions = np.asarray(actions)
+    previous_gripper = np.r_[actions[:1, -1], actions[:-1, -1]]
+    return (np.linalg.norm(actions[:, :-1], axis=1) < NOOP_TOLERANCE) & (actions[:, -1] == previous_gripper)
+
+
 class DemoSamples(torch.utils.data.Dataset):
     """Every (episode, step) of some demonstration episodes as one training sample: its cameras, proprio,
-    instruction and the next `chunk` actions (the last action repeated past the episode's end)."""
+    instruction and the next `chunk` actions (the last action repeated past the episode's end). `drop_noops`:
+    the episodes as if their no-op steps (`noop_steps`) had never been recorded, neither as samples nor in a
+    chunk. Without it a one-action policy learns that a planner's first frames (the same image, 7 steps of zero
+    action) mean standing still, and stands still there for good."""
 
-    def __init__(self, episodes: list[dict[str, Any]], chunk: int, shift_pixels: int = 0) -> None:
+    def __init__(self, episodes: list[dict[str, Any]], chunk: int, shift_pixels: int = 0,
+                 drop_noops: bool = False) -> None:
         self.episodes, self.chunk, self.shift = episodes, chunk, shift_pixels
-        self.index = [(e, t) for e, episode in enumerate(episodes) for t in range(len(episode["actions"]))]
+        self.steps = [np.flatnonzero(~noop_steps(episode["actions"])) if drop_noops
+                      else np.arange(len(episode["actions"])) for episode in episodes]
+        self.index = [(e, j) for e, steps in enumerate(self.steps) for j in range(len(steps))]
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        e, t = self.index[i]
-        episode = self.episodes[e]
-        steps = np.minimum(np.arange(t, t + self.chunk), len(episode["actions"]) - 1)
+        e, j = self.index[i]
+        episode, kept = self.episodes[e], self.steps[e]
+        t, steps = kept[j], kept[np.minimum(np.arange(j, j + self.chunk), len(kept) - 1)]
         return {
             "images": {camera: self._shifted(episode[camera][t]) for camera in CAMERAS if camera in episode},
             "proprio": episode["proprio"][t],
@@ -271,11 +290,11 @@ def train(config: TrainConfig, progress: bool = True, restart: bool = False) -> 
         raise ConfigError(f"the train config: val_fraction={config.val_fraction} holds out all {len(episodes)} episodes, "
                           "none is left to train on; lower val_fraction")
     prompt_length = lambda text: len(backbone.prompt_ids(text))  # noqa: E731
-    train_set = DemoSamples(train_eps, config.chunk, config.shift_pixels)
+    train_set = DemoSamples(train_eps, config.chunk, config.shift_pixels, config.drop_noops)
     train_batches = PromptLengthBatches(train_set, prompt_length, config.batch_size, True, config.seed)
     loaders = {"train_dataloaders": torch.utils.data.DataLoader(train_set, batch_sampler=train_batches, collate_fn=collate)}
     if val_eps:
-        val_set = DemoSamples(val_eps, config.chunk, 0)
+        val_set = DemoSamples(val_eps, config.chunk, 0, config.drop_noops)
         loaders["val_dataloaders"] = torch.utils.data.DataLoader(
             val_set, batch_sampler=PromptLengthBatches(val_set, prompt_length, config.batch_size, False, config.seed),
             collate_fn=collate)
