@@ -48,7 +48,8 @@ for policy in args:
                 base.append(np.abs(mean_action - e["actions"][t]))
                 grip.append((a[6] > 0.5) == (e["actions"][t][6] > 0.5))
     errs = np.array(errs)
-    print(json.dumps({"policy": policy, "image": options["--image"], "split": options["--split"], "episodes": len(val), "steps": len(errs),
+    print(json.dumps({"policy": policy, "image": options["--image"], "split": options["--split"],
+                      "episodes": len(val), "steps": len(errs),
                       "mean_abs_err": np.round(errs.mean(0), 4).tolist(),
                       "mean_action_abs_err": np.round(np.array(base).mean(0), 4).tolist(),
                       "gripper_agree": round(float(np.mean(grip)), 4)}), flush=True)
