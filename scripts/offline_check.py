@@ -1,11 +1,12 @@
 """Offline fit of micro-policies on recorded demonstrations (each query's first action, no ensemble):
-|a_pred - a_expert| per action
-dimension (every 4th step of every 2nd episode of the 10% validation split of data/demos/libero_spatial, as
-`vlacache train` splits it) and how often the gripper command agrees, beside the same error of always answering the
-demonstrations' mean action (a policy that learned nothing). argv: policy folders or shipped names, optionally
-first `--demos FOLDER` (default data/demos/libero_spatial), `--backbone NAME` (default openvla; one camera) and
-`--image blank` (a black frame instead of the camera's: does the image reach the action at all?) and `--split train`
-(the same number of training episodes instead: a fit much closer there than on held-out episodes is overfitting).
+|a_pred - a_expert| per action dimension (every 4th step of every 2nd episode of the 10% validation split of
+data/demos/libero_spatial, as `vlacache train` splits it) and how often the gripper command agrees, beside the
+same error of always answering the demonstrations' mean action (a policy that learned nothing), and how far the
+policy moves on each episode's first frame (|xyz| of its action) beside the expert's first 8 moves (a policy
+that stands still there never leaves it). argv: policy folders or shipped names, optionally first `--demos FOLDER`
+(default data/demos/libero_spatial), `--backbone NAME` (default openvla; one camera), `--image blank` (a black
+frame instead of the camera's: does the image reach the action at all?) and `--split train` (as many training
+episodes instead: a fit much closer there than on held-out episodes is overfitting).
     python scripts/offline_check.py micro_openvla_libero_spatial runs/train/<run>/policy
     python scripts/offline_check.py --demos data/demos/maniskill_tabletop --backbone cogact micro_cogact_maniskill"""
 import json
@@ -35,7 +36,7 @@ if options["--split"] == "train":
 mean_action = np.asarray(suite_statistics["action"]["mean"])
 for policy in args:
     bb = build_backbone({"name": backbone_name, "checkpoint": policy, "device": "cpu"})
-    errs, grip, base = [], [], []
+    errs, grip, base, first, first_move = [], [], [], [], []
     with vlacache.attach(bb, "no_cache") as vla:
         for i in val:
             e = demos[i]
@@ -44,6 +45,10 @@ for policy in args:
                 image = np.zeros_like(e["primary"][t]) if blank else e["primary"][t]
                 a = np.asarray(vla.predict(Observation(images={"primary": image},
                                                        instruction=e["instruction"])).actions[0, 0], dtype=np.float64)
+                if t == 0:  # does the policy leave the first frame? (the expert: its first 8 steps that move)
+                    first.append(np.linalg.norm(a[:3]))
+                    moves = np.linalg.norm(e["actions"][:, :3], axis=1)
+                    first_move.append(moves[moves > 1e-4][:8].mean())
                 errs.append(np.abs(a - e["actions"][t]))
                 base.append(np.abs(mean_action - e["actions"][t]))
                 grip.append((a[6] > 0.5) == (e["actions"][t][6] > 0.5))
@@ -52,4 +57,6 @@ for policy in args:
                       "episodes": len(val), "steps": len(errs),
                       "mean_abs_err": np.round(errs.mean(0), 4).tolist(),
                       "mean_action_abs_err": np.round(np.array(base).mean(0), 4).tolist(),
-                      "gripper_agree": round(float(np.mean(grip)), 4)}), flush=True)
+                      "gripper_agree": round(float(np.mean(grip)), 4),
+                      "first_frame_xyz_norm": round(float(np.mean(first)), 4),
+                      "expert_first_moves_xyz_norm": round(float(np.mean(first_move)), 4)}), flush=True)
