@@ -17,7 +17,7 @@ import torch
 
 import vlacache
 from vlacache.experiment import build_backbone
-from vlacache.train.bc import split_episodes
+from vlacache.train.bc import NOOP_TOLERANCE, split_episodes
 from vlacache.train.demos import load_demos
 from vlacache.types import Observation
 
@@ -48,7 +48,7 @@ for policy in args:
                 if t == 0:  # does the policy leave the first frame? (the expert: its first 8 steps that move)
                     first.append(np.linalg.norm(a[:3]))
                     moves = np.linalg.norm(e["actions"][:, :3], axis=1)
-                    first_move.append(moves[moves > 1e-4][:8].mean())
+                    first_move.append(moves[moves > NOOP_TOLERANCE][:8].mean())
                 errs.append(np.abs(a - e["actions"][t]))
                 base.append(np.abs(mean_action - e["actions"][t]))
                 grip.append((a[6] > 0.5) == (e["actions"][t][6] > 0.5))
