@@ -408,3 +408,28 @@ def test_bench_self_checks_compare_calls_with_the_same_noise(frames):
     checks = self_checks(build_preset("tiny", seed=0), frames[:2])
     assert checks["zero_reuse_max_abs_diff"] == 0.0
     assert checks["identical_frame_max_abs_diff"] < 1e-2
+
+
+def test_fastv_ranks_by_the_cognition_position_and_matches_the_masked_reference(cog, frames):
+    """FastV on CogACT: the last position is the cognition token, so the visual tokens it attends to least in
+    layer K-1 (mean over heads, in the independent forward) are dropped from layer K on, and the cognition
+    feature equals the reference forward with those keys masked from layer K on."""
+    lm = cog.model.language_model
+    layer, layers = 1, len(cog.decoder.layers)
+    prepared = cog.prepare(frames[3])
+    visual = prepared.layout.vision["primary"].positions()
+    embeds = cog.embed(prepared)
+    with attach(cog, {"label": "fastv", "pruner": {"name": "fastv", "layer": layer, "ratio": 0.5}}) as vla:
+        step, feature, _ = predict(cog, frames[3], vla=vla)
+    positions = torch.arange(embeds.shape[1])
+    with torch.no_grad():
+        attentions = []
+        reference_forward(lm, embeds, positions, attentions=attentions)
+        received = attentions[layer - 1][:, :, -1].mean(1)[:, visual]
+        lowest = received.topk(len(visual) // 2, dim=1, largest=False).indices
+        drop = torch.zeros(1, embeds.shape[1], dtype=torch.bool).scatter_(1, visual[lowest], True)
+        _, _, hidden = reference_forward(lm, embeds, positions, dropped=[None] * layer + [drop] * (layers - layer))
+        _, _, full = reference_forward(lm, embeds, positions)
+    assert step.stats.dropped_per_layer == [0] * layer + [len(visual) // 2] * (layers - layer)
+    torch.testing.assert_close(feature, hidden[:, -1], atol=1e-5, rtol=0)
+    assert (full[:, -1] - hidden[:, -1]).abs().max() > 5e-5  # the drop changes the feature: the check can fail
