@@ -5,10 +5,14 @@ same error of always answering the demonstrations' mean action (a policy that le
 policy moves on each episode's first frame (|xyz| of its action) beside the expert's first 8 moves (a policy
 that stands still there never leaves it). argv: policy folders or shipped names, optionally first `--demos FOLDER`
 (default data/demos/libero_spatial), `--backbone NAME` (default openvla; one camera), `--image blank` (a black
-frame instead of the camera's: does the image reach the action at all?) and `--split train` (as many training
-episodes instead: a fit much closer there than on held-out episodes is overfitting).
+frame instead of the camera's: does the image reach the action at all?), `--split train` (as many training
+episodes instead: a fit much closer there than on held-out episodes is overfitting) and `--cache POLICY` (a cache
+policy's name or inline JSON, default no_cache; the queries are 4 steps apart, so reuse draws on K/V 4 steps
+old: does FastV or reuse change the fit?).
     python scripts/offline_check.py micro_openvla_libero_spatial runs/train/<run>/policy
-    python scripts/offline_check.py --demos data/demos/maniskill_tabletop --backbone cogact micro_cogact_maniskill"""
+    python scripts/offline_check.py --demos data/demos/maniskill_tabletop --backbone cogact micro_cogact_maniskill
+    python scripts/offline_check.py --demos data/demos/maniskill_tabletop --backbone cogact \
+        --cache '{"label": "fastv", "pruner": {"name": "fastv", "layer": 1, "ratio": 0.5}}' micro_cogact_maniskill"""
 import json
 import sys
 
@@ -23,10 +27,12 @@ from vlacache.types import Observation
 
 torch.set_num_threads(1)
 args = sys.argv[1:]
-options = {"--demos": "data/demos/libero_spatial", "--backbone": "openvla", "--image": "camera", "--split": "val"}
+options = {"--demos": "data/demos/libero_spatial", "--backbone": "openvla", "--image": "camera", "--split": "val",
+           "--cache": "no_cache"}
 while args[:1] and args[0] in options:
     options[args[0]], args = args[1], args[2:]
 folder, backbone_name, blank = options["--demos"], options["--backbone"], options["--image"] == "blank"
+cache = json.loads(options["--cache"]) if options["--cache"].startswith("{") else options["--cache"]
 demos = load_demos(folder)
 train, val = split_episodes(list(range(len(demos))), 0.1, 0)
 val = val[::2]  # every 2nd held-out episode (15 of 30 with 300 demonstrations)
@@ -37,7 +43,7 @@ mean_action = np.asarray(suite_statistics["action"]["mean"])
 for policy in args:
     bb = build_backbone({"name": backbone_name, "checkpoint": policy, "device": "cpu"})
     errs, grip, base, first, first_move = [], [], [], [], []
-    with vlacache.attach(bb, "no_cache") as vla:
+    with vlacache.attach(bb, cache) as vla:
         for i in val:
             e = demos[i]
             vla.reset()
@@ -54,6 +60,7 @@ for policy in args:
                 grip.append((a[6] > 0.5) == (e["actions"][t][6] > 0.5))
     errs = np.array(errs)
     print(json.dumps({"policy": policy, "image": options["--image"], "split": options["--split"],
+                      "cache": options["--cache"],
                       "episodes": len(val), "steps": len(errs),
                       "mean_abs_err": np.round(errs.mean(0), 4).tolist(),
                       "mean_action_abs_err": np.round(np.array(base).mean(0), 4).tolist(),
