@@ -103,3 +103,11 @@ def reference_layers(lm, embeds, positions, layers=None, past=None, reused=None,
         mlp = layer.mlp
         x = x + (torch.nn.functional.silu(h @ mlp.gate_proj.weight.T) * (h @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
     return x, kvs
+
+
+def fastv_dropped(attention, visual, length):
+    """FastV's choice, from one layer's attention probabilities [B, H, n, n_keys] of this forward: the half of
+    the `visual` positions [V] the last position attends to least (mean over heads), as a bool [B, length]."""
+    received = attention[:, :, -1].mean(1)[:, visual]
+    lowest = received.topk(len(visual) // 2, dim=1, largest=False).indices
+    return torch.zeros(attention.shape[0], length, dtype=torch.bool).scatter_(1, visual[lowest], True)

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from reference import reference_forward
+from reference import fastv_dropped, reference_forward
 
 from vlacache import CachedVLA, InputError, Observation, ReusePlan, attach
 from vlacache.backbones.cogact import AdaptiveEnsembler, CogACTBackbone, build_preset
@@ -424,12 +424,9 @@ def test_fastv_ranks_by_the_cognition_position_and_matches_the_masked_reference(
     positions = torch.arange(embeds.shape[1])
     with torch.no_grad():
         attentions = []
-        reference_forward(lm, embeds, positions, attentions=attentions)
-        received = attentions[layer - 1][:, :, -1].mean(1)[:, visual]
-        lowest = received.topk(len(visual) // 2, dim=1, largest=False).indices
-        drop = torch.zeros(1, embeds.shape[1], dtype=torch.bool).scatter_(1, visual[lowest], True)
+        _, _, full = reference_forward(lm, embeds, positions, attentions=attentions)
+        drop = fastv_dropped(attentions[layer - 1], visual, embeds.shape[1])
         _, _, hidden = reference_forward(lm, embeds, positions, dropped=[None] * layer + [drop] * (layers - layer))
-        _, _, full = reference_forward(lm, embeds, positions)
     assert step.stats.dropped_per_layer == [0] * layer + [len(visual) // 2] * (layers - layer)
     torch.testing.assert_close(feature, hidden[:, -1], atol=1e-5, rtol=0)
     assert (full[:, -1] - hidden[:, -1]).abs().max() > 5e-5  # the drop changes the feature: the check can fail
